@@ -1,0 +1,571 @@
+"""The trainer's side: register with the node daemon, snapshot asynchronously, restore.
+
+A snapshot is decided on every rank together (one small collective on a gloo
+control group), then copied into the rank's arena slot off the critical path:
+CPU tensors on a background thread, CUDA tensors on a side stream into the
+arena registered as pinned memory. The next ``optimizer.step()`` waits for the
+copy (the tensors are immutable during forward and backward, which is the
+window the copy hides in); the slot is sealed with the daemon when the copy is
+done.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shardguard.client import _faults
+from shardguard.client._layout import Leaf, Plan, copy_leaf, flatten, rebuild
+from shardguard.proto import agent_pb2 as pb
+from shardguard.proto import agent_pb2_grpc as pb_grpc
+from shardguard.proto import arena as fmt
+from shardguard.proto import manifest as mf
+from shardguard.proto.errors import (
+    ArenaFormatError,
+    DaemonUnavailableError,
+    NotRestorableError,
+    RestoreError,
+    ShardguardError,
+    error_from_rpc,
+)
+from shardguard.proto.paths import default_socket_path, grpc_target
+
+logger = logging.getLogger(__name__)
+
+JOB_ENV = "SHARDGUARD_JOB"
+# Tensors up to this size are copied inside snapshot() itself, so that small
+# buffers a forward pass may update in place (BatchNorm statistics, counters)
+# are captured as they were at the snapshot, not as forward left them.
+SYNC_COPY_BYTES = 256 << 10
+# Room for the manifest: twice what the first plan needs, at least this much.
+MIN_MANIFEST_ROOM = 64 << 10
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass
+class SnapshotHandle:
+    """The fate of one ``snapshot()`` call."""
+
+    step: int
+    skipped: bool = False
+    error: BaseException | None = None
+    restorable_step: int | None = None
+    _copied: threading.Event = field(default_factory=threading.Event, repr=False)
+    _sealed: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cuda_event: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.skipped:
+            self._copied.set()
+            self._sealed.set()
+
+    def done(self) -> bool:
+        """True once the snapshot is sealed (or failed, or was skipped)."""
+        return self._sealed.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until sealed; re-raises the error of a failed snapshot."""
+        if not self._sealed.wait(timeout):
+            raise TimeoutError(f"snapshot of step {self.step} not sealed within {timeout}s")
+        if self.error is not None:
+            raise self.error
+
+    def wait_copied(self) -> None:
+        self._copied.wait()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self._copied.set()
+        self._sealed.set()
+
+
+@dataclass
+class _Mapped:
+    """The rank's arena, mapped into this process."""
+
+    path: str
+    size: int
+    slot_bytes: int
+    mm: mmap.mmap
+    u8: torch.Tensor
+    arr: np.ndarray
+    cuda_registered: bool = False
+
+    def header(self) -> fmt.Header:
+        # The daemon may be rewriting the header this instant; a torn read fails its checksum.
+        for _ in range(100):
+            try:
+                return fmt.unpack_header(self.arr[:fmt.HEADER_BYTES])
+            except ArenaFormatError:
+                time.sleep(0.001)
+        return fmt.unpack_header(self.arr[:fmt.HEADER_BYTES])
+
+    def close(self) -> None:
+        if self.cuda_registered:
+            torch.cuda.cudart().cudaHostUnregister(self.u8.data_ptr())
+            self.cuda_registered = False
+        del self.u8, self.arr
+        try:
+            self.mm.close()
+        except BufferError:
+            logger.debug("arena %s still referenced; unmapped at exit", self.path)
+
+
+def _detect_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _detect_job() -> str:
+    for key in (JOB_ENV, "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        if os.environ.get(key):
+            return os.environ[key]
+    raise ShardguardError(
+        f"no job name: pass job= or set {JOB_ENV} (or run under Slurm or torchrun)")
+
+
+class Client:
+    """A trainer rank's connection to its node daemon. Use :func:`connect`."""
+
+    def __init__(self, socket_path: str, job: str, rank: int, world_size: int, *,
+                 group: Any = None, local_ranks: list[int] | None = None,
+                 allow_pickle: bool = False, force: bool = False,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.socket_path = socket_path
+        self.job = job
+        self.rank = rank
+        self.world_size = world_size
+        self.allow_pickle = allow_pickle
+        self.timeout_s = timeout_s
+        self._group = group
+        self._force = force
+        self._local_ranks = local_ranks or [rank]
+        self._channel = grpc.insecure_channel(
+            grpc_target(socket_path), options=[("grpc.enable_retries", 0)])
+        self._stub = pb_grpc.AgentStub(self._channel)
+        self._lease = ""
+        self._map: _Mapped | None = None
+        self._plan: Plan | None = None
+        self._last: SnapshotHandle | None = None
+        self._hooks: list[Any] = []
+        self._side_stream: Any = None
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name=f"sg-copy-r{rank}", daemon=True)
+        self._worker.start()
+        self._closed = False
+        self._register(fmt.PAGE)
+
+    # ------------------------------------------------------------ public API
+
+    def protect(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer.step()`` wait until an in-flight snapshot copy is done."""
+        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._wait_copy()))
+
+    def snapshot(self, step: int, state: Any, *, allow_pickle: bool | None = None
+                 ) -> SnapshotHandle:
+        """Start a snapshot of ``state`` as ``step``; returns at once.
+
+        Every rank takes the step or every rank skips it (``handle.skipped``): a
+        step is skipped while the previous one is still being copied or is not
+        yet restorable.
+        """
+        self._check_open()
+        _faults.fault_point("before-snapshot", step, self.rank)
+        pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
+        verdict, error = self._local_verdict()
+        tree = leaves = None
+        if verdict == "ready":
+            try:
+                tree, leaves = flatten(state, pickle_ok)
+                self._ensure_plan(leaves, step, tree)
+            except (ShardguardError, TypeError) as exc:
+                verdict, error = "error", exc
+        decision = self._agree(verdict)
+        if decision == "error":
+            raise error or ShardguardError(
+                f"job {self.job} step {step}: snapshot refused on another rank")
+        if decision == "skip":
+            return SnapshotHandle(step, skipped=True)
+        assert tree is not None and leaves is not None and self._plan is not None
+        slot = self._call("Begin", pb.BeginRequest(job=self.job, rank=self.rank,
+                                                   lease=self._lease, step=step)).slot
+        handle = SnapshotHandle(step)
+        self._last = handle
+        self._start_copy(handle, slot, tree, leaves)
+        return handle
+
+    def wait(self, restorable: bool = False, timeout: float | None = None) -> None:
+        """Wait for every in-flight snapshot to be sealed (and, optionally, restorable)."""
+        h = self._last
+        if h is None or h.skipped:
+            return
+        h.wait(timeout)
+        if restorable:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._is_restorable(h.step):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"step {h.step} not restorable within {timeout}s")
+                time.sleep(0.005)
+
+    def latest(self) -> int | None:
+        """The newest restorable step, the same on every rank (rank 0 asks, all agree)."""
+        self._check_open()
+        step = -1
+        if self._group is None or self.rank == 0:
+            reply = self._call("Latest", pb.LatestRequest(job=self.job))
+            step = reply.step if reply.HasField("step") else -1
+        step = self._broadcast_int(step)
+        return None if step < 0 else step
+
+    def restore(self, step: int | None = None, into: Any = None, *,
+                map_location: str | torch.device | None = None,
+                allow_pickle: bool | None = None) -> tuple[int, Any]:
+        """The newest restorable step (or ``step``) and its state, the same on every rank.
+
+        Args:
+            step: a specific step; it must be the restorable one.
+            into: a state of the same structure whose tensors are overwritten in place
+                where dtype and shape match (others are allocated).
+            map_location: device for restored tensors; default: where they were,
+                if that device exists here, else CPU.
+
+        Raises:
+            NotRestorableError: nothing (or not ``step``) is restorable, on every rank.
+            RestoreError: restore failed on some rank; raised on every rank.
+        """
+        self._check_open()
+        self._drain()
+        pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
+        agreed = -1
+        if self._group is None or self.rank == 0:
+            if step is not None:
+                agreed = step
+            else:
+                reply = self._call("Latest", pb.LatestRequest(job=self.job))
+                agreed = reply.step if reply.HasField("step") else -1
+        agreed = self._broadcast_int(agreed)
+        if agreed < 0:
+            raise NotRestorableError(f"job {self.job} has no restorable step")
+        state, error = None, None
+        try:
+            state = self._restore_local(agreed, into, map_location, pickle_ok)
+        except (ShardguardError, ValueError, TypeError, RuntimeError) as exc:
+            error = exc
+        failed = self._reduce_max([1 if error else 0])[0]
+        if failed:
+            if isinstance(error, NotRestorableError):
+                raise error
+            why = f"{type(error).__name__}: {error}" if error else "failed on another rank"
+            raise RestoreError(f"job {self.job}: restore of step {agreed} failed ({why})") \
+                from error
+        self._last = None
+        return agreed, state
+
+    def close(self) -> None:
+        """Wait for in-flight snapshots, give up the rank's claim; snapshots stay stored."""
+        if self._closed:
+            return
+        try:
+            self._drain()
+        finally:
+            self._closed = True
+            for h in self._hooks:
+                h.remove()
+            self._queue.put(None)
+            self._worker.join(timeout=self.timeout_s)
+            try:
+                self._call("Unregister", pb.UnregisterRequest(job=self.job, rank=self.rank,
+                                                              lease=self._lease))
+            except ShardguardError as exc:
+                logger.warning("job=%s rank=%d unregister failed: %s", self.job, self.rank, exc)
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+            self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- snapshot
+
+    def _local_verdict(self) -> tuple[str, BaseException | None]:
+        """What this rank can do now: ready, busy (copy or protection in flight), failed, error."""
+        h = self._last
+        if h is not None and not h.done():
+            return "busy", None
+        if h is not None and h.error is not None:
+            if isinstance(h.error, DaemonUnavailableError):
+                try:
+                    self._register(self._map.slot_bytes if self._map else fmt.PAGE)
+                except ShardguardError as exc:
+                    return "error", exc
+            return "ready", None
+        if h is not None and not self._is_restorable(h.step):
+            return "pending", None
+        return "ready", None
+
+    def _agree(self, verdict: str) -> str:
+        """One collective: take if nobody is busy and the previous step is settled everywhere."""
+        flags = [verdict == "busy", verdict == "pending",
+                 self._last is not None and self._last.error is not None, verdict == "error"]
+        busy, pending, failed, error = self._reduce_max([int(f) for f in flags])
+        if error:
+            return "error"
+        if busy or (pending and not failed):
+            return "skip"
+        return "take"
+
+    def _ensure_plan(self, leaves: list[Leaf], step: int, tree: dict[str, Any]) -> None:
+        if self._plan is None or not self._plan.matches(leaves):
+            self._plan = Plan(tuple(lf.nbytes for lf in leaves))
+            logger.info("job=%s rank=%d planned %d leaves, %d data bytes", self.job, self.rank,
+                        len(leaves), self._plan.data_bytes)
+        self._plan.place(leaves)
+        manifest_len = len(mf.dumps(tree, step, self._plan.data_bytes))
+        need = self._plan.manifest_offset + manifest_len
+        assert self._map is not None
+        if need > self._map.slot_bytes:
+            room = max(2 * manifest_len, MIN_MANIFEST_ROOM)
+            self._register(fmt.align_up(self._plan.manifest_offset + room))
+
+    def _start_copy(self, h: SnapshotHandle, slot: int, tree: dict[str, Any],
+                    leaves: list[Leaf]) -> None:
+        assert self._map is not None and self._plan is not None
+        m, plan = self._map, self._plan
+        base = fmt.slot_offset(slot, m.slot_bytes)
+        cuda = [lf for lf in leaves if lf.kind == "tensor" and lf.value.is_cuda]
+        if cuda:
+            h._cuda_event = self._copy_cuda(cuda, base)
+        deferred = []
+        for lf in leaves:
+            if lf.kind == "tensor" and lf.value.is_cuda:
+                continue
+            if lf.nbytes <= SYNC_COPY_BYTES or lf.kind == "pickle":
+                copy_leaf(lf, m.u8, m.arr, base)
+            else:
+                deferred.append(lf)
+        manifest = mf.dumps(tree, h.step, plan.data_bytes)
+        job = self._seal_job(h, slot, base, deferred, manifest)
+        self._queue.put(job)
+
+    def _seal_job(self, h: SnapshotHandle, slot: int, base: int, deferred: list[Leaf],
+                  manifest: bytes) -> Callable[[], None]:
+        m, plan, lease = self._map, self._plan, self._lease
+        assert m is not None and plan is not None
+
+        def run() -> None:
+            try:
+                _faults.fault_point("before-copy", h.step, self.rank)
+                half = len(deferred) // 2
+                for i, lf in enumerate(deferred):
+                    if i == half:
+                        _faults.fault_point("mid-copy", h.step, self.rank)
+                    copy_leaf(lf, m.u8, m.arr, base)
+                if h._cuda_event is not None:
+                    h._cuda_event.synchronize()
+                mo = base + plan.manifest_offset
+                m.arr[mo:mo + len(manifest)] = np.frombuffer(manifest, dtype=np.uint8)
+                h._copied.set()
+                _faults.fault_point("before-seal", h.step, self.rank)
+                reply = self._call("Seal", pb.SealRequest(
+                    job=self.job, rank=self.rank, lease=lease, step=h.step, slot=slot,
+                    data_bytes=plan.data_bytes, manifest_offset=plan.manifest_offset,
+                    manifest_bytes=len(manifest)))
+                if reply.HasField("restorable_step"):
+                    h.restorable_step = reply.restorable_step
+                _faults.fault_point("after-seal", h.step, self.rank)
+                h._sealed.set()
+            except BaseException as exc:  # noqa: BLE001 - handed to the trainer via the handle
+                logger.warning("job=%s rank=%d step=%d snapshot failed: %s", self.job,
+                               self.rank, h.step, exc)
+                h._fail(exc)
+
+        return run
+
+    def _copy_cuda(self, leaves: list[Leaf], base: int) -> Any:
+        """Queue device-to-host copies on a side stream; returns the event that marks them done."""
+        assert self._map is not None
+        m = self._map
+        if not m.cuda_registered:
+            rc = torch.cuda.cudart().cudaHostRegister(m.u8.data_ptr(), m.size, 0)
+            if int(rc) != 0:
+                raise ShardguardError(f"cudaHostRegister of arena {m.path} failed ({rc})")
+            m.cuda_registered = True
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        stream = self._side_stream
+        # The copy must start after the kernels that produced the tensors.
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for lf in leaves:
+                copy_leaf(lf, m.u8, m.arr, base, non_blocking=True)
+                lf.value.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def _wait_copy(self) -> None:
+        h = self._last
+        if h is None:
+            return
+        if h._cuda_event is not None:
+            # The optimizer's kernels wait on the GPU; the host does not block.
+            torch.cuda.current_stream().wait_event(h._cuda_event)
+        h.wait_copied()
+
+    def _drain(self) -> None:
+        h = self._last
+        if h is not None:
+            h._sealed.wait()
+
+    def _is_restorable(self, step: int) -> bool:
+        assert self._map is not None
+        return any(s.state == fmt.SlotState.RESTORABLE and s.step == step
+                   for s in self._map.header().slots)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            job()
+
+    # ---------------------------------------------------------------- restore
+
+    def _restore_local(self, step: int, into: Any, map_location: Any, allow_pickle: bool) -> Any:
+        reply = self._call("OpenForRestore", pb.OpenRequest(job=self.job, rank=self.rank,
+                                                            lease=self._lease, step=step))
+        try:
+            assert self._map is not None
+            m = self._map
+            base = fmt.slot_offset(reply.slot, m.slot_bytes)
+            mo = base + reply.manifest_offset
+            doc = mf.parse(m.arr[mo:mo + reply.manifest_bytes], reply.data_bytes)
+            _faults.fault_point("mid-restore", step, self.rank)
+            return rebuild(doc, m.u8, m.arr, base, into, allow_pickle,
+                           _device_resolver(map_location))
+        finally:
+            self._call("Release", pb.ReleaseRequest(job=self.job, rank=self.rank,
+                                                    lease=self._lease, step=step))
+
+    # ------------------------------------------------------------- plumbing
+
+    def _register(self, slot_bytes: int) -> None:
+        reply = self._call("Register", pb.RegisterRequest(
+            job=self.job, rank=self.rank, world_size=self.world_size, slot_bytes=slot_bytes,
+            pid=os.getpid(), local_ranks=self._local_ranks, force=self._force))
+        self._lease = reply.lease
+        if self._map is not None:
+            self._map.close()
+        self._map = _map_arena(reply.arena_path, reply.arena_bytes, reply.slot_bytes)
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def _broadcast_int(self, value: int) -> int:
+        if self._group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(t, src=dist.get_global_rank(self._group, 0), group=self._group)
+        return int(t.item())
+
+    def _reduce_max(self, values: list[int]) -> list[int]:
+        if self._group is None:
+            return values
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return [int(v) for v in t.tolist()]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardguardError("client is closed")
+
+
+def _map_arena(path: str, size: int, slot_bytes: int) -> _Mapped:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise ArenaFormatError(f"arena {path} is not {size} bytes")
+        # MAP_POPULATE maps every page now, so the first snapshot does not fault.
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                       mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    u8 = torch.frombuffer(mm, dtype=torch.uint8)
+    arr = np.frombuffer(mm, dtype=np.uint8)
+    return _Mapped(path, size, slot_bytes, mm, u8, arr)
+
+
+def _device_resolver(map_location: Any) -> Callable[[str], torch.device]:
+    if map_location is not None:
+        fixed = torch.device(map_location)
+        return lambda _: fixed
+
+    def resolve(dev: str) -> torch.device:
+        d = torch.device(dev)
+        if d.type == "cuda" and (not torch.cuda.is_available()
+                                 or (d.index or 0) >= torch.cuda.device_count()):
+            return torch.device("cpu")
+        return d
+
+    return resolve
+
+
+def _control_group() -> Any:
+    """A gloo group for the take/skip and restore agreements (the default one if it is gloo)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def _local_ranks(group: Any, socket_path: str, rank: int) -> list[int]:
+    """Ranks whose daemon is this rank's daemon (same host, same socket), in rank order."""
+    if group is None:
+        return [rank]
+    me = (socket.gethostname(), os.path.realpath(socket_path))
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, me, group=group)
+    return [r for r, who in enumerate(everyone) if tuple(who) == me]
+
+
+def connect(socket: str | None = None, job: str | None = None, *, rank: int | None = None,
+            world_size: int | None = None, allow_pickle: bool = False, force: bool = False,
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> Client:
+    """Connect this rank to its node daemon and claim (job, rank).
+
+    The socket is ``$SHARDGUARD_SOCKET`` or the default path; the job is
+    ``$SHARDGUARD_JOB``, else ``$SLURM_JOB_ID``, else ``$TORCHELASTIC_RUN_ID``;
+    rank and world come from torch.distributed if initialized, else
+    ``$RANK``/``$WORLD_SIZE``, else 0/1. With torch.distributed initialized,
+    every rank must call this (it is collective).
+    """
+    socket_path = socket or default_socket_path()
+    job = job or _detect_job()
+    det_rank, det_world = _detect_rank_world()
+    rank = det_rank if rank is None else rank
+    world_size = det_world if world_size is None else world_size
+    group = _control_group()
+    local = _local_ranks(group, socket_path, rank)
+    return Client(socket_path, job, rank, world_size, group=group, local_ranks=local,
+                  allow_pickle=allow_pickle, force=force, timeout_s=timeout_s)

@@ -1,0 +1,19 @@
+"""Errors a trainer may catch: the shared wire errors, re-exported."""
+
+from shardguard.proto.errors import (  # noqa: F401  (re-exported)
+    BudgetExceededError,
+    CorruptionError,
+    DaemonUnavailableError,
+    InsufficientPiecesError,
+    InvalidRequestError,
+    LeaseError,
+    ManifestError,
+    NotRestorableError,
+    RankClaimedError,
+    RestoreError,
+    RestoreTimeoutError,
+    ShardguardError,
+    SlotStateError,
+    StepOrderError,
+    UnknownJobError,
+)

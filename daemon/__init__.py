@@ -1,0 +1,1 @@
+"""The shardguard node daemon: arena store, codec, peers, coordinator, restore, CLI."""

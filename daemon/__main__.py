@@ -1,0 +1,7 @@
+"""``python -m shardguard.daemon`` runs the node daemon (same as ``shardguard daemon``)."""
+
+import sys
+
+from shardguard.daemon.cli import main
+
+sys.exit(main(["daemon", *sys.argv[1:]]))

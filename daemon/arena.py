@@ -1,0 +1,104 @@
+"""A rank's shared-memory arena as the daemon owns it: create, pre-fault, adopt, header I/O."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+
+from shardguard.daemon.errors import ArenaFormatError, BudgetExceededError
+from shardguard.proto import arena as fmt
+
+logger = logging.getLogger(__name__)
+
+
+class Arena:
+    """One /dev/shm file mapped read-write; the daemon writes its header, clients its slots."""
+
+    def __init__(self, path: str, fd: int, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._fd = fd
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self._map)
+
+    @classmethod
+    def create(cls, path: str, header: fmt.Header) -> "Arena":
+        """Create the file 0600 (it must not exist) and allocate every page now.
+
+        Pages are allocated up front because writing into fresh tmpfs pages runs at
+        a tenth of the speed of writing into allocated ones: the cost belongs at
+        register, not inside a snapshot.
+        """
+        size = fmt.arena_bytes(header.slot_bytes, header.nslots)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise BudgetExceededError(
+                        f"cannot allocate {size} bytes for arena {path}: {exc.strerror}") from None
+                raise
+            arena = cls(path, fd, size)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            raise
+        arena.write_header(header)
+        return arena
+
+    @classmethod
+    def adopt(cls, path: str) -> tuple["Arena", fmt.Header]:
+        """Map an existing arena (after a daemon restart) and parse its header."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < fmt.HEADER_BYTES:
+                raise ArenaFormatError(f"arena {path} is truncated ({size} bytes)")
+            arena = cls(path, fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            header = fmt.unpack_header(arena.view)
+            if fmt.arena_bytes(header.slot_bytes, header.nslots) != size:
+                raise ArenaFormatError(f"arena {path} size {size} does not match its header")
+        except ArenaFormatError:
+            arena.close()
+            raise
+        return arena, header
+
+    def write_header(self, header: fmt.Header) -> None:
+        self.view[: fmt.HEADER_BYTES] = fmt.pack_header(header)
+
+    def read_header(self) -> fmt.Header:
+        return fmt.unpack_header(self.view)
+
+    def slot(self, index: int, slot_bytes: int) -> memoryview:
+        start = fmt.slot_offset(index, slot_bytes)
+        return self.view[start:start + slot_bytes]
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self.view.release()
+            self._map.close()
+        except BufferError:
+            # A slice handed out is still alive somewhere; the mapping goes with the process.
+            logger.debug("arena %s still has views; leaving the mapping", self.path)
+        os.close(self._fd)
+        self._fd = -1
+
+    def unlink(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,159 @@
+"""Daemon configuration: one frozen dataclass, from TOML, then ``SHARDGUARD_*`` env, then flags.
+
+Times end in ``_s``, sizes in ``_bytes`` (accepting "8GiB", "512MiB", "1e9").
+``deploy/shardguard.toml`` is the annotated sample of every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import psutil
+
+from shardguard.daemon.errors import ConfigError
+from shardguard.proto.paths import default_socket_path
+
+ENV_PREFIX = "SHARDGUARD_"
+CONFIG_ENV = "SHARDGUARD_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/shardguard/shardguard.toml"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+_SIZE_RE = re.compile(r"^\s*([0-9.eE+]+)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+
+
+def parse_bytes(value: Any) -> int:
+    """``"8GiB"`` -> 8589934592; ints pass through."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"not a size: {value!r} (examples: 8GiB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every daemon option; see deploy/shardguard.toml for the annotated sample."""
+
+    socket: str = field(default_factory=default_socket_path)
+    shm_dir: str = "/dev/shm"
+    shm_prefix: str = "shardguard"
+    # 0 means: memory_budget_fraction of what psutil reports available at start.
+    memory_budget_bytes: int = 0
+    memory_budget_fraction: float = 0.5
+    grpc_workers: int = 16
+    verify_on_restore: bool = True
+    log_level: str = "INFO"
+    # Peers (erasure coding across nodes).
+    host: str = "127.0.0.1"
+    control_port: int = 0
+    data_port: int = 0
+    group_size: int = 4
+    parity: int = 1
+    peer_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.shm_prefix):
+            raise ConfigError(f"shm_prefix {self.shm_prefix!r} must match {_NAME_RE.pattern}")
+        if not os.path.isabs(self.shm_dir):
+            raise ConfigError(f"shm_dir {self.shm_dir!r} must be an absolute path")
+        if self.memory_budget_bytes < 0:
+            raise ConfigError("memory_budget_bytes must be >= 0")
+        if not 0.0 < self.memory_budget_fraction <= 1.0:
+            raise ConfigError("memory_budget_fraction must be in (0, 1]")
+        if self.grpc_workers < 2:
+            raise ConfigError("grpc_workers must be >= 2")
+        if not 0 <= self.control_port < 65536 or not 0 <= self.data_port < 65536:
+            raise ConfigError("ports must be in [0, 65535]")
+        if self.parity < 1 or self.group_size < self.parity + 1:
+            raise ConfigError("need parity >= 1 and group_size >= parity + 1")
+        if self.peer_timeout_s <= 0:
+            raise ConfigError("peer_timeout_s must be > 0")
+
+    def budget_bytes(self) -> int:
+        """The memory budget in force: the configured one, else a fraction of available memory."""
+        if self.memory_budget_bytes:
+            return self.memory_budget_bytes
+        return int(psutil.virtual_memory().available * self.memory_budget_fraction)
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    try:
+        if name.endswith("_bytes"):
+            return parse_bytes(value)
+        if kind in (bool, "bool"):
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind in (int, "int"):
+            return int(value)
+        if kind in (float, "float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name}: cannot use {value!r}") from None
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the config: defaults < TOML file < ``SHARDGUARD_*`` env < ``overrides`` (flags).
+
+    ``path`` None means ``$SHARDGUARD_CONFIG`` or /etc/shardguard/shardguard.toml if present.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = path or env.get(CONFIG_ENV)
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    known = {f.name: f.type for f in fields(Config)}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        table = doc.get("daemon", doc)
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{path}: unknown option {key!r}")
+            values[key] = _coerce(key, known[key], value)
+    for key, kind in known.items():
+        env_key = ENV_PREFIX + key.upper()
+        if env_key in env:
+            values[key] = _coerce(key, kind, env[env_key])
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown option {key!r}")
+        values[key] = _coerce(key, known[key], value)
+    return Config(**values)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--option-name`` flag per config field."""
+    for f in fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            metavar=f.name.upper(), help=f"override {f.name}")
+
+
+def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name, None) for f in fields(Config)}
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    return dataclasses.replace(config, **changes)

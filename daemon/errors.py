@@ -1,0 +1,21 @@
+"""Errors raised by the daemon: the shared wire errors, re-exported."""
+
+from shardguard.proto.errors import (  # noqa: F401  (re-exported)
+    ArenaFormatError,
+    BudgetExceededError,
+    CodecError,
+    ConfigError,
+    CorruptionError,
+    InsufficientPiecesError,
+    InvalidRequestError,
+    LeaseError,
+    ManifestError,
+    NotRestorableError,
+    PeerUnavailableError,
+    RankClaimedError,
+    RestoreError,
+    ShardguardError,
+    SlotStateError,
+    StepOrderError,
+    UnknownJobError,
+)

@@ -1,0 +1,92 @@
+"""The node daemon: one object that owns the store and serves it; ``serve()`` runs until stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+
+from shardguard.daemon.agent import AgentService
+from shardguard.daemon.config import Config
+from shardguard.daemon.errors import ConfigError
+from shardguard.daemon.store import Store
+from shardguard.proto import agent_pb2_grpc as pb_grpc
+from shardguard.proto.paths import grpc_target
+
+logger = logging.getLogger(__name__)
+
+# gRPC caps messages at 4 MiB by default; ours are small, and a hostile client
+# must not make the daemon buffer more than this.
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class Daemon:
+    """A node's shardguard daemon.
+
+    Args:
+        config: validated configuration.
+        logger: where to log (defaults to this module's logger).
+    """
+
+    def __init__(self, config: Config, logger: logging.Logger | None = None) -> None:
+        self.config = config
+        self.log = logger or globals()["logger"]
+        if not os.path.isdir(config.shm_dir):
+            raise ConfigError(f"shm_dir {config.shm_dir} is not a directory")
+        self.store = Store(config.shm_dir, config.shm_prefix, config.budget_bytes(),
+                           verify_on_restore=config.verify_on_restore)
+        self._stop = threading.Event()
+        self._server: grpc.Server | None = None
+
+    def start(self) -> None:
+        """Adopt what a previous daemon left, then listen on the Unix socket."""
+        adopted = self.store.adopt()
+        sock = self.config.socket
+        os.makedirs(os.path.dirname(os.path.abspath(sock)), mode=0o700, exist_ok=True)
+        if os.path.exists(sock):
+            os.unlink(sock)  # left by a daemon that died; we are its replacement
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers,
+                                       thread_name_prefix="sg-agent"),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", 64 << 20)])
+        pb_grpc.add_AgentServicer_to_server(AgentService(self.store, sock), server)
+        old_umask = os.umask(0o177)
+        try:
+            server.add_insecure_port(grpc_target(sock))
+            server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(sock, 0o600)
+        self._server = server
+        self.log.info("serving on %s (shm %s/%s.*, budget %d bytes, adopted %d jobs)", sock,
+                      self.config.shm_dir, self.config.shm_prefix, self.store.budget_bytes,
+                      adopted)
+
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT or :meth:`stop`; the arenas stay in shm for the next daemon."""
+        if self._server is None:
+            self.start()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: self.stop())
+        self._stop.wait()
+        self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+            self._server = None
+        self.store.close()
+        try:
+            os.unlink(self.config.socket)
+        except FileNotFoundError:
+            pass
+        self.log.info("stopped")

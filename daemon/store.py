@@ -1,0 +1,596 @@
+"""The node's snapshot store: jobs, ranks, arenas and the slot state machine.
+
+Slot states run free -> writing -> sealed -> restorable -> free. A slot is
+handed out (``begin``) only if it does not hold the job's restorable step and
+is not pinned by a restore in progress, so a sealed snapshot is never written
+again until a newer step is restorable. Every change that must survive a
+daemon crash (arenas, seals, the restorable step) is written to a small meta
+file per job beside the arenas, replaced atomically; a restarted daemon
+re-adopts the arenas from it. This module holds no transport: the agent (gRPC)
+and the protection layer call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import psutil
+
+from shardguard.daemon.arena import Arena
+from shardguard.daemon.codec import crc32c
+from shardguard.daemon.errors import (
+    ArenaFormatError,
+    BudgetExceededError,
+    CorruptionError,
+    InvalidRequestError,
+    LeaseError,
+    NotRestorableError,
+    RankClaimedError,
+    ShardguardError,
+    SlotStateError,
+    StepOrderError,
+    UnknownJobError,
+)
+from shardguard.proto import arena as fmt
+from shardguard.proto import manifest as mf
+from shardguard.proto.arena import ChecksumAlgo, SlotState
+
+logger = logging.getLogger(__name__)
+
+JOB_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+MAX_WORLD = 1 << 20
+MAX_MANIFEST_BYTES = 256 << 20
+META_VERSION = 1
+
+
+@dataclass
+class SlotRecord:
+    state: SlotState = SlotState.FREE
+    step: int = -1
+    data_bytes: int = 0
+    manifest_offset: int = 0
+    manifest_bytes: int = 0
+    data_crc: int = 0
+    manifest_crc: int = 0
+    generation: int = 0
+
+    def to_desc(self) -> fmt.SlotDesc:
+        algo = ChecksumAlgo.CRC32C if self.state >= SlotState.SEALED else ChecksumAlgo.NONE
+        return fmt.SlotDesc(self.state, algo, self.step, self.data_bytes, self.manifest_offset,
+                            self.manifest_bytes, self.data_crc, self.manifest_crc,
+                            self.generation)
+
+
+@dataclass
+class RankRecord:
+    rank: int
+    arena: Arena
+    slot_bytes: int
+    slots: list[SlotRecord]
+    lease: str | None = None
+    pid: int = 0
+    pid_started: float = 0.0
+    pinned: set[int] = field(default_factory=set)
+
+    def claimed_by_live_process(self) -> bool:
+        if self.lease is None or not self.pid:
+            return False
+        try:
+            proc = psutil.Process(self.pid)
+            return (abs(proc.create_time() - self.pid_started) < 1e-3
+                    and proc.status() != psutil.STATUS_ZOMBIE)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+
+@dataclass
+class JobRecord:
+    job: str
+    world_size: int
+    local_ranks: tuple[int, ...]
+    ranks: dict[int, RankRecord] = field(default_factory=dict)
+    restorable_step: int | None = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    arena_path: str
+    arena_bytes: int
+    slot_bytes: int
+    lease: str
+    restorable_step: int | None
+
+
+@dataclass(frozen=True)
+class OpenSlot:
+    slot: int
+    step: int
+    data_bytes: int
+    manifest_offset: int
+    manifest_bytes: int
+
+
+class Store:
+    """All jobs held by this daemon. Thread-safe; checksums run outside the lock.
+
+    Args:
+        shm_dir: where arenas and meta files live (/dev/shm).
+        prefix: per-daemon name prefix, so several daemons can share one shm dir.
+        budget_bytes: most arena bytes this daemon may hold.
+        verify_on_restore: re-check checksums when a slot is opened for restore.
+        on_node_sealed: called (job, step) outside the lock when every local rank
+            sealed ``step``; the protection layer then makes it restorable. None
+            means this node is the whole job: the step is restorable at once.
+    """
+
+    def __init__(self, shm_dir: str, prefix: str, budget_bytes: int, *,
+                 verify_on_restore: bool = True,
+                 on_node_sealed: Callable[[str, int], None] | None = None) -> None:
+        self.shm_dir = shm_dir
+        self.prefix = prefix
+        self.budget_bytes = budget_bytes
+        self.verify_on_restore = verify_on_restore
+        self.on_node_sealed = on_node_sealed
+        self._lock = threading.RLock()
+        self._jobs: dict[str, JobRecord] = {}
+
+    # ---------------------------------------------------------------- queries
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(r.arena.size for j in self._jobs.values() for r in j.ranks.values())
+
+    def jobs(self) -> list[JobRecord]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def job(self, job: str) -> JobRecord:
+        with self._lock:
+            return self._job(job)
+
+    def latest(self, job: str) -> int | None:
+        with self._lock:
+            return self._job(job).restorable_step
+
+    # ------------------------------------------------------------- life cycle
+
+    def register(self, job: str, rank: int, world_size: int, slot_bytes: int, pid: int,
+                 local_ranks: Iterable[int], force: bool = False) -> Registration:
+        """Claim (job, rank) for process ``pid``; create or grow its arena."""
+        _check_job(job)
+        local = tuple(local_ranks) or (rank,)
+        if not 1 <= world_size <= MAX_WORLD:
+            raise InvalidRequestError(f"world_size {world_size} out of range [1, {MAX_WORLD}]")
+        if not 0 <= rank < world_size:
+            raise InvalidRequestError(f"rank {rank} outside world of size {world_size}")
+        if len(set(local)) != len(local) or any(not 0 <= r < world_size for r in local) \
+                or rank not in local:
+            raise InvalidRequestError(
+                f"local_ranks {list(local)} must be distinct ranks of the world and include {rank}")
+        if slot_bytes <= 0:
+            raise InvalidRequestError("slot_bytes must be > 0")
+        slot_bytes = fmt.align_up(slot_bytes)
+        started = _process_start(pid)
+        with self._lock:
+            rec = self._jobs.get(job)
+            if rec is not None and rec.world_size != world_size:
+                if any(r.claimed_by_live_process() for r in rec.ranks.values()):
+                    raise InvalidRequestError(
+                        f"job {job} is registered with world size {rec.world_size}, not "
+                        f"{world_size}")
+                raise InvalidRequestError(
+                    f"job {job} holds snapshots of a world of size {rec.world_size}; drop the "
+                    f"job to start it with world size {world_size}")
+            if rec is None:
+                rec = JobRecord(job, world_size, local)
+            rr = rec.ranks.get(rank)
+            if rr is not None and rr.claimed_by_live_process() and rr.pid != pid and not force:
+                raise RankClaimedError(
+                    f"job {job} rank {rank} is held by live process {rr.pid}")
+            self._check_budget(rr.arena.size if rr else 0, fmt.arena_bytes(slot_bytes))
+            if rr is None:
+                rr = self._new_rank(rec, rank, slot_bytes)
+            elif rr.slot_bytes < slot_bytes:
+                rr = self._grow(rec, rr, slot_bytes)
+            rec.local_ranks = local
+            rec.ranks[rank] = rr
+            self._jobs[job] = rec
+            # A new claim is a new incarnation of the rank: what it was writing is gone.
+            for s in rr.slots:
+                if s.state == SlotState.WRITING:
+                    _free(s)
+            rr.pinned.clear()
+            rr.lease = secrets.token_hex(16)
+            rr.pid, rr.pid_started = pid, started
+            self._sync(rec, rr)
+            logger.info("registered job=%s rank=%d world=%d pid=%d arena=%s slot_bytes=%d",
+                        job, rank, world_size, pid, rr.arena.path, rr.slot_bytes)
+            return Registration(rr.arena.path, rr.arena.size, rr.slot_bytes, rr.lease,
+                                rec.restorable_step)
+
+    def unregister(self, job: str, rank: int, lease: str) -> None:
+        with self._lock:
+            rr = self._claimed(job, rank, lease)
+            rr.lease, rr.pid, rr.pid_started = None, 0, 0.0
+            rr.pinned.clear()
+
+    def drop(self, job: str) -> tuple[int, int]:
+        """Free every arena of ``job``; returns (arenas, bytes) freed."""
+        with self._lock:
+            rec = self._job(job)
+            freed = sum(r.arena.size for r in rec.ranks.values())
+            for rr in rec.ranks.values():
+                rr.arena.unlink()
+            _unlink(self._meta_path(job))
+            del self._jobs[job]
+            logger.info("dropped job=%s arenas=%d bytes=%d", job, len(rec.ranks), freed)
+            return len(rec.ranks), freed
+
+    def close(self) -> None:
+        """Unmap everything; the files stay for the next daemon to adopt."""
+        with self._lock:
+            for rec in self._jobs.values():
+                for rr in rec.ranks.values():
+                    rr.arena.close()
+            self._jobs.clear()
+
+    # ---------------------------------------------------------- the snapshot
+
+    def begin(self, job: str, rank: int, lease: str, step: int) -> int:
+        """Hand out the slot for ``step`` (free -> writing)."""
+        with self._lock:
+            rec = self._job(job)
+            rr = self._claimed(job, rank, lease)
+            if step < 0:
+                raise InvalidRequestError(f"step {step} is negative")
+            if rec.restorable_step is not None and step <= rec.restorable_step:
+                raise StepOrderError(
+                    f"job {job} rank {rank}: step {step} is not after the restorable step "
+                    f"{rec.restorable_step} (restore it, or drop the job to start over)")
+            index = self._writable_slot(rec, rr)
+            if index is None:
+                raise SlotStateError(
+                    f"job {job} rank {rank}: no free slot for step {step} (slots: "
+                    f"{[(s.state.name, s.step) for s in rr.slots]}, pinned {sorted(rr.pinned)})")
+            # Any other unfinished step of this rank is superseded by the new one.
+            for i, s in enumerate(rr.slots):
+                if i != index and s.state in (SlotState.WRITING, SlotState.SEALED):
+                    _free(s)
+            s = rr.slots[index]
+            s.state, s.step = SlotState.WRITING, step
+            s.generation += 1
+            s.data_bytes = s.manifest_offset = s.manifest_bytes = 0
+            self._write_header(rec, rr)
+            return index
+
+    def seal(self, job: str, rank: int, lease: str, step: int, slot: int, data_bytes: int,
+             manifest_offset: int, manifest_bytes: int) -> int | None:
+        """Checksum a written slot and seal it (writing -> sealed).
+
+        Returns the job's restorable step after the seal.
+        """
+        with self._lock:
+            rr = self._claimed(job, rank, lease)
+            rec = self._jobs[job]
+            s = self._slot_in_state(rr, job, slot, SlotState.WRITING, step)
+            _check_extents(rr.slot_bytes, data_bytes, manifest_offset, manifest_bytes)
+            view = rr.arena.slot(slot, rr.slot_bytes)
+            generation = s.generation
+        # Validation and checksums of up to GiBs run without the lock: other ranks seal meanwhile.
+        raw_manifest = view[manifest_offset:manifest_offset + manifest_bytes]
+        doc = mf.parse(raw_manifest, data_bytes)
+        if doc["step"] != step:
+            raise mf.ManifestError(f"manifest is for step {doc['step']}, sealed as step {step}")
+        manifest_crc = crc32c(raw_manifest)
+        data_crc = crc32c(view[:data_bytes])
+        with self._lock:
+            if rr.slots[slot] is not s or s.generation != generation \
+                    or s.state != SlotState.WRITING:
+                raise SlotStateError(f"job {job} rank {rank}: slot {slot} changed while sealing")
+            s.state = SlotState.SEALED
+            s.data_bytes, s.manifest_offset, s.manifest_bytes = \
+                data_bytes, manifest_offset, manifest_bytes
+            s.data_crc, s.manifest_crc = data_crc, manifest_crc
+            node_sealed = all(q in rec.ranks and any(
+                x.state == SlotState.SEALED and x.step == step for x in rec.ranks[q].slots)
+                for q in rec.local_ranks)
+            whole_job_here = len(rec.local_ranks) == rec.world_size
+            if node_sealed and (whole_job_here or self.on_node_sealed is None):
+                self._make_restorable(rec, step)
+            else:
+                self._sync(rec, rr)
+            restorable = rec.restorable_step
+        logger.debug("sealed job=%s rank=%d step=%d slot=%d bytes=%d", job, rank, step, slot,
+                     data_bytes)
+        if node_sealed and not whole_job_here and self.on_node_sealed is not None:
+            self.on_node_sealed(job, step)
+        return restorable
+
+    def mark_restorable(self, job: str, step: int) -> None:
+        """The protection layer's verdict: ``step`` is protected on every node."""
+        with self._lock:
+            self._make_restorable(self._job(job), step)
+
+    def open_for_restore(self, job: str, rank: int, lease: str, step: int | None) -> OpenSlot:
+        """Pin the slot of the restorable step and check its bytes."""
+        with self._lock:
+            rec = self._job(job)
+            rr = self._claimed(job, rank, lease)
+            if rec.restorable_step is None:
+                raise NotRestorableError(f"job {job} has no restorable step")
+            if step is not None and step != rec.restorable_step:
+                raise NotRestorableError(
+                    f"job {job}: step {step} is not restorable (the restorable step is "
+                    f"{rec.restorable_step})")
+            index = next((i for i, s in enumerate(rr.slots)
+                          if s.state == SlotState.RESTORABLE and s.step == rec.restorable_step),
+                         None)
+            if index is None:
+                raise NotRestorableError(
+                    f"job {job} rank {rank}: no slot holds restorable step {rec.restorable_step}")
+            s = dataclasses.replace(rr.slots[index])
+            rr.pinned.add(index)
+            view = rr.arena.slot(index, rr.slot_bytes)
+        if self.verify_on_restore:
+            try:
+                self._verify(job, rank, view, s)
+            except CorruptionError:
+                with self._lock:
+                    rr.pinned.discard(index)
+                raise
+        return OpenSlot(index, s.step, s.data_bytes, s.manifest_offset, s.manifest_bytes)
+
+    def release(self, job: str, rank: int, lease: str, step: int) -> None:
+        with self._lock:
+            rr = self._claimed(job, rank, lease)
+            for i, s in enumerate(rr.slots):
+                if s.step == step:
+                    rr.pinned.discard(i)
+
+    # --------------------------------------------------------------- adoption
+
+    def adopt(self) -> int:
+        """Re-adopt the jobs a previous daemon left in shm; returns how many."""
+        pattern = os.path.join(self.shm_dir, glob.escape(self.prefix) + ".*.meta")
+        adopted = 0
+        for meta_path in sorted(glob.glob(pattern)):
+            try:
+                rec = self._adopt_job(meta_path)
+            except (OSError, ValueError, KeyError, TypeError, ShardguardError) as exc:
+                logger.error("cannot adopt %s: %s; its arenas are left in place", meta_path, exc)
+                continue
+            with self._lock:
+                self._jobs[rec.job] = rec
+            adopted += 1
+            logger.info("adopted job=%s ranks=%s restorable_step=%s", rec.job,
+                        sorted(rec.ranks), rec.restorable_step)
+        return adopted
+
+    def _adopt_job(self, meta_path: str) -> JobRecord:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+        if meta.get("version") != META_VERSION:
+            raise ValueError(f"meta version {meta.get('version')!r}")
+        job = meta["job"]
+        _check_job(job)
+        rec = JobRecord(job, int(meta["world_size"]), tuple(meta["local_ranks"]),
+                        restorable_step=meta["restorable_step"])
+        for key, rm in meta["ranks"].items():
+            rank = int(key)
+            path = os.path.join(self.shm_dir, fmt.arena_name(self.prefix, job, rank))
+            try:
+                arena, header = Arena.adopt(path)
+            except (OSError, ArenaFormatError) as exc:
+                # The header is only a mirror: rebuild it from the meta when the file is sound.
+                logger.warning("job=%s rank=%d arena header unusable (%s); rewriting it",
+                               job, rank, exc)
+                arena = _remap(path, int(rm["slot_bytes"]))
+                header = None
+            slots = [SlotRecord(SlotState(d["state"]), *[int(d[k]) for k in (
+                "step", "data_bytes", "manifest_offset", "manifest_bytes", "data_crc",
+                "manifest_crc", "generation")]) for d in rm["slots"]]
+            if header is not None and header.slot_bytes != int(rm["slot_bytes"]):
+                arena.close()
+                raise ArenaFormatError(f"arena {path} slot size disagrees with the meta file")
+            for s in slots:
+                if s.state == SlotState.WRITING:
+                    _free(s)
+            rr = RankRecord(rank, arena, int(rm["slot_bytes"]), slots)
+            rec.ranks[rank] = rr
+            self._write_header(rec, rr)
+        return rec
+
+    # ---------------------------------------------------------------- helpers
+
+    def _job(self, job: str) -> JobRecord:
+        _check_job(job)
+        rec = self._jobs.get(job)
+        if rec is None:
+            raise UnknownJobError(f"job {job} is not registered with this daemon")
+        return rec
+
+    def _claimed(self, job: str, rank: int, lease: str) -> RankRecord:
+        rec = self._job(job)
+        rr = rec.ranks.get(rank)
+        if rr is None:
+            raise UnknownJobError(f"job {job} has no rank {rank} on this daemon")
+        if rr.lease is None or not secrets.compare_digest(rr.lease, lease):
+            raise LeaseError(f"job {job} rank {rank}: lease does not match the rank's holder")
+        return rr
+
+    def _slot_in_state(self, rr: RankRecord, job: str, slot: int, state: SlotState,
+                       step: int) -> SlotRecord:
+        if not 0 <= slot < len(rr.slots):
+            raise InvalidRequestError(f"slot {slot} out of range [0, {len(rr.slots)})")
+        s = rr.slots[slot]
+        if s.state != state or s.step != step:
+            raise SlotStateError(
+                f"job {job} rank {rr.rank}: slot {slot} is {s.state.name} step {s.step}, "
+                f"not {state.name} step {step}")
+        return s
+
+    def _writable_slot(self, rec: JobRecord, rr: RankRecord) -> int | None:
+        for i, s in enumerate(rr.slots):
+            if i in rr.pinned:
+                continue
+            if s.state == SlotState.RESTORABLE and s.step == rec.restorable_step:
+                continue
+            return i
+        return None
+
+    def _make_restorable(self, rec: JobRecord, step: int) -> None:
+        if rec.restorable_step is not None and step <= rec.restorable_step:
+            return
+        for q in rec.local_ranks:
+            rr = rec.ranks.get(q)
+            if rr is None or not any(s.state == SlotState.SEALED and s.step == step
+                                     for s in rr.slots):
+                raise SlotStateError(f"job {rec.job}: rank {q} has not sealed step {step}")
+        rec.restorable_step = step
+        for rr in rec.ranks.values():
+            for s in rr.slots:
+                if s.step == step and s.state == SlotState.SEALED:
+                    s.state = SlotState.RESTORABLE
+                elif s.state in (SlotState.RESTORABLE, SlotState.SEALED) and s.step < step:
+                    _free(s)
+        self._persist(rec)
+        for rr in rec.ranks.values():
+            self._write_header(rec, rr)
+        logger.debug("restorable job=%s step=%d", rec.job, step)
+
+    def _verify(self, job: str, rank: int, view: memoryview, s: SlotRecord) -> None:
+        m = view[s.manifest_offset:s.manifest_offset + s.manifest_bytes]
+        if crc32c(m) != s.manifest_crc:
+            raise CorruptionError(f"job {job} rank {rank} step {s.step}: manifest checksum fails")
+        if crc32c(view[:s.data_bytes]) != s.data_crc:
+            raise CorruptionError(f"job {job} rank {rank} step {s.step}: data checksum fails")
+
+    def _check_budget(self, current: int, wanted: int) -> None:
+        used = sum(r.arena.size for j in self._jobs.values() for r in j.ranks.values())
+        after = used - current + wanted
+        if wanted > current and after > self.budget_bytes:
+            raise BudgetExceededError(
+                f"an arena of {wanted} bytes would take this daemon to {after} bytes, over its "
+                f"memory budget of {self.budget_bytes} bytes ({used} in use)")
+
+    def _new_rank(self, rec: JobRecord, rank: int, slot_bytes: int) -> RankRecord:
+        path = os.path.join(self.shm_dir, fmt.arena_name(self.prefix, rec.job, rank))
+        _unlink(path)  # a stale file the meta no longer knows of
+        header = fmt.Header(slot_bytes, rank, rec.world_size, rec.job,
+                            tuple(fmt.SlotDesc() for _ in range(fmt.NSLOTS)))
+        arena = Arena.create(path, header)
+        return RankRecord(rank, arena, slot_bytes, [SlotRecord() for _ in range(fmt.NSLOTS)])
+
+    def _grow(self, rec: JobRecord, rr: RankRecord, slot_bytes: int) -> RankRecord:
+        """A bigger arena, keeping the restorable slot's bytes in the same slot index."""
+        tmp = rr.arena.path + ".grow"
+        _unlink(tmp)
+        header = fmt.Header(slot_bytes, rr.rank, rec.world_size, rec.job,
+                            tuple(fmt.SlotDesc() for _ in range(fmt.NSLOTS)))
+        arena = Arena.create(tmp, header)
+        slots = [SlotRecord() for _ in range(fmt.NSLOTS)]
+        for i, s in enumerate(rr.slots):
+            if s.state == SlotState.RESTORABLE:
+                used = s.manifest_offset + s.manifest_bytes
+                arena.slot(i, slot_bytes)[:used] = rr.arena.slot(i, rr.slot_bytes)[:used]
+                slots[i] = dataclasses.replace(s)
+        os.rename(tmp, rr.arena.path)
+        arena.path = rr.arena.path
+        rr.arena.close()
+        logger.info("grew arena job=%s rank=%d slot_bytes %d -> %d", rec.job, rr.rank,
+                    rr.slot_bytes, slot_bytes)
+        return RankRecord(rr.rank, arena, slot_bytes, slots)
+
+    def _write_header(self, rec: JobRecord, rr: RankRecord) -> None:
+        rr.arena.write_header(fmt.Header(rr.slot_bytes, rr.rank, rec.world_size, rec.job,
+                                         tuple(s.to_desc() for s in rr.slots)))
+
+    def _sync(self, rec: JobRecord, rr: RankRecord) -> None:
+        self._persist(rec)
+        self._write_header(rec, rr)
+
+    def _meta_path(self, job: str) -> str:
+        return os.path.join(self.shm_dir, fmt.meta_name(self.prefix, job))
+
+    def _persist(self, rec: JobRecord) -> None:
+        """Write the job's meta file atomically (write, then rename over the old one)."""
+        doc: dict[str, Any] = {
+            "version": META_VERSION, "job": rec.job, "world_size": rec.world_size,
+            "local_ranks": list(rec.local_ranks), "restorable_step": rec.restorable_step,
+            "written": time.time(),
+            "ranks": {str(r): {"slot_bytes": rr.slot_bytes,
+                               "slots": [_slot_doc(s) for s in rr.slots]}
+                      for r, rr in rec.ranks.items()},
+        }
+        path = self._meta_path(rec.job)
+        tmp = f"{path}.tmp{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+        os.rename(tmp, path)
+
+
+def _slot_doc(s: SlotRecord) -> dict[str, int]:
+    # A slot being written is not worth remembering: after a crash it is free.
+    if s.state == SlotState.WRITING:
+        s = SlotRecord(generation=s.generation)
+    d = dataclasses.asdict(s)
+    d["state"] = int(s.state)
+    return d
+
+
+def _free(s: SlotRecord) -> None:
+    s.state, s.step = SlotState.FREE, -1
+
+
+def _check_job(job: str) -> None:
+    if not isinstance(job, str) or not JOB_RE.match(job):
+        raise InvalidRequestError(
+            f"job name {job!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+            "and not start with '.' or '-'")
+
+
+def _check_extents(slot_bytes: int, data_bytes: int, manifest_offset: int,
+                   manifest_bytes: int) -> None:
+    if manifest_offset % fmt.PAGE or manifest_offset < data_bytes:
+        raise InvalidRequestError(
+            f"manifest_offset {manifest_offset} must be page-aligned and >= data_bytes "
+            f"{data_bytes}")
+    if not 0 < manifest_bytes <= MAX_MANIFEST_BYTES \
+            or manifest_offset + manifest_bytes > slot_bytes:
+        raise InvalidRequestError(
+            f"manifest [{manifest_offset}, +{manifest_bytes}) does not fit a slot of "
+            f"{slot_bytes} bytes")
+
+
+def _process_start(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        raise InvalidRequestError(f"pid {pid} is not a live process on this node") from None
+
+
+def _remap(path: str, slot_bytes: int) -> Arena:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    size = os.fstat(fd).st_size
+    if size != fmt.arena_bytes(slot_bytes):
+        os.close(fd)
+        raise ArenaFormatError(f"arena {path} size {size} does not match the meta file")
+    return Arena(path, fd, size)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
