@@ -35,6 +35,7 @@ from shardguard.proto import manifest as mf
 from shardguard.proto.errors import (
     ArenaFormatError,
     DaemonUnavailableError,
+    LeaseError,
     NotRestorableError,
     RestoreError,
     ShardguardError,
@@ -157,6 +158,7 @@ class Client:
             grpc_target(socket_path), options=[("grpc.enable_retries", 0)])
         self._stub = pb_grpc.AgentStub(self._channel)
         self._lease = ""
+        self._lost_daemon = False
         self._map: _Mapped | None = None
         self._plan: Plan | None = None
         self._last: SnapshotHandle | None = None
@@ -309,12 +311,12 @@ class Client:
         h = self._last
         if h is not None and not h.done():
             return "busy", None
+        if self._lost_daemon:
+            try:
+                self._register(self._map.slot_bytes if self._map else fmt.PAGE)
+            except ShardguardError as exc:
+                return "error", exc
         if h is not None and h.error is not None:
-            if isinstance(h.error, DaemonUnavailableError):
-                try:
-                    self._register(self._map.slot_bytes if self._map else fmt.PAGE)
-                except ShardguardError as exc:
-                    return "error", exc
             return "ready", None
         if h is not None and not self._is_restorable(h.step):
             return "pending", None
@@ -352,14 +354,13 @@ class Client:
         cuda = [lf for lf in leaves if lf.kind == "tensor" and lf.value.is_cuda]
         if cuda:
             h._cuda_event = self._copy_cuda(cuda, base)
-        deferred = []
-        for lf in leaves:
-            if lf.kind == "tensor" and lf.value.is_cuda:
-                continue
-            if lf.nbytes <= SYNC_COPY_BYTES or lf.kind == "pickle":
-                copy_leaf(lf, m.u8, m.arr, base)
-            else:
-                deferred.append(lf)
+        host = [lf for lf in leaves if not (lf.kind == "tensor" and lf.value.is_cuda)]
+        deferred = [lf for lf in host if lf.nbytes > SYNC_COPY_BYTES and lf.kind != "pickle"]
+        inline = [lf for lf in host if lf.nbytes <= SYNC_COPY_BYTES or lf.kind == "pickle"]
+        for i, lf in enumerate(inline):
+            if not deferred and i == len(inline) // 2:
+                _faults.fault_point("mid-copy", h.step, self.rank)
+            copy_leaf(lf, m.u8, m.arr, base)
         manifest = mf.dumps(tree, h.step, plan.data_bytes)
         job = self._seal_job(h, slot, base, deferred, manifest)
         self._queue.put(job)
@@ -471,6 +472,7 @@ class Client:
             job=self.job, rank=self.rank, world_size=self.world_size, slot_bytes=slot_bytes,
             pid=os.getpid(), local_ranks=self._local_ranks, force=self._force))
         self._lease = reply.lease
+        self._lost_daemon = False
         if self._map is not None:
             self._map.close()
         self._map = _map_arena(reply.arena_path, reply.arena_bytes, reply.slot_bytes)
@@ -479,7 +481,11 @@ class Client:
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            err = error_from_rpc(exc)
+            # A restarted daemon has adopted our arena but not our lease: register again.
+            if isinstance(err, (DaemonUnavailableError, LeaseError)):
+                self._lost_daemon = True
+            raise err from None
 
     def _broadcast_int(self, value: int) -> int:
         if self._group is None:

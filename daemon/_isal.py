@@ -25,7 +25,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from shardguard.daemon.errors import CodecError
 
@@ -159,7 +160,8 @@ def _declare(cdll: ctypes.CDLL, name: str, restype: object, argtypes: list[objec
     fn = getattr(cdll, name)
     fn.restype = restype
     fn.argtypes = argtypes
-    return fn
+    declared: _CFunc = fn
+    return declared
 
 
 def open_library(path: str) -> IsaL:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import sys
@@ -23,6 +24,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     from shardguard.daemon.server import Daemon
 
     conf = cfg.load(args.config, overrides=cfg.flag_overrides(args))
+    faulthandler.enable()  # a native crash still leaves a traceback in the log
     logging.basicConfig(
         level=conf.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")

@@ -25,8 +25,8 @@ import functools
 import logging
 import mmap
 import os
-from collections.abc import Mapping, Sequence
-from typing import Callable, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 from pyeclib.ec_iface import ECDriver, ECDriverError
@@ -38,10 +38,10 @@ logger = logging.getLogger(__name__)
 
 #: Anything exposing a C-contiguous buffer. Inputs may be read-only; outputs
 #: must be writable.
-Buffer = Union[bytes, bytearray, memoryview, mmap.mmap, np.ndarray]
+Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap | np.ndarray
 
 #: Runs the coding work for bytes ``[offset, offset + length)`` of every piece.
-_ChunkFn = Callable[[int, int], None]
+_ChunkFn: TypeAlias = Callable[[int, int], None]
 
 #: Largest ``k + m`` a GF(2^8) Cauchy code supports.
 MAX_PIECES = 255
@@ -60,7 +60,7 @@ _BACKENDS = ("auto", "isal", "pyeclib")
 def _view(buf: Buffer, *, writable: bool, what: str) -> np.ndarray:
     """A flat uint8 view of ``buf`` sharing its memory (never a copy)."""
     try:
-        arr = np.frombuffer(buf, dtype=np.uint8)  # type: ignore[call-overload]
+        arr = np.frombuffer(buf, dtype=np.uint8)
     except (TypeError, ValueError, BufferError) as exc:
         raise InvalidRequestError(f"{what} is not a contiguous buffer: {exc}") from exc
     if writable and not arr.flags.writeable:
@@ -136,7 +136,8 @@ _CRC_BLOCK = _CRC_ROW * 2048
 
 
 def _crc_feed(state: np.ndarray, column: np.ndarray) -> np.ndarray:
-    return _CRC_TABLE[(state ^ column) & 0xFF] ^ (state >> 8)
+    fed: np.ndarray = _CRC_TABLE[(state ^ column) & 0xFF] ^ (state >> 8)
+    return fed
 
 
 @functools.cache
@@ -237,8 +238,11 @@ class _IsalBackend:
         src_array, dst_array = ctypes.c_void_p * k, ctypes.c_void_p * rows
         encode = self._lib.ec_encode_data
 
+        # ``_keep`` holds the views, and so the memory behind the raw
+        # addresses, for as long as the kernel exists.
         def run(off: int, n: int, _keep: object = (srcs, dsts)) -> None:
-            encode(n, k, rows, tables, src_array(*[a + off for a in src_addrs]), dst_array(*[a + off for a in dst_addrs]))
+            srcp = src_array(*[a + off for a in src_addrs])
+            encode(n, k, rows, tables, srcp, dst_array(*[a + off for a in dst_addrs]))
 
         return run
 
@@ -250,7 +254,7 @@ class _IsalBackend:
         dst_array = ctypes.c_void_p * m
         update = self._lib.ec_encode_data_update
 
-        def run(off: int, n: int, _keep: object = (src, dsts)) -> None:
+        def run(off: int, n: int, _keep: object = (src, dsts)) -> None:  # see kernel()
             update(n, k, m, index, tables, src_addr + off, dst_array(*[a + off for a in dst_addrs]))
 
         return run
@@ -299,10 +303,16 @@ class _PyeclibBackend:
         headers = self._headers(n)
         try:
             rebuilt = self._driver.reconstruct([headers[s] + b for s, b in zip(sources, blocks)], list(outputs))
-            by_index = {self._driver.get_metadata(f, formatted=True)["index"]: f for f in rebuilt}
+            # pyeclib returns the rebuilt fragments in its own order; each
+            # header names its index.
+            by_index = {self._fragment_index(f): f for f in rebuilt}
         except ECDriverError as exc:
             raise CodecError(f"pyeclib reconstruct of {list(outputs)} failed: {exc}") from exc
         return [by_index[o][PYECLIB_HEADER_BYTES:] for o in outputs]
+
+    def _fragment_index(self, fragment: bytes) -> int:
+        meta = cast(dict[str, Any], self._driver.get_metadata(fragment, formatted=True))
+        return int(meta["index"])
 
     def kernel(
         self, sources: tuple[int, ...], outputs: tuple[int, ...], srcs: list[np.ndarray], dsts: list[np.ndarray]
@@ -428,7 +438,9 @@ class Codec:
         """Fill the ``m`` pieces of ``parity`` from the ``k`` pieces of ``data``."""
         self.encode_range(data, parity, 0, None)
 
-    def encode_range(self, data: Sequence[Buffer], parity: Sequence[Buffer], start: int = 0, stop: int | None = None) -> None:
+    def encode_range(
+        self, data: Sequence[Buffer], parity: Sequence[Buffer], start: int = 0, stop: int | None = None
+    ) -> None:
         """Encode bytes ``[start, stop)`` of every piece; the rest is untouched.
 
         Each byte position of a stripe is coded independently, so a caller

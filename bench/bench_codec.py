@@ -1,0 +1,154 @@
+"""Codec throughput against its peers, measured in the same run.
+
+For each code (k, m), on ``k * P`` bytes of data (GB/s are data bytes per
+second, 1 GB = 1e9 bytes), encode and decode with ``m`` data pieces lost:
+
+- shardguard ``Codec`` on one thread and on every core;
+- pyeclib ``ECDriver.encode/decode`` with ``isa_l_rs_cauchy`` and
+  ``liberasurecode_rs_vand``, on the whole buffer and in 1 MiB chunks
+  (inputs prepared as ``bytes`` outside the timing; the faster is quoted);
+- ISA-L's raw ``ec_encode_data``, one call over the whole pre-faulted pieces
+  (the kernel's ceiling on one core);
+- a plain memcpy (``numpy.copyto`` into a pre-faulted buffer) of the data.
+
+Also CRC32C (ours, ISA-L ``crc32_iscsi``) over the same bytes.
+
+Usage: ``python bench/bench_codec.py [--quick] [--size-mib N] [--repeat N]``
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from _common import base_parser, gbps, median_time, print_table, write_results
+from pyeclib.ec_iface import ECDriver
+
+from shardguard.daemon import _isal
+from shardguard.daemon.codec import Codec, _default_threads, _tables, crc32c
+
+logger = logging.getLogger(__name__)
+
+CODES = [(4, 1), (4, 2), (8, 2)]
+PEER_CHUNK_BYTES = 1 << 20
+BASELINE = "shardguard 1 thread"
+
+
+def prefaulted(nbytes: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A buffer whose pages are already mapped, so no timing pays the kernel's page faults."""
+    if rng is None:
+        return np.zeros(nbytes, dtype=np.uint8) + 0  # "+ 0" writes every page
+    return rng.integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def pieces_of(buf: np.ndarray, count: int, size: int) -> list[np.ndarray]:
+    return [buf[i * size : (i + 1) * size] for i in range(count)]
+
+
+def bench_ours(k: int, m: int, threads: int, data: list[np.ndarray], repeat: int) -> tuple[float, float]:
+    size = data[0].size
+    parity = pieces_of(prefaulted(m * size), m, size)
+    out = pieces_of(prefaulted(m * size), m, size)
+    with Codec(k, m, threads=threads) as codec:
+        enc = median_time(lambda: codec.encode(data, parity), repeat)
+        survivors = {i: p for i, p in enumerate(data + parity) if i >= m}
+        dec = median_time(lambda: codec.decode(survivors, dict(enumerate(out))), repeat)
+        assert all(np.array_equal(a, b) for a, b in zip(out, data[:m])), "decode mismatch"
+    return enc, dec
+
+
+def _pyeclib_mode(driver: ECDriver, m: int, blobs: list[bytes], repeat: int) -> tuple[float, float]:
+    frags = [driver.encode(b) for b in blobs]
+    survivors = [f[m:] for f in frags]  # the first m fragments are data pieces
+    assert driver.decode(survivors[0]) == blobs[0], "pyeclib decode mismatch"
+    enc = median_time(lambda: [driver.encode(b) for b in blobs], repeat)
+    dec = median_time(lambda: [driver.decode(s) for s in survivors], repeat)
+    return enc, dec
+
+
+def bench_pyeclib(k: int, m: int, ec_type: str, data: np.ndarray, repeat: int) -> dict[str, Any]:
+    """Whole buffer and 1 MiB chunks; returns both timings and the faster mode."""
+    driver = ECDriver(k=k, m=m, ec_type=ec_type)
+    whole = data.tobytes()
+    chunks = [whole[off : off + PEER_CHUNK_BYTES] for off in range(0, len(whole), PEER_CHUNK_BYTES)]
+    modes = {"whole": _pyeclib_mode(driver, m, [whole], repeat), "1MiB": _pyeclib_mode(driver, m, chunks, repeat)}
+    return {
+        "encode_s": min(t[0] for t in modes.values()),
+        "decode_s": min(t[1] for t in modes.values()),
+        "encode_mode": min(modes, key=lambda x: modes[x][0]),
+        "decode_mode": min(modes, key=lambda x: modes[x][1]),
+        "modes": {name: {"encode": e, "decode": d} for name, (e, d) in modes.items()},
+    }
+
+
+def bench_raw_isal(k: int, m: int, data: list[np.ndarray], repeat: int) -> tuple[float, float]:
+    """One ``ec_encode_data`` call over the whole pieces, on this thread."""
+    lib = _isal.load()
+    assert lib is not None
+    size = data[0].size
+    parity = pieces_of(prefaulted(m * size), m, size)
+    out = pieces_of(prefaulted(m * size), m, size)
+
+    def call(
+        sources: tuple[int, ...], outputs: tuple[int, ...], srcs: list[np.ndarray], dsts: list[np.ndarray]
+    ) -> Callable[[], None]:
+        tables = _tables(k, m, sources, outputs)
+        src = (ctypes.c_void_p * k)(*[a.ctypes.data for a in srcs])
+        dst = (ctypes.c_void_p * len(dsts))(*[a.ctypes.data for a in dsts])
+        return lambda: lib.ec_encode_data(size, k, len(dsts), tables, src, dst)
+
+    enc = median_time(call(tuple(range(k)), tuple(range(k, k + m)), data, parity), repeat)
+    pieces = data + parity
+    dec = median_time(call(tuple(range(m, k + m)), tuple(range(m)), pieces[m:], out), repeat)
+    assert all(np.array_equal(a, b) for a, b in zip(out, data[:m])), "raw decode mismatch"
+    return enc, dec
+
+
+def bench_code(k: int, m: int, size_mib: int, cores: int, repeat: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Every implementation on one code; rows of GB/s."""
+    # Pieces of whole pages, as placement makes them.
+    piece = (size_mib << 20) // k // 4096 * 4096
+    nbytes = k * piece
+    buf = prefaulted(nbytes, rng)
+    data = pieces_of(buf, k, piece)
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, enc_s: float, dec_s: float | None, **extra: Any) -> None:
+        dec = None if dec_s is None else gbps(nbytes, dec_s)
+        rows.append({"name": name, "encode": gbps(nbytes, enc_s), "decode": dec, **extra})
+
+    add(BASELINE, *bench_ours(k, m, 1, data, repeat))
+    add(f"shardguard {cores} threads", *bench_ours(k, m, cores, data, repeat))
+    for ec_type in ("isa_l_rs_cauchy", "liberasurecode_rs_vand"):
+        r = bench_pyeclib(k, m, ec_type, buf, repeat)
+        modes = {mode: {op: gbps(nbytes, t) for op, t in v.items()} for mode, v in r["modes"].items()}
+        name = f"pyeclib {ec_type} (enc {r['encode_mode']}, dec {r['decode_mode']})"
+        add(name, r["encode_s"], r["decode_s"], modes=modes)
+    add("ISA-L raw ec_encode_data, 1 call", *bench_raw_isal(k, m, data, repeat))
+    dst = prefaulted(nbytes)
+    copy = median_time(lambda: np.copyto(dst, buf), repeat)
+    add("memcpy (numpy copyto)", copy, copy)
+    add("CRC32C (crc32_iscsi), ours", median_time(lambda: crc32c(buf), repeat), None)
+    print_table(rows, BASELINE, columns=["encode", "decode"], title=f"k={k} m={m}, {nbytes / 2**20:.0f} MiB data, GB/s")
+    return {"piece_bytes": piece, "data_bytes": nbytes, "gbps": rows}
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=None, help="data bytes per code (default 256, quick 32)")
+    args = parser.parse_args()
+    size_mib = args.size_mib or (32 if args.quick else 256)
+    repeat = args.repeat or (3 if args.quick else 5)
+    cores = _default_threads()
+    rng = np.random.default_rng(0)
+    results: dict[str, Any] = {"size_mib": size_mib, "repeat": repeat, "threads_all": cores, "codes": {}}
+    for k, m in CODES:
+        results["codes"][f"{k}+{m}"] = bench_code(k, m, size_mib, cores, repeat, rng)
+    write_results("bench_codec" + ("_quick" if args.quick else ""), results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Fixtures shared by the whole suite: real daemon processes, and a check that nothing leaks."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from shardguard.proto import agent_pb2 as pb
+from shardguard.proto import agent_pb2_grpc as pb_grpc
+from shardguard.proto.paths import grpc_target
+
+SHM = "/dev/shm"
+TEST_PREFIX = "shardguard-t"
+_STARTED: list["DaemonProc"] = []
+
+
+class DaemonProc:
+    """A real ``shardguard daemon`` subprocess with its own socket and shm prefix."""
+
+    def __init__(self, workdir: Path, prefix: str, extra: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.socket = str(workdir / "agent.sock")
+        self.prefix = prefix
+        self.extra = extra or []
+        self.log_path = workdir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> "DaemonProc":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shardguard.daemon", "--socket", self.socket,
+             "--shm-prefix", self.prefix, "--log-level", "DEBUG", *self.extra],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()}")
+            if os.path.exists(self.socket):
+                try:
+                    self.status()
+                    return self
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not come up: {self.log()}")
+
+    def status(self, job: str = "") -> pb.StatusReply:
+        with grpc.insecure_channel(grpc_target(self.socket)) as ch:
+            return pb_grpc.AgentStub(ch).Status(pb.StatusRequest(job=job), timeout=5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies as in a crash, its arenas stay in shm."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def shm_files(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(SHM, glob.escape(self.prefix) + ".*")))
+
+    def wipe(self) -> None:
+        for path in self.shm_files():
+            os.unlink(path)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator:
+    """Start real daemons; every one is stopped and its shm freed at the end of the test."""
+    made: list[DaemonProc] = []
+
+    def make(extra: list[str] | None = None, start: bool = True) -> DaemonProc:
+        workdir = tmp_path / f"node{len(made)}"
+        workdir.mkdir()
+        d = DaemonProc(workdir, f"{TEST_PREFIX}{uuid.uuid4().hex[:10]}", extra)
+        made.append(d)
+        _STARTED.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in made:
+        d.stop()
+        d.wipe()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> DaemonProc:
+    return daemon_factory()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_leaks() -> Iterator[None]:
+    """Shared memory or daemon processes this session left behind fail the run.
+
+    Only what this session started is checked, so suites can run side by side.
+    """
+    yield
+    shm = [f for d in _STARTED for f in d.shm_files()]
+    procs = [d.proc.pid for d in _STARTED if d.proc is not None and d.proc.poll() is None]
+    if shm or procs:
+        for f in shm:
+            os.unlink(f)
+        for pid in procs:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the suite left behind shm {shm} and daemon pids {procs}")

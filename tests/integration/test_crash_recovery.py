@@ -1,0 +1,156 @@
+"""Kill trainer ranks for real (SIGKILL) at random instants; the resumed run must be bit-exact."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TRAINER = str(Path(__file__).with_name("trainer.py"))
+FAULT_POINTS = ["before-snapshot", "before-copy", "mid-copy", "before-seal", "after-seal",
+                "mid-restore"]
+
+
+def run_trainer(out: Path, job: str, socket: str, world: int, steps: int, *,
+                no_snapshot: bool = False, env: dict[str, str] | None = None,
+                ) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, TRAINER, "--out", str(out), "--job", job, "--world", str(world),
+           "--steps", str(steps), "--socket", socket]
+    if no_snapshot:
+        cmd.append("--no-snapshot")
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        raise
+    # A rank killed mid-collective can leave its peers behind; reap the whole group.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.returncode
+
+
+def read_losses(out: Path, rank: int) -> list[tuple[int, str]]:
+    path = out / f"losses.{rank}"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:  # the last line of a killed rank may be torn
+            rows.append((int(parts[0]), parts[1]))
+    return rows
+
+
+def assert_same_state(a: object, b: object, path: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        import numpy as np
+        if isinstance(a, np.ndarray):
+            assert np.array_equal(a, b), path
+        else:
+            assert a == b, path
+
+
+def reference(tmp_path: Path, socket: str, world: int, steps: int) -> Path:
+    ref = tmp_path / "ref"
+    proc = run_trainer(ref, "ref", socket, world, steps, no_snapshot=True)
+    assert finish(proc) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    return ref
+
+
+def crash_loop(tmp_path: Path, daemon, world: int, steps: int, kills: int, seed: int) -> None:
+    rng = random.Random(seed)
+    ref = reference(tmp_path, daemon.socket, world, steps)
+    out = tmp_path / "run"
+    done_kills, incarnations = 0, 0
+    while True:
+        incarnations += 1
+        assert incarnations < kills * 4, "training made no progress"
+        status = daemon.status()
+        job = next((j for j in status.jobs if j.job == "crashy"), None)
+        restorable = job.restorable_step if job is not None and job.HasField("restorable_step") \
+            else -1
+        env: dict[str, str] = {}
+        external = False
+        if done_kills < kills:
+            victim = rng.randrange(world)
+            if rng.random() < 0.5:
+                point = rng.choice(FAULT_POINTS)
+                at = restorable if point == "mid-restore" else restorable + rng.randint(1, 3)
+                if point == "mid-restore" and restorable < 0:
+                    point, at = "mid-copy", 1
+                env = {"SHARDGUARD_TEST_FAULT": f"{point}@{at}",
+                       "SHARDGUARD_TEST_FAULT_RANK": str(victim)}
+            else:
+                external = True
+        for stale in out.glob("pid.*"):
+            stale.unlink()
+        proc = run_trainer(out, "crashy", daemon.socket, world, steps, env=env)
+        if external:
+            # SIGKILL a rank from outside at a random instant a few steps after it resumed.
+            goal = restorable + rng.randint(1, 4)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                rows = read_losses(out, victim)
+                if rows and rows[-1][0] >= goal:
+                    break
+                time.sleep(0.002)
+            time.sleep(rng.random() * 0.02)
+            pid_file = out / f"pid.{victim}"
+            if proc.poll() is None and pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        rc = finish(proc)
+        if env or external:
+            done_kills += 1 if rc != 0 else 0
+        elif rc == 0:
+            break
+        else:
+            pytest.fail(f"trainer failed without a fault: {proc.stderr.read().decode()}")
+        if rc == 0 and done_kills >= kills:
+            break
+    assert done_kills >= kills
+    for rank in range(world):
+        want = dict(read_losses(ref, rank))
+        got = read_losses(out, rank)
+        assert {s for s, _ in got} == set(want), f"rank {rank} trained other steps"
+        for step, loss in got:
+            assert loss == want[step], f"rank {rank} step {step}: {loss} != {want[step]}"
+        a = torch.load(ref / f"final.{rank}.pt", weights_only=False)
+        b = torch.load(out / f"final.{rank}.pt", weights_only=False)
+        assert_same_state(a, b)
+
+
+def test_twenty_random_kills_resume_bit_exact(tmp_path: Path, daemon) -> None:
+    crash_loop(tmp_path, daemon, world=2, steps=70, kills=20, seed=1)
+
+
+@pytest.mark.slow
+def test_four_ranks_random_kills_resume_bit_exact(tmp_path: Path, daemon) -> None:
+    crash_loop(tmp_path, daemon, world=4, steps=50, kills=10, seed=2)
