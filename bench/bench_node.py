@@ -476,8 +476,8 @@ class LoopStats:
             "taken": k,
             "step_s": statistics.median(self.step_s),
             "blocked_s": blocked / k if k else None,
-            "call_s": statistics.median(self.call_s),
-            "wait_s": statistics.median(self.wait_s),
+            "call_s": sum(self.call_s) / k if k else None,
+            "wait_s": sum(self.wait_s) / k if k else None,
             "extra_per_step_s": extra / n,
             "extra_per_ckpt_s": extra / k if k else None,
             "complete_s": statistics.median(done) if done else None,
@@ -538,6 +538,32 @@ def run_loop(
 def _cpu(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return t.user + t.system
+
+
+def one_run(
+    methods: list[Method], loop: Callable[[Method, int], tuple[LoopStats, int]], step: int
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Every method once, each between two loops that checkpoint nothing: its baseline is
+    the pair of them, because a shared machine drifts within a run."""
+    baseline, others = methods[0], methods[1:]
+    first, step = loop(baseline, step)
+    bases = [first]
+    stats: dict[str, LoopStats] = {}
+    for m in others:
+        stats[m.name], step = loop(m, step)
+        b, step = loop(baseline, step)
+        bases.append(b)
+    failed = [p.error for s in stats.values() for p in s.pending if p.error is not None]
+    if failed:
+        raise RuntimeError(f"a checkpoint failed: {failed[0]!r}") from failed[0]
+    pooled = LoopStats(step_s=[t for b in bases for t in b.step_s], call_s=[t for b in bases for t in b.call_s],
+                       wait_s=[t for b in bases for t in b.wait_s], cpu_s=sum(b.cpu_s for b in bases))
+    out = {baseline.name: pooled.summary(statistics.median(pooled.step_s), pooled.cpu_s / len(pooled.step_s))}
+    for i, m in enumerate(others):
+        around = bases[i].step_s + bases[i + 1].step_s
+        cpu = (bases[i].cpu_s + bases[i + 1].cpu_s) / len(around)
+        out[m.name] = stats[m.name].summary(statistics.median(around), cpu)
+    return out, step
 
 
 def optimizer_for(method: Method, state: dict[str, Any]) -> tuple[torch.optim.Optimizer, dict[str, float]]:
@@ -629,7 +655,7 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
     floor = memcpy_floor(state, conf.repeat, conf.cores)
     floor["floor_s"] = _max_all(agree, floor["floor_s"])
     floor_s = floor["floor_s"]
-    seconds = conf.compute_s if conf.compute_s is not None else max(0.15, 3 * floor_s)
+    seconds = conf.compute_s if conf.compute_s is not None else max(0.3, 3 * floor_s)
     compute = Compute(seconds)
 
     scratch = tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.peers-", dir=SHM_DIR) if rank == 0 else ""
@@ -662,24 +688,20 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
     load = {"start": load_average()}
     try:
         for r in range(conf.repeat):
-            stats: dict[str, LoopStats] = {}
-            for m in methods:
-                is_peer = isinstance(m, TorchSave)
+
+            def loop(m: Method, first: int) -> tuple[LoopStats, int]:
                 _barrier(agree)
-                stats[m.name], step = run_loop(
-                    m, *opts[m.name], state, compute, step,
-                    steps=conf.peer_steps if is_peer else conf.steps,
+                return run_loop(
+                    m, *opts[m.name], state, compute, first,
+                    steps=conf.peer_steps if isinstance(m, TorchSave) else conf.steps,
                     min_taken=0 if isinstance(m, NoCheckpoint) else conf.min_taken,
                     max_steps=conf.max_steps, daemon=daemon,
                 )
-                if m is sgm and verified is None:
-                    verified = _all(agree, verify_restore(sgm, state))
-            failed = [p.error for s in stats.values() for p in s.pending if p.error is not None]
-            if failed:
-                raise RuntimeError(f"a checkpoint failed in run {r + 1}: {failed[0]!r}") from failed[0]
-            base = stats[methods[0].name]
-            base_step, base_cpu = statistics.median(base.step_s), base.cpu_s / len(base.step_s)
-            runs.append({name: s.summary(base_step, base_cpu) for name, s in stats.items()})
+
+            summary, step = one_run(methods, loop, step)
+            runs.append(summary)
+            if verified is None:
+                verified = _all(agree, verify_restore(sgm, state))
             _barrier(agree)
             with torch_threads(conf.cores):
                 restores.append(restore_times(sgm, saves, dcpm, state))
@@ -771,6 +793,7 @@ def node_summary(per_rank: list[dict[str, Any]]) -> tuple[dict[str, dict[str, An
         per_run = [_max_over_ranks([pr["runs"][r][name] for pr in per_rank]) for r in range(repeat)]
         table[name] = {key: _median([run[key] for run in per_run]) for key in per_run[0]}
         table[name]["taken"] = f"{sum(run['taken'] for run in per_run)}/{sum(run['steps'] for run in per_run)}"
+        table[name]["first_call_s"] = per_run[0]["first_call_s"]  # only the first run's is a first call
     restore_names = list(per_rank[0]["restores"][0])
     restores = {
         name: statistics.median(max(pr["restores"][r][name] for pr in per_rank) for r in range(repeat))
@@ -926,7 +949,7 @@ def main() -> None:
                         help="asynchronous methods run longer until this many checkpoints were taken")
     parser.add_argument("--max-steps", type=int, default=40, help="cap on measured steps per run")
     parser.add_argument("--compute-s", type=float, default=None,
-                        help="compute per step in seconds (default: 3x the memcpy floor, at least 0.15)")
+                        help="compute per step in seconds (default: 3x the memcpy floor, at least 0.3)")
     parser.add_argument("--compute-threads", type=int, default=None,
                         help="torch threads per rank for compute (default: cores-1, so a core is left for the "
                         "copy, as a GPU trainer leaves host cores; at least 1)")

@@ -25,8 +25,14 @@ def run_trainer(out: Path, job: str, socket: str, world: int, steps: int, *,
            "--steps", str(steps), "--socket", socket]
     if no_snapshot:
         cmd.append("--no-snapshot")
-    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "trainer.log", "ab") as log:
+        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def trainer_log(out: Path) -> str:
+    return (out / "trainer.log").read_text(errors="replace")[-3000:]
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
@@ -78,7 +84,7 @@ def assert_same_state(a: object, b: object, path: str = "state") -> None:
 def reference(tmp_path: Path, socket: str, world: int, steps: int) -> Path:
     ref = tmp_path / "ref"
     proc = run_trainer(ref, "ref", socket, world, steps, no_snapshot=True)
-    assert finish(proc) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert finish(proc) == 0, trainer_log(ref)
     return ref
 
 
@@ -132,7 +138,7 @@ def crash_loop(tmp_path: Path, daemon, world: int, steps: int, kills: int, seed:
         elif rc == 0:
             break
         else:
-            pytest.fail(f"trainer failed without a fault: {proc.stderr.read().decode()}")
+            pytest.fail(f"trainer failed without a fault: {trainer_log(out)}")
         if rc == 0 and done_kills >= kills:
             break
     assert done_kills >= kills
