@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from _common import base_parser, gbps, median_time, print_table, write_results
+from _common import base_parser, gbps, load_average, median_time, print_table, write_results
 from pyeclib.ec_iface import ECDriver
 
 from shardguard.daemon import _isal
@@ -145,8 +145,12 @@ def main() -> None:
     cores = _default_threads()
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {"size_mib": size_mib, "repeat": repeat, "threads_all": cores, "codes": {}}
+    # On a shared machine the load says how far to trust the thread scaling.
+    results["load_average"] = {"start": load_average()}
     for k, m in CODES:
         results["codes"][f"{k}+{m}"] = bench_code(k, m, size_mib, cores, repeat, rng)
+    results["load_average"]["end"] = load_average()
+    print(f"\nload average: start {results['load_average']['start']}, end {results['load_average']['end']}")
     write_results("bench_codec" + ("_quick" if args.quick else ""), results)
 
 

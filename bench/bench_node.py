@@ -5,8 +5,10 @@ counters, tensors of a few KiB to 256 MiB) goes through a training loop whose
 steps are a real, fixed compute phase (matmuls that stand for forward, backward
 and the device-side optimizer) followed by ``optimizer.step()`` (which writes
 into every state tensor) and a checkpoint. Every method runs in the same loop,
-in the same process, interleaved run by run with a loop that checkpoints
-nothing:
+in the same process; each method's loop sits between two loops that checkpoint
+nothing, which are its baseline. The compute runs on all cores but one, which
+is left to the copy as a GPU trainer leaves its host cores (``--compute-threads``).
+The methods:
 
 - shardguard: ``client.snapshot()`` every step, ``client.protect(optimizer)``;
 - ``torch.save`` to /dev/shm, to local disk, and to local disk with fsync;
@@ -147,7 +149,7 @@ class TouchOptimizer(torch.optim.Optimizer):
 
 
 class Compute:
-    """A fixed matmul workload of about ``seconds`` on ``threads`` threads (calibrated once)."""
+    """A fixed matmul workload of about ``seconds`` on torch's current threads (calibrated once)."""
 
     def __init__(self, seconds: float, n: int = 1024) -> None:
         self.a = torch.randn(n, n)
@@ -313,7 +315,6 @@ class Shardguard(Method):
     def __init__(self, socket_path: str, job: str) -> None:
         self.client = sg.connect(socket_path, job)
         self.watcher = Watcher()
-        self.last: sg.SnapshotHandle | None = None
 
     def protect(self, opt: torch.optim.Optimizer) -> None:
         self.client.protect(opt)
@@ -323,7 +324,6 @@ class Shardguard(Method):
         h = self.client.snapshot(step, state)
         if h.skipped:
             return None
-        self.last = h
         return self.watcher.watch(t0, h.wait)
 
     def drain(self) -> None:
@@ -541,16 +541,21 @@ def _cpu(proc: psutil.Process) -> float:
 
 
 def one_run(
-    methods: list[Method], loop: Callable[[Method, int], tuple[LoopStats, int]], step: int
+    methods: list[Method],
+    loop: Callable[[Method, int], tuple[LoopStats, int]],
+    step: int,
+    after: Callable[[Method], None],
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """Every method once, each between two loops that checkpoint nothing: its baseline is
-    the pair of them, because a shared machine drifts within a run."""
+    the pair of them, because a shared machine drifts within a run. ``after(method)`` runs
+    after each method's loop, before anything else touches the state."""
     baseline, others = methods[0], methods[1:]
     first, step = loop(baseline, step)
     bases = [first]
     stats: dict[str, LoopStats] = {}
     for m in others:
         stats[m.name], step = loop(m, step)
+        after(m)
         b, step = loop(baseline, step)
         bases.append(b)
     failed = [p.error for s in stats.values() for p in s.pending if p.error is not None]
@@ -578,6 +583,17 @@ def optimizer_for(method: Method, state: dict[str, Any]) -> tuple[torch.optim.Op
 
 
 # --------------------------------------------------------------------- restore
+
+
+def settle(sgm: Shardguard, agree: Any) -> None:
+    """Every rank's last snapshot sealed before any rank restores.
+
+    ``restore()`` drains only this rank's snapshot: with several ranks, rank 0 can
+    otherwise read a restorable step that another rank's seal supersedes before
+    it opens it (NotRestorableError).
+    """
+    sgm.client.wait()
+    _barrier(agree)
 
 
 def restore_times(
@@ -655,31 +671,14 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
     floor = memcpy_floor(state, conf.repeat, conf.cores)
     floor["floor_s"] = _max_all(agree, floor["floor_s"])
     floor_s = floor["floor_s"]
-    seconds = conf.compute_s if conf.compute_s is not None else max(0.3, 3 * floor_s)
+    least = 0.2 if conf.quick else 0.3
+    seconds = conf.compute_s if conf.compute_s is not None else max(least, 3 * floor_s)
     compute = Compute(seconds)
 
     scratch = tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.peers-", dir=SHM_DIR) if rank == 0 else ""
     disk = tempfile.mkdtemp(prefix=f"{SHM_PREFIX}-", dir=conf.disk_dir) if rank == 0 else ""
     scratch, disk = _bcast_obj(agree, (scratch, disk))
-    methods: list[Method] = [NoCheckpoint(), Shardguard(conf.socket, conf.job)]
-    saves: dict[str, TorchSave] = {}
-    for key, name, where, fsync in (
-        ("shm", "torch.save /dev/shm", scratch, False),
-        ("disk", "torch.save disk", disk, False),
-        ("disk-fsync", "torch.save disk + fsync", disk, True),
-    ):
-        if key in conf.peers:
-            saves[name] = TorchSave(name, os.path.join(where, key), fsync, rank)
-            os.makedirs(saves[name].dir, exist_ok=True)
-            methods.append(saves[name])
-    dcpm = None
-    if "dcp" in conf.peers:
-        dcpm = DcpAsync(os.path.join(disk, "dcp"), agree)
-        methods.append(dcpm)
-    opts = {m.name: optimizer_for(m, state) for m in methods}
-    sgm = methods[1]
-    assert isinstance(sgm, Shardguard)
-
+    methods: list[Method] = []
     daemon = psutil.Process(conf.daemon_pid)
     runs: list[dict[str, dict[str, Any]]] = []
     restores: list[dict[str, float]] = []
@@ -687,22 +686,31 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
     step = 0
     load = {"start": load_average()}
     try:
-        for r in range(conf.repeat):
+        methods += make_methods(conf, rank, agree, scratch, disk)
+        sgm = next(m for m in methods if isinstance(m, Shardguard))
+        saves = {m.name: m for m in methods if isinstance(m, TorchSave)}
+        dcpm = next((m for m in methods if isinstance(m, DcpAsync)), None)
+        opts = {m.name: optimizer_for(m, state) for m in methods}
 
-            def loop(m: Method, first: int) -> tuple[LoopStats, int]:
-                _barrier(agree)
-                return run_loop(
-                    m, *opts[m.name], state, compute, first,
-                    steps=conf.peer_steps if isinstance(m, TorchSave) else conf.steps,
-                    min_taken=0 if isinstance(m, NoCheckpoint) else conf.min_taken,
-                    max_steps=conf.max_steps, daemon=daemon,
-                )
-
-            summary, step = one_run(methods, loop, step)
-            runs.append(summary)
-            if verified is None:
-                verified = _all(agree, verify_restore(sgm, state))
+        def loop(m: Method, first: int) -> tuple[LoopStats, int]:
             _barrier(agree)
+            return run_loop(
+                m, *opts[m.name], state, compute, first,
+                steps=conf.peer_steps if isinstance(m, TorchSave) else conf.steps,
+                min_taken=0 if isinstance(m, NoCheckpoint) else conf.min_taken,
+                max_steps=conf.max_steps, daemon=daemon,
+            )
+
+        def after(m: Method) -> None:
+            nonlocal verified
+            if m is sgm and verified is None:
+                settle(sgm, agree)
+                verified = _all(agree, verify_restore(sgm, state))
+
+        for r in range(conf.repeat):
+            summary, step = one_run(methods, loop, step, after)
+            runs.append(summary)
+            settle(sgm, agree)
             with torch_threads(conf.cores):
                 restores.append(restore_times(sgm, saves, dcpm, state))
             if rank == 0:
@@ -725,7 +733,7 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
             "floor": floor,
             "compute": {"target_s": seconds, "matmuls_per_step": compute.iters,
                         "threads_per_rank": conf.compute_threads},
-            "dcp_staging": vars(dcpm.options) if dcpm else None,
+            "dcp_staging": next((vars(m.options) for m in methods if isinstance(m, DcpAsync)), None),
             "restore_verified": verified,
             "load_average": load,
             "per_rank": gathered,
@@ -733,6 +741,22 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
         torch.save(result, out_path)
     if conf.ranks > 1:
         dist.destroy_process_group()
+
+
+def make_methods(conf: Config, rank: int, agree: Any, scratch: str, disk: str) -> list[Method]:
+    """The baseline first, shardguard second, then the peers asked for."""
+    methods: list[Method] = [NoCheckpoint(), Shardguard(conf.socket, conf.job)]
+    for key, name, where, fsync in (
+        ("shm", "torch.save /dev/shm", scratch, False),
+        ("disk", "torch.save disk", disk, False),
+        ("disk-fsync", "torch.save disk + fsync", disk, True),
+    ):
+        if key in conf.peers:
+            os.makedirs(os.path.join(where, key), exist_ok=True)
+            methods.append(TorchSave(name, os.path.join(where, key), fsync, rank))
+    if "dcp" in conf.peers:
+        methods.append(DcpAsync(os.path.join(disk, "dcp"), agree))
+    return methods
 
 
 def describe_state(state: dict[str, Any], ranks: int) -> dict[str, Any]:
@@ -949,7 +973,7 @@ def main() -> None:
                         help="asynchronous methods run longer until this many checkpoints were taken")
     parser.add_argument("--max-steps", type=int, default=40, help="cap on measured steps per run")
     parser.add_argument("--compute-s", type=float, default=None,
-                        help="compute per step in seconds (default: 3x the memcpy floor, at least 0.3)")
+                        help="compute per step in seconds (default: 3x the memcpy floor, at least 0.3; quick 0.2)")
     parser.add_argument("--compute-threads", type=int, default=None,
                         help="torch threads per rank for compute (default: cores-1, so a core is left for the "
                         "copy, as a GPU trainer leaves host cores; at least 1)")
@@ -996,7 +1020,7 @@ def main() -> None:
         **summary,
         "per_rank_runs": res["per_rank"],
     }
-    write_results("node" + ("_quick" if args.quick else ""), payload)
+    write_results("node" + (f"_r{conf.ranks}" if conf.ranks > 1 else "") + ("_quick" if args.quick else ""), payload)
 
 
 if __name__ == "__main__":

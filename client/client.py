@@ -35,6 +35,7 @@ from shardguard.proto import manifest as mf
 from shardguard.proto.errors import (
     ArenaFormatError,
     DaemonUnavailableError,
+    InsufficientPiecesError,
     LeaseError,
     NotRestorableError,
     RestoreError,
@@ -124,6 +125,11 @@ class _Mapped:
             logger.debug("arena %s still referenced; unmapped at exit", self.path)
 
 
+# Restore failures by precedence (a higher one wins when ranks fail differently).
+_RESTORE_FAILURES: tuple[type[ShardguardError], ...] = (
+    RestoreError, NotRestorableError, InsufficientPiecesError)
+
+
 def _detect_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -144,8 +150,13 @@ class Client:
     def __init__(self, socket_path: str, job: str, rank: int, world_size: int, *,
                  group: Any = None, local_ranks: list[int] | None = None,
                  allow_pickle: bool = False, force: bool = False,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 nodes: list[tuple[str, str]] | None = None, node_index: int = 0,
+                 group_size: int = 0, parity: int = 0) -> None:
         self.socket_path = socket_path
+        self.nodes = nodes or []
+        self.node_index = node_index
+        self._code = (group_size, parity)
         self.job = job
         self.rank = rank
         self.world_size = world_size
@@ -266,13 +277,15 @@ class Client:
             state = self._restore_local(agreed, into, map_location, pickle_ok)
         except (ShardguardError, ValueError, TypeError, RuntimeError) as exc:
             error = exc
-        failed = self._reduce_max([1 if error else 0])[0]
-        if failed:
-            if isinstance(error, NotRestorableError):
-                raise error
+        # Every rank raises the same class: the most specific failure on any rank.
+        code = next((i for i, cls in enumerate(_RESTORE_FAILURES, 1)
+                     if isinstance(error, cls)), 0)
+        worst = self._reduce_max([code])[0]
+        if worst:
+            cls = _RESTORE_FAILURES[worst - 1]
             why = f"{type(error).__name__}: {error}" if error else "failed on another rank"
-            raise RestoreError(f"job {self.job}: restore of step {agreed} failed ({why})") \
-                from error
+            raise cls(f"job {self.job} rank {self.rank}: restore of step {agreed} failed "
+                      f"({why})") from error
         self._last = None
         return agreed, state
 
@@ -470,7 +483,9 @@ class Client:
     def _register(self, slot_bytes: int) -> None:
         reply = self._call("Register", pb.RegisterRequest(
             job=self.job, rank=self.rank, world_size=self.world_size, slot_bytes=slot_bytes,
-            pid=os.getpid(), local_ranks=self._local_ranks, force=self._force))
+            pid=os.getpid(), local_ranks=self._local_ranks, force=self._force,
+            nodes=[pb.NodeAddress(control=c, data=d) for c, d in self.nodes],
+            node_index=self.node_index, group_size=self._code[0], parity=self._code[1]))
         self._lease = reply.lease
         self._lost_daemon = False
         if self._map is not None:
@@ -545,26 +560,48 @@ def _control_group() -> Any:
     return dist.new_group(backend="gloo")
 
 
-def _local_ranks(group: Any, socket_path: str, rank: int) -> list[int]:
-    """Ranks whose daemon is this rank's daemon (same host, same socket), in rank order."""
+def _membership(group: Any, socket_path: str, rank: int, timeout_s: float
+                ) -> tuple[list[int], list[tuple[str, str]], int]:
+    """This rank's node: its local ranks, the job's node list, and its node index.
+
+    Nodes are the distinct daemons (same host and socket), in the order of their
+    first rank; each daemon's peer addresses come from its own Status.
+    """
     if group is None:
-        return [rank]
-    me = (socket.gethostname(), os.path.realpath(socket_path))
+        return [rank], [], 0
+    with grpc.insecure_channel(grpc_target(socket_path)) as ch:
+        try:
+            st = pb_grpc.AgentStub(ch).Status(pb.StatusRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+    me = (socket.gethostname(), os.path.realpath(socket_path), st.address.control,
+          st.address.data)
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, me, group=group)
-    return [r for r, who in enumerate(everyone) if tuple(who) == me]
+    daemons: list[tuple[str, ...]] = []
+    for who in everyone:
+        if tuple(who) not in daemons:
+            daemons.append(tuple(who))
+    local = [r for r, who in enumerate(everyone) if tuple(who) == me]
+    if len(daemons) == 1:
+        return local, [], 0
+    return local, [(d[2], d[3]) for d in daemons], daemons.index(me)
 
 
 def connect(socket: str | None = None, job: str | None = None, *, rank: int | None = None,
             world_size: int | None = None, allow_pickle: bool = False, force: bool = False,
-            timeout_s: float = DEFAULT_TIMEOUT_S) -> Client:
+            timeout_s: float = DEFAULT_TIMEOUT_S, group_size: int = 0, parity: int = 0
+            ) -> Client:
     """Connect this rank to its node daemon and claim (job, rank).
 
     The socket is ``$SHARDGUARD_SOCKET`` or the default path; the job is
     ``$SHARDGUARD_JOB``, else ``$SLURM_JOB_ID``, else ``$TORCHELASTIC_RUN_ID``;
     rank and world come from torch.distributed if initialized, else
     ``$RANK``/``$WORLD_SIZE``, else 0/1. With torch.distributed initialized,
-    every rank must call this (it is collective).
+    every rank must call this (it is collective). With ranks on several
+    daemons (nodes), the node list goes to every daemon at register, and
+    snapshots are protected by parity across nodes: ``group_size`` nodes per
+    group tolerating ``parity`` lost nodes each (0: the daemons' defaults).
     """
     socket_path = socket or default_socket_path()
     job = job or _detect_job()
@@ -572,6 +609,7 @@ def connect(socket: str | None = None, job: str | None = None, *, rank: int | No
     rank = det_rank if rank is None else rank
     world_size = det_world if world_size is None else world_size
     group = _control_group()
-    local = _local_ranks(group, socket_path, rank)
+    local, nodes, node_index = _membership(group, socket_path, rank, timeout_s)
     return Client(socket_path, job, rank, world_size, group=group, local_ranks=local,
-                  allow_pickle=allow_pickle, force=force, timeout_s=timeout_s)
+                  allow_pickle=allow_pickle, force=force, timeout_s=timeout_s, nodes=nodes,
+                  node_index=node_index, group_size=group_size, parity=parity)

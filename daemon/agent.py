@@ -1,7 +1,7 @@
 """The local client service: gRPC handlers over the store, on the node's Unix socket.
 
 Every handler validates through the store and maps the project's errors to a
-gRPC status in one place (:func:`_handler`); an unexpected exception is logged
+gRPC status in one place (:func:`handler`); an unexpected exception is logged
 and answered as INTERNAL, and the daemon keeps serving.
 """
 
@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from importlib import metadata
 from typing import Any, Callable, TypeVar
 
 import grpc
 
+from shardguard.daemon.errors import CorruptionError, InvalidRequestError, UnknownJobError
+from shardguard.daemon.protect import Protector, Topology
 from shardguard.daemon.store import Store
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
@@ -26,7 +29,8 @@ logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _handler(fn: F) -> F:
+def handler(fn: F) -> F:
+    """Map the project's errors to gRPC statuses (the one place that does)."""
     @functools.wraps(fn)
     def wrapper(self: "AgentService", request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -46,70 +50,123 @@ def _opt(value: int | None) -> dict[str, int]:
 
 
 class AgentService(pb_grpc.AgentServicer):
-    def __init__(self, store: Store, socket_path: str) -> None:
+    def __init__(self, store: Store, socket_path: str, protector: "Protector | None" = None,
+                 control_address: str = "", defaults: tuple[int, int] = (4, 1)) -> None:
         self.store = store
         self.socket_path = socket_path
+        self.protector = protector
+        self.control_address = control_address
+        self.defaults = defaults
         self.started = time.monotonic()
+        self._sync_lock = threading.Lock()
 
-    @_handler
+    @handler
     def Register(self, req: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        topology = self._topology(req)
         r = self.store.register(req.job, req.rank, req.world_size, req.slot_bytes, req.pid,
-                                list(req.local_ranks), req.force)
+                                list(req.local_ranks), req.force, topology)
         reply = pb.RegisterReply(arena_path=r.arena_path, arena_bytes=r.arena_bytes,
                                  slot_bytes=r.slot_bytes, lease=r.lease)
         if r.restorable_step is not None:
             reply.restorable_step = r.restorable_step
         return reply
 
-    @_handler
+    def _topology(self, req: pb.RegisterRequest) -> dict[str, Any] | None:
+        """Validate a multi-node job's node list; on a new one, catch up with the survivors."""
+        if len(req.nodes) <= 1:
+            return None
+        if self.protector is None:
+            raise InvalidRequestError("this daemon serves one-node jobs only (no peer service)")
+        if req.node_index >= len(req.nodes):
+            raise InvalidRequestError(
+                f"node_index {req.node_index} outside the {len(req.nodes)}-node list")
+        if req.nodes[req.node_index].control != self.control_address:
+            raise InvalidRequestError(
+                f"node {req.node_index} of the list is {req.nodes[req.node_index].control}, "
+                f"not this daemon ({self.control_address})")
+        group_size = req.group_size or self.defaults[0]
+        parity = req.parity or self.defaults[1]
+        topo = Topology(tuple((n.control, n.data) for n in req.nodes), req.node_index,
+                        group_size, parity)
+        topo.placement  # noqa: B018 - raises ConfigError for an impossible code
+        with self._sync_lock:
+            known = None
+            try:
+                known = self.store.job(req.job).topology
+            except UnknownJobError:
+                pass
+            if known != topo.to_doc():
+                self.protector.sync(req.job, topo, req.world_size, list(req.local_ranks))
+        return topo.to_doc()
+
+    @handler
     def Begin(self, req: pb.BeginRequest, context: grpc.ServicerContext) -> pb.BeginReply:
         return pb.BeginReply(slot=self.store.begin(req.job, req.rank, req.lease, req.step))
 
-    @_handler
+    @handler
     def Seal(self, req: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealReply:
         step = self.store.seal(req.job, req.rank, req.lease, req.step, req.slot, req.data_bytes,
                                req.manifest_offset, req.manifest_bytes)
         return pb.SealReply() if step is None else pb.SealReply(restorable_step=step)
 
-    @_handler
+    @handler
     def Latest(self, req: pb.LatestRequest, context: grpc.ServicerContext) -> pb.LatestReply:
+        self._raise_failure(req.job)
         return pb.LatestReply(**_opt(self.store.latest(req.job)))
 
-    @_handler
+    @handler
     def OpenForRestore(self, req: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
         step = req.step if req.step >= 0 else None
-        o = self.store.open_for_restore(req.job, req.rank, req.lease, step)
+        self._raise_failure(req.job)
+        try:
+            o = self.store.open_for_restore(req.job, req.rank, req.lease, step)
+        except CorruptionError:
+            if self.protector is None or self.store.job(req.job).topology is None:
+                raise
+            # Corruption is repaired from the stripe, not returned.
+            self.protector.repair(req.job, req.rank)
+            o = self.store.open_for_restore(req.job, req.rank, req.lease, step)
         return pb.OpenReply(slot=o.slot, step=o.step, data_bytes=o.data_bytes,
                             manifest_offset=o.manifest_offset, manifest_bytes=o.manifest_bytes)
 
-    @_handler
+    @handler
     def Release(self, req: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:
         self.store.release(req.job, req.rank, req.lease, req.step)
         return pb.ReleaseReply()
 
-    @_handler
+    @handler
     def Unregister(self, req: pb.UnregisterRequest,
                    context: grpc.ServicerContext) -> pb.UnregisterReply:
         self.store.unregister(req.job, req.rank, req.lease)
         return pb.UnregisterReply()
 
-    @_handler
+    @handler
     def Drop(self, req: pb.DropRequest, context: grpc.ServicerContext) -> pb.DropReply:
         arenas, freed = self.store.drop(req.job)
+        if self.protector is not None:
+            self.protector.drop(req.job)
         return pb.DropReply(arenas_freed=arenas, bytes_freed=freed)
 
-    @_handler
+    @handler
     def Status(self, req: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         jobs = [self.store.job(req.job)] if req.job else self.store.jobs()
         reply = pb.StatusReply(version=_version(), pid=os.getpid(), socket=self.socket_path,
                                memory_budget_bytes=self.store.budget_bytes,
                                memory_used_bytes=self.store.used_bytes(),
                                uptime_s=time.monotonic() - self.started)
+        if self.protector is not None:
+            reply.address.control = self.control_address
+            reply.address.data = self.protector.plane.address
         for rec in jobs:
             js = reply.jobs.add(job=rec.job, world_size=rec.world_size,
                                 local_ranks=list(rec.local_ranks))
             if rec.restorable_step is not None:
                 js.restorable_step = rec.restorable_step
+            if rec.topology:
+                js.nodes = len(rec.topology["nodes"])
+                js.node_index = rec.topology["node_index"]
+                js.group_size = rec.topology["group_size"]
+                js.parity = rec.topology["parity"]
             for rank in sorted(rec.ranks):
                 rr = rec.ranks[rank]
                 rs = js.ranks.add(rank=rank, arena_path=rr.arena.path, arena_bytes=rr.arena.size,
@@ -118,6 +175,12 @@ class AgentService(pb_grpc.AgentServicer):
                     rs.slots.add(index=i, state=s.state.name.lower(), step=s.step,
                                  data_bytes=s.data_bytes)
         return reply
+
+
+    def _raise_failure(self, job: str) -> None:
+        failure = self.protector.failure(job) if self.protector is not None else None
+        if failure is not None:
+            raise failure
 
 
 def _version() -> str:

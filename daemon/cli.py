@@ -82,6 +82,32 @@ def _cmd_drop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from shardguard.daemon import cluster
+
+    if args.action == "up":
+        spec = cluster.up(args.dir, args.nodes, args.group_size, args.parity)
+        for i, sock in enumerate(cluster.sockets(args.dir)):
+            print(f"node {i}: SHARDGUARD_SOCKET={sock}")
+        print(f"{spec.nodes} nodes up (group size {spec.group_size}, parity {spec.parity})")
+    elif args.action == "kill":
+        cluster.kill(args.dir, _node(args))
+        print(f"node {args.node} lost (daemon killed, shared memory wiped)")
+    elif args.action == "start":
+        pid = cluster.start(args.dir, _node(args))
+        print(f"node {args.node} started (pid {pid})")
+    else:
+        cluster.down(args.dir)
+        print("cluster down")
+    return EXIT_OK
+
+
+def _node(args: argparse.Namespace) -> int:
+    if args.node is None:
+        raise ShardguardError(f"cluster {args.action} needs --node")
+    return args.node
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -107,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "drop":
             c.add_argument("--job", required=True)
             c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    c = sub.add_parser("cluster", help="a local stand-in for N nodes (tests, demos)")
+    c.add_argument("action", choices=["up", "kill", "start", "down"])
+    c.add_argument("--dir", required=True, help="the cluster's directory")
+    c.add_argument("--nodes", type=int, default=4)
+    c.add_argument("--group-size", type=int, default=4)
+    c.add_argument("--parity", type=int, default=1)
+    c.add_argument("--node", type=int, default=None)
+    c.set_defaults(fn=_cmd_cluster)
     return p
 
 

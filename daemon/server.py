@@ -13,8 +13,11 @@ import grpc
 from shardguard.daemon.agent import AgentService
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import ConfigError
+from shardguard.daemon.peers import PeerService
+from shardguard.daemon.protect import Protector
 from shardguard.daemon.store import Store
 from shardguard.proto import agent_pb2_grpc as pb_grpc
+from shardguard.proto import peer_pb2_grpc as ppb_grpc
 from shardguard.proto.paths import grpc_target
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ class Daemon:
             raise ConfigError(f"shm_dir {config.shm_dir} is not a directory")
         self.store = Store(config.shm_dir, config.shm_prefix, config.budget_bytes(),
                            verify_on_restore=config.verify_on_restore)
+        self.protector: Protector | None = None
+        self._peer_server: grpc.Server | None = None
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
 
@@ -54,7 +59,10 @@ class Daemon:
                                        thread_name_prefix="sg-agent"),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 64 << 20)])
-        pb_grpc.add_AgentServicer_to_server(AgentService(self.store, sock), server)
+        control = self._start_peers()
+        pb_grpc.add_AgentServicer_to_server(
+            AgentService(self.store, sock, self.protector, control,
+                         (self.config.group_size, self.config.parity)), server)
         old_umask = os.umask(0o177)
         try:
             server.add_insecure_port(grpc_target(sock))
@@ -66,6 +74,24 @@ class Daemon:
         self.log.info("serving on %s (shm %s/%s.*, budget %d bytes, adopted %d jobs)", sock,
                       self.config.shm_dir, self.config.shm_prefix, self.store.budget_bytes,
                       adopted)
+
+    def _start_peers(self) -> str:
+        """The peer gRPC service on TCP and the ZeroMQ data plane; returns the control address."""
+        self.protector = Protector(self.store, self.config)
+        self.store.on_node_sealed = self.protector.on_node_sealed
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sg-peer"),
+            options=[("grpc.max_receive_message_length", 64 << 20),
+                     ("grpc.max_send_message_length", 64 << 20)])
+        ppb_grpc.add_PeerServicer_to_server(PeerService(self.protector), server)
+        port = server.add_insecure_port(f"{self.config.host}:{self.config.control_port}")
+        if port == 0:
+            raise ConfigError(f"cannot listen on {self.config.host}:{self.config.control_port}")
+        server.start()
+        self._peer_server = server
+        control = f"{self.config.host}:{port}"
+        self.log.info("peers: control %s, data %s", control, self.protector.plane.address)
+        return control
 
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT or :meth:`stop`; the arenas stay in shm for the next daemon."""
@@ -84,6 +110,11 @@ class Daemon:
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
+        if self._peer_server is not None:
+            self._peer_server.stop(grace_s).wait()
+            self._peer_server = None
+        if self.protector is not None:
+            self.protector.close()
         self.store.close()
         try:
             os.unlink(self.config.socket)

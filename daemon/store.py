@@ -47,7 +47,7 @@ from shardguard.proto.arena import ChecksumAlgo, SlotState
 
 logger = logging.getLogger(__name__)
 
-JOB_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+JOB_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_WORLD = 1 << 20
 MAX_MANIFEST_BYTES = 256 << 20
 META_VERSION = 1
@@ -100,6 +100,8 @@ class JobRecord:
     local_ranks: tuple[int, ...]
     ranks: dict[int, RankRecord] = field(default_factory=dict)
     restorable_step: int | None = None
+    # Multi-node jobs: {"nodes": [[control, data], ..], "node_index", "group_size", "parity"}.
+    topology: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,8 @@ class Store:
     # ------------------------------------------------------------- life cycle
 
     def register(self, job: str, rank: int, world_size: int, slot_bytes: int, pid: int,
-                 local_ranks: Iterable[int], force: bool = False) -> Registration:
+                 local_ranks: Iterable[int], force: bool = False,
+                 topology: dict[str, Any] | None = None) -> Registration:
         """Claim (job, rank) for process ``pid``; create or grow its arena."""
         _check_job(job)
         local = tuple(local_ranks) or (rank,)
@@ -203,6 +206,7 @@ class Store:
             elif rr.slot_bytes < slot_bytes:
                 rr = self._grow(rec, rr, slot_bytes)
             rec.local_ranks = local
+            rec.topology = topology
             rec.ranks[rank] = rr
             self._jobs[job] = rec
             # A new claim is a new incarnation of the rank: what it was writing is gone.
@@ -357,6 +361,60 @@ class Store:
                 if s.step == step:
                     rr.pinned.discard(i)
 
+    def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotRecord, int]:
+        """The bytes and record of ``rank``'s sealed or restorable slot of ``step``, and slot_bytes."""
+        with self._lock:
+            rr = self._job(job).ranks.get(rank)
+            if rr is None:
+                raise UnknownJobError(f"job {job} has no rank {rank} on this daemon")
+            for i, s in enumerate(rr.slots):
+                if s.step == step and s.state in (SlotState.SEALED, SlotState.RESTORABLE):
+                    return rr.arena.slot(i, rr.slot_bytes), dataclasses.replace(s), rr.slot_bytes
+            raise NotRestorableError(f"job {job} rank {rank} holds no sealed step {step}")
+
+    def install(self, job: str, world_size: int, local_ranks: Iterable[int], rank: int,
+                slot_bytes: int, record: SlotRecord, fill: Callable[[memoryview], None]) -> None:
+        """Put a rebuilt snapshot of ``rank`` in place as its restorable step.
+
+        ``fill`` writes the slot's bytes; their checksums must match ``record``.
+        """
+        with self._lock:
+            rec = self._jobs.get(job)
+            if rec is None:
+                rec = JobRecord(job, world_size, tuple(local_ranks))
+                self._jobs[job] = rec
+            rr = rec.ranks.get(rank)
+            if rr is None or rr.slot_bytes < slot_bytes:
+                self._check_budget(rr.arena.size if rr else 0, fmt.arena_bytes(slot_bytes))
+                if rr is not None:
+                    rr.arena.unlink()
+                rr = self._new_rank(rec, rank, slot_bytes)
+                rec.ranks[rank] = rr
+            index = self._writable_slot(rec, rr)
+            if index is None:
+                raise SlotStateError(f"job {job} rank {rank}: no free slot to rebuild into")
+            view = rr.arena.slot(index, rr.slot_bytes)
+        fill(view)
+        self._verify(job, rank, view, record)
+        with self._lock:
+            s = rr.slots[index]
+            for f in dataclasses.fields(SlotRecord):
+                setattr(s, f.name, getattr(record, f.name))
+            s.state = SlotState.SEALED
+            if rec.restorable_step == record.step:
+                # A repair: the rebuilt copy replaces the one that failed its checksum.
+                for other in rr.slots:
+                    if other is not s and other.step == record.step:
+                        _free(other)
+                s.state = SlotState.RESTORABLE
+            rec.local_ranks = tuple(sorted(set(rec.local_ranks) | {rank}))
+            self._sync(rec, rr)
+
+    def set_restorable(self, job: str, step: int) -> None:
+        """Mark ``step`` restorable for the ranks of this node that hold it (after a rebuild)."""
+        with self._lock:
+            self._make_restorable(self._job(job), step, every_local_rank=False)
+
     # --------------------------------------------------------------- adoption
 
     def adopt(self) -> int:
@@ -384,7 +442,7 @@ class Store:
         job = meta["job"]
         _check_job(job)
         rec = JobRecord(job, int(meta["world_size"]), tuple(meta["local_ranks"]),
-                        restorable_step=meta["restorable_step"])
+                        restorable_step=meta["restorable_step"], topology=meta.get("topology"))
         for key, rm in meta["ranks"].items():
             rank = int(key)
             path = os.path.join(self.shm_dir, fmt.arena_name(self.prefix, job, rank))
@@ -448,10 +506,10 @@ class Store:
             return i
         return None
 
-    def _make_restorable(self, rec: JobRecord, step: int) -> None:
+    def _make_restorable(self, rec: JobRecord, step: int, every_local_rank: bool = True) -> None:
         if rec.restorable_step is not None and step <= rec.restorable_step:
             return
-        for q in rec.local_ranks:
+        for q in rec.local_ranks if every_local_rank else ():
             rr = rec.ranks.get(q)
             if rr is None or not any(s.state == SlotState.SEALED and s.step == step
                                      for s in rr.slots):
@@ -527,7 +585,7 @@ class Store:
         doc: dict[str, Any] = {
             "version": META_VERSION, "job": rec.job, "world_size": rec.world_size,
             "local_ranks": list(rec.local_ranks), "restorable_step": rec.restorable_step,
-            "written": time.time(),
+            "topology": rec.topology, "written": time.time(),
             "ranks": {str(r): {"slot_bytes": rr.slot_bytes,
                                "slots": [_slot_doc(s) for s in rr.slots]}
                       for r, rr in rec.ranks.items()},
@@ -556,8 +614,8 @@ def _free(s: SlotRecord) -> None:
 def _check_job(job: str) -> None:
     if not isinstance(job, str) or not JOB_RE.match(job):
         raise InvalidRequestError(
-            f"job name {job!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
-            "and not start with '.' or '-'")
+            f"job name {job!r} must be 1-64 characters of letters, digits, '_', '-' "
+            "and not start with '-'")
 
 
 def _check_extents(slot_bytes: int, data_bytes: int, manifest_offset: int,

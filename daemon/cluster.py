@@ -1,0 +1,201 @@
+"""A local stand-in for N nodes: N real daemons on this machine, each with its own
+socket, ports and shared-memory prefix (``shardguard cluster up|kill|start|down``).
+
+Node i lives in ``DIR/node-<i>/``: ``agent.sock`` (point a rank at it with
+SHARDGUARD_SOCKET), ``daemon.pid``, ``daemon.log``. ``kill`` loses a node as a
+real failure would: SIGKILL, and its shared memory gone.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+import psutil
+
+from shardguard.proto import agent_pb2 as pb
+from shardguard.proto import agent_pb2_grpc as pb_grpc
+from shardguard.proto.errors import ConfigError
+from shardguard.proto.paths import grpc_target
+
+SHM_DIR = "/dev/shm"
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    nodes: int
+    group_size: int
+    parity: int
+    prefix: str
+    memory_budget_bytes: int
+
+    def node_dir(self, root: str, i: int) -> str:
+        return os.path.join(root, f"node-{i}")
+
+    def node_prefix(self, i: int) -> str:
+        return f"{self.prefix}-n{i}"
+
+
+def _spec_path(root: str) -> str:
+    return os.path.join(root, "cluster.json")
+
+
+def load_spec(root: str) -> ClusterSpec:
+    try:
+        with open(_spec_path(root), encoding="utf-8") as fh:
+            return ClusterSpec(**json.load(fh))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"no local cluster in {root}: {exc}") from None
+
+
+def up(root: str, nodes: int, group_size: int, parity: int) -> ClusterSpec:
+    """Start ``nodes`` daemons under ``root``."""
+    if nodes < 1:
+        raise ConfigError("a cluster needs at least one node")
+    root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+    if os.path.exists(_spec_path(root)):
+        raise ConfigError(f"{root} already holds a cluster: bring it down first")
+    tag = hashlib.sha1(root.encode()).hexdigest()[:8]
+    budget = int(psutil.virtual_memory().available * 0.6 / nodes)
+    spec = ClusterSpec(nodes, group_size, parity, f"shardguard-c{tag}", budget)
+    with open(_spec_path(root), "w", encoding="utf-8") as fh:
+        json.dump(asdict(spec), fh)
+    for i in range(nodes):
+        start(root, i, spec)
+    return spec
+
+
+def start(root: str, node: int, spec: ClusterSpec | None = None) -> int:
+    """Start a fresh daemon in node slot ``node`` (a replacement node); returns its pid."""
+    root = os.path.abspath(root)
+    spec = spec or load_spec(root)
+    _check_node(spec, node)
+    d = spec.node_dir(root, node)
+    os.makedirs(d, exist_ok=True)
+    if _alive(_pid(d)):
+        raise ConfigError(f"node {node} is already running (pid {_pid(d)})")
+    sock = os.path.join(d, "agent.sock")
+    with open(os.path.join(d, "daemon.log"), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardguard.daemon", "--socket", sock,
+             "--shm-prefix", spec.node_prefix(node), "--host", "127.0.0.1",
+             "--control-port", "0", "--data-port", "0", "--group-size", str(spec.group_size),
+             "--parity", str(spec.parity), "--memory-budget-bytes",
+             str(spec.memory_budget_bytes), "--log-level", os.environ.get(
+                 "SHARDGUARD_LOG_LEVEL", "INFO")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    with open(os.path.join(d, "daemon.pid"), "w", encoding="utf-8") as fh:
+        fh.write(str(proc.pid))
+    _wait_ready(sock, proc)
+    return proc.pid
+
+
+def kill(root: str, node: int) -> None:
+    """Lose node ``node``: SIGKILL its daemon and free its shared memory."""
+    root = os.path.abspath(root)
+    spec = load_spec(root)
+    _check_node(spec, node)
+    d = spec.node_dir(root, node)
+    _signal(_pid(d), signal.SIGKILL)
+    _wipe(spec.node_prefix(node))
+
+
+def down(root: str) -> None:
+    """Stop every daemon and free all their memory."""
+    root = os.path.abspath(root)
+    spec = load_spec(root)
+    for i in range(spec.nodes):
+        d = spec.node_dir(root, i)
+        _signal(_pid(d), signal.SIGTERM)
+    for i in range(spec.nodes):
+        d = spec.node_dir(root, i)
+        pid = _pid(d)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal(pid, signal.SIGKILL)
+        _wipe(spec.node_prefix(i))
+        for name in ("daemon.pid", "agent.sock"):
+            try:
+                os.unlink(os.path.join(d, name))
+            except FileNotFoundError:
+                pass
+    os.unlink(_spec_path(root))
+
+
+def sockets(root: str) -> list[str]:
+    spec = load_spec(root)
+    return [os.path.join(spec.node_dir(os.path.abspath(root), i), "agent.sock")
+            for i in range(spec.nodes)]
+
+
+def _check_node(spec: ClusterSpec, node: int) -> None:
+    if not 0 <= node < spec.nodes:
+        raise ConfigError(f"node {node} outside the cluster's 0..{spec.nodes - 1}")
+
+
+def _pid(d: str) -> int:
+    try:
+        with open(os.path.join(d, "daemon.pid"), encoding="utf-8") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal(pid: int, sig: int) -> None:
+    if _alive(pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    if sig == signal.SIGKILL:
+        try:
+            os.waitpid(pid, 0)
+        except (ChildProcessError, OSError):
+            deadline = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+def _wipe(prefix: str) -> None:
+    for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + ".*")):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _wait_ready(sock: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"daemon for {sock} exited with {proc.returncode}")
+        if os.path.exists(sock):
+            with grpc.insecure_channel(grpc_target(sock)) as ch:
+                try:
+                    pb_grpc.AgentStub(ch).Status(pb.StatusRequest(), timeout=2)
+                    return
+                except grpc.RpcError:
+                    pass
+        time.sleep(0.05)
+    raise ConfigError(f"daemon for {sock} did not come up in {START_TIMEOUT_S}s")

@@ -1,0 +1,48 @@
+"""The peer service: daemon-to-daemon control over gRPC on TCP (handlers over the protector)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+
+from shardguard.daemon.agent import handler
+from shardguard.daemon.protect import Protector
+from shardguard.proto import peer_pb2 as ppb
+from shardguard.proto import peer_pb2_grpc as ppb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class PeerService(ppb_grpc.PeerServicer):
+    def __init__(self, protector: Protector) -> None:
+        self.p = protector
+
+    @handler
+    def Offer(self, req: ppb.OfferRequest, context: grpc.ServicerContext) -> ppb.OfferReply:
+        return ppb.OfferReply(piece_bytes=self.p.offer(req))
+
+    @handler
+    def Report(self, req: ppb.ReportRequest, context: grpc.ServicerContext) -> ppb.ReportReply:
+        self.p.report(req.job, req.step, req.node, json.loads(req.report))
+        return ppb.ReportReply()
+
+    @handler
+    def Announce(self, req: ppb.AnnounceRequest,
+                 context: grpc.ServicerContext) -> ppb.AnnounceReply:
+        self.p.announce(req.job, req.step, req.meta)
+        return ppb.AnnounceReply()
+
+    @handler
+    def StepInfo(self, req: ppb.StepInfoRequest,
+                 context: grpc.ServicerContext) -> ppb.StepInfoReply:
+        step, meta = self.p.step_info(req.job)
+        return ppb.StepInfoReply(meta=meta) if step is None else \
+            ppb.StepInfoReply(step=step, meta=meta)
+
+    @handler
+    def DropJob(self, req: ppb.DropJobRequest, context: grpc.ServicerContext) -> ppb.DropJobReply:
+        arenas, freed = self.p.store.drop(req.job)
+        self.p.drop(req.job)
+        return ppb.DropJobReply(arenas_freed=arenas, bytes_freed=freed)

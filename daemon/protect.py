@@ -1,0 +1,586 @@
+"""Parity across nodes (DESIGN.md §3): sources, encoders, parity holders and the coordinator.
+
+When every local rank has sealed step N, this node's payload ``D`` (its ranks'
+sealed slots, in rank order) is cut into ``k`` pieces of ``P`` bytes (padded
+to pages) and each piece is *offered* (gRPC) to the encoder of its stripe.
+An offer returns once all ``k`` sources of the stripe have offered, with the
+stripe's piece size; the source then streams the piece over ZeroMQ straight
+from arena memory. The encoder folds each arriving frame into the parity
+(ISA-L, in place), so encoding overlaps the transfer. When the stripe is
+complete the encoder checksums its parity, keeps parity 0, forwards parity
+``1..m-1`` to their holders, and reports the stripe to the coordinator (the
+job's node 0); holders report their pieces. When every stripe of every group
+is reported, the coordinator announces the step restorable to every node,
+with the step's metadata (layouts, piece sizes, checksums) that a rebuild
+needs. Older parity and metadata are then released everywhere.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import logging
+import math
+import mmap
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import grpc
+import numpy as np
+
+from shardguard.daemon import placement
+from shardguard.daemon.codec import Codec, crc32c
+from shardguard.daemon.config import Config
+from shardguard.daemon.errors import (
+    CorruptionError,
+    InvalidRequestError,
+    NotRestorableError,
+    PeerUnavailableError,
+    ShardguardError,
+    UnknownJobError,
+)
+from shardguard.daemon.store import SlotRecord, Store
+from shardguard.daemon.transport import DataPlane, reply_chunks
+from shardguard.proto import peer_pb2 as ppb
+from shardguard.proto import peer_pb2_grpc as ppb_grpc
+from shardguard.proto.arena import align_up
+from shardguard.proto.errors import error_from_rpc
+
+logger = logging.getLogger(__name__)
+
+PIECE_ALIGN = placement.PIECE_ALIGN_BYTES
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A multi-node job as the client handed it over at register."""
+
+    nodes: tuple[tuple[str, str], ...]  # (control, data) address per node
+    node_index: int
+    group_size: int
+    parity: int
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> "Topology":
+        return cls(tuple((c, d) for c, d in doc["nodes"]), int(doc["node_index"]),
+                   int(doc["group_size"]), int(doc["parity"]))
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"nodes": [list(n) for n in self.nodes], "node_index": self.node_index,
+                "group_size": self.group_size, "parity": self.parity}
+
+    @property
+    def placement(self) -> placement.Placement:
+        return placement.plan(len(self.nodes), self.group_size, self.parity)
+
+
+@dataclass
+class _Encoding:
+    """An encoder's state for one stripe of one step."""
+
+    group: placement.GroupLayout
+    stripe: int
+    offers: dict[int, ppb.OfferRequest] = field(default_factory=dict)
+    got: dict[int, int] = field(default_factory=dict)
+    piece_bytes: int = 0
+    parity: list[np.ndarray] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+
+
+@dataclass
+class _Holding:
+    """A parity holder's state for one forwarded parity piece."""
+
+    piece: np.ndarray
+    crc: int
+    got: int = 0
+
+
+def _slot_doc(s: SlotRecord) -> dict[str, int]:
+    d = dataclasses.asdict(s)
+    d["state"] = int(s.state)
+    return d
+
+
+def slice_segments(segs: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """Views covering bytes [start, end) of the concatenation of ``segs``."""
+    out, pos = [], 0
+    for seg in segs:
+        lo, hi = max(start, pos), min(end, pos + len(seg))
+        if lo < hi:
+            out.append(seg[lo - pos:hi - pos])
+        pos += len(seg)
+    return out
+
+
+def crc_of(bufs: Iterable[memoryview]) -> int:
+    crc = 0
+    for b in bufs:
+        crc = crc32c(b, crc)
+    return crc
+
+
+class Protector:
+    """This node's part in protecting and rebuilding multi-node jobs."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        self.shm_dir, self.prefix = config.shm_dir, config.shm_prefix
+        self._lock = threading.RLock()
+        self._encodings: dict[tuple[str, int, int, int], _Encoding] = {}
+        self._holdings: dict[tuple[str, int, int, int, int], _Holding] = {}
+        self._reports: dict[tuple[str, int], dict[str, Any]] = {}
+        self._metas: dict[str, dict[str, Any]] = {}
+        self._failures: dict[str, ShardguardError] = {}
+        self._codecs: dict[tuple[int, int], Codec] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
+        self.plane = DataPlane(config.host, config.data_port, self._on_message,
+                               config.peer_timeout_s)
+        self._load_metas()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.plane.close()
+        for ch in self._channels.values():
+            ch.close()
+        for codec in self._codecs.values():
+            codec.close()
+
+    def topology(self, job: str) -> Topology | None:
+        doc = self.store.job(job).topology
+        return Topology.from_doc(doc) if doc else None
+
+    def failure(self, job: str) -> ShardguardError | None:
+        return self._failures.get(job)
+
+    # --------------------------------------------------------------- source
+
+    def on_node_sealed(self, job: str, step: int) -> None:
+        """Every local rank sealed ``step``: send this node's pieces to their encoders."""
+        self._pool.submit(self._send_step, job, step)
+
+    def _send_step(self, job: str, step: int) -> None:
+        try:
+            topo = self.topology(job)
+            assert topo is not None
+            grp = topo.placement.group_of(topo.node_index)
+            pos = grp.position(topo.node_index)
+            segs, layout = self._payload(job, step)
+            total = sum(len(s) for s in segs)
+            plen = align_up(math.ceil(total / grp.k), PIECE_ALIGN) if total else 0
+            doc = json.dumps({"bytes": total, "plen": plen, "ranks": layout}).encode()
+            jobs = []
+            for ref in grp.data_pieces(pos):
+                start = ref.index * plen
+                bufs = slice_segments(segs, start, min(total, start + plen))
+                jobs.append(self._pool.submit(
+                    self._offer_and_send, job, step, topo, grp, ref.stripe, ref.index, plen,
+                    bufs, doc))
+            for j in jobs:
+                j.result()
+        except Exception:  # noqa: BLE001 - the step is simply never restorable
+            logger.exception("job=%s step=%d: sending pieces failed", job, step)
+
+    def _payload(self, job: str, step: int) -> tuple[list[memoryview], list[dict[str, Any]]]:
+        segs, layout, off = [], [], 0
+        for rank in sorted(self.store.job(job).local_ranks):
+            view, rec, slot_bytes = self.store.sealed_slot(job, rank, step)
+            used = rec.manifest_offset + rec.manifest_bytes
+            segs.append(view[:used])
+            layout.append({"rank": rank, "off": off, "used": used, "slot_bytes": slot_bytes,
+                           "record": _slot_doc(rec)})
+            off += used
+        return segs, layout
+
+    def _offer_and_send(self, job: str, step: int, topo: Topology,
+                        grp: placement.GroupLayout, stripe: int, q: int, plen: int,
+                        bufs: list[memoryview], layout: bytes) -> None:
+        real = sum(len(b) for b in bufs)
+        encoder = grp.nodes[grp.encoder(stripe)]
+        control, data = topo.nodes[encoder]
+        self._peer(control).Offer(ppb.OfferRequest(
+            job=job, step=step, stripe=stripe, group=grp.group, index=q, node=topo.node_index,
+            piece_bytes=plen, real_bytes=real, crc=crc_of(bufs), layout=layout),
+            timeout=self.config.peer_timeout_s)
+        self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
+                                         "stripe": stripe, "index": q}, bufs)
+
+    # -------------------------------------------------------------- encoder
+
+    def offer(self, req: ppb.OfferRequest) -> int:
+        """A source's offer; blocks until the stripe's ``k`` sources have offered."""
+        topo = self.topology(req.job)
+        if topo is None:
+            raise UnknownJobError(f"job {req.job} is not a multi-node job on this daemon")
+        grp = topo.placement.groups[req.group]
+        if grp.nodes[grp.encoder(req.stripe)] != topo.node_index:
+            raise InvalidRequestError(f"node {topo.node_index} does not encode group "
+                                      f"{req.group} stripe {req.stripe}")
+        key = (req.job, req.step, req.group, req.stripe)
+        with self._lock:
+            enc = self._encodings.setdefault(key, _Encoding(grp, req.stripe))
+            enc.offers[req.index] = req
+            enc.got.setdefault(req.index, 0)
+            if len(enc.offers) == grp.k and not enc.ready.is_set():
+                enc.piece_bytes = max(o.piece_bytes for o in enc.offers.values())
+                enc.parity = [self._piece_file(req.job, req.step, req.group, req.stripe,
+                                               grp.k + j, enc.piece_bytes)
+                              if j == 0 else np.zeros(enc.piece_bytes, dtype=np.uint8)
+                              for j in range(grp.m)]
+                enc.ready.set()
+        if not enc.ready.wait(self.config.peer_timeout_s):
+            raise PeerUnavailableError(
+                f"job {req.job} step {req.step} group {req.group} stripe {req.stripe}: only "
+                f"{len(enc.offers)} of {grp.k} sources offered")
+        return enc.piece_bytes
+
+    def _on_data(self, h: dict[str, Any], payload: memoryview) -> None:
+        key = (h["job"], int(h["step"]), int(h["group"]), int(h["stripe"]))
+        enc = self._encodings.get(key)
+        if enc is None or not enc.ready.is_set():
+            raise InvalidRequestError(f"no encoding in progress for {key}")
+        q, off, n = int(h["index"]), int(h["off"]), int(h["n"])
+        offer = enc.offers[q]
+        if n != len(payload) or off < 0 or off + n > offer.real_bytes:
+            raise InvalidRequestError(f"frame [{off}, +{n}) outside piece {q} of {key}")
+        if n:
+            codec = self._codec(enc.group.k, enc.group.m)
+            codec.encode_update(q, payload, [p[off:off + n] for p in enc.parity])
+        enc.got[q] += n
+        if all(enc.got.get(i) == o.real_bytes for i, o in enc.offers.items()) \
+                and len(enc.offers) == enc.group.k and not enc.finished:
+            enc.finished = True
+            self._pool.submit(self._finish_stripe, key, enc)
+
+    def _finish_stripe(self, key: tuple[str, int, int, int], enc: _Encoding) -> None:
+        job, step, group, stripe = key
+        try:
+            topo = self.topology(job)
+            assert topo is not None
+            grp = enc.group
+            pieces: dict[str, Any] = {
+                str(q): {"node": o.node, "len": o.real_bytes, "crc": o.crc}
+                for q, o in enc.offers.items()}
+            for j, par in enumerate(enc.parity):
+                holder = grp.nodes[grp.parity_holders(stripe)[j]]
+                crc = crc32c(par)
+                pieces[str(grp.k + j)] = {"node": holder, "len": enc.piece_bytes, "crc": crc}
+                if j:
+                    self.plane.push(topo.nodes[holder][1], b"parity", {
+                        "job": job, "step": step, "group": group, "stripe": stripe,
+                        "index": grp.k + j, "plen": enc.piece_bytes, "crc": crc}, [par.data])
+            layouts = {str(o.node): json.loads(o.layout) for o in enc.offers.values()}
+            enc.parity[1:] = []
+            self._report(job, step, topo, {"kind": "stripe", "group": group, "stripe": stripe,
+                                           "plen": enc.piece_bytes, "pieces": pieces,
+                                           "layouts": layouts})
+        except Exception:  # noqa: BLE001
+            logger.exception("job=%s step=%d group=%d stripe=%d: finishing failed", job, step,
+                             group, stripe)
+
+    def _on_parity(self, h: dict[str, Any], payload: memoryview) -> None:
+        job, step, group, stripe, index = (h["job"], int(h["step"]), int(h["group"]),
+                                           int(h["stripe"]), int(h["index"]))
+        key = (job, step, group, stripe, index)
+        with self._lock:
+            held = self._holdings.get(key)
+            if held is None:
+                plen = int(h["plen"])
+                held = _Holding(self._piece_file(job, step, group, stripe, index, plen),
+                                int(h["crc"]))
+                self._holdings[key] = held
+        off, n = int(h["off"]), int(h["n"])
+        if n != len(payload) or off < 0 or off + n > len(held.piece):
+            raise InvalidRequestError(f"parity frame [{off}, +{n}) outside piece {key}")
+        held.piece[off:off + n] = np.frombuffer(payload, dtype=np.uint8)
+        held.got += n
+        if held.got == len(held.piece):
+            self._pool.submit(self._finish_parity, key, held)
+
+    def _finish_parity(self, key: tuple[str, int, int, int, int], held: _Holding) -> None:
+        job, step, group, stripe, index = key
+        if crc32c(held.piece) != held.crc:
+            logger.error("job=%s step=%d parity %s arrived corrupted", job, step, key)
+            return
+        topo = self.topology(job)
+        assert topo is not None
+        self._report(job, step, topo, {"kind": "parity", "group": group, "stripe": stripe,
+                                       "index": index})
+
+    # ---------------------------------------------------------- coordinator
+
+    def _report(self, job: str, step: int, topo: Topology, report: dict[str, Any]) -> None:
+        """Send a report to the coordinator (node 0), directly if that is us."""
+        if topo.node_index == 0:
+            self.report(job, step, topo.node_index, report)
+            return
+        self._peer(topo.nodes[0][0]).Report(ppb.ReportRequest(
+            job=job, step=step, node=topo.node_index, report=json.dumps(report).encode()),
+            timeout=self.config.peer_timeout_s)
+
+    def report(self, job: str, step: int, node: int, report: dict[str, Any]) -> None:
+        """Coordinator: collect reports; when the step is complete, announce it everywhere."""
+        topo = self.topology(job)
+        if topo is None or topo.node_index != 0:
+            raise InvalidRequestError(f"this daemon does not coordinate job {job}")
+        pl = topo.placement
+        with self._lock:
+            st = self._reports.setdefault((job, step), {"stripes": {}, "parity": set()})
+            where = f"{int(report['group'])}/{int(report['stripe'])}"
+            if report["kind"] == "stripe":
+                st["stripes"][where] = report
+            else:
+                st["parity"].add((where, int(report["index"])))
+            need_stripes = pl.num_nodes
+            need_parity = pl.num_nodes * (topo.parity - 1)
+            complete = (len(st["stripes"]) == need_stripes and len(st["parity"]) == need_parity
+                        and not st.get("announced"))
+            if complete:
+                st["announced"] = True
+        if complete:
+            meta = self._step_meta(job, step, topo, st["stripes"])
+            self._pool.submit(self._announce_all, job, step, topo, meta)
+
+    def _step_meta(self, job: str, step: int, topo: Topology,
+                   stripes: dict[str, Any]) -> dict[str, Any]:
+        layouts: dict[str, Any] = {}
+        for rep in stripes.values():
+            layouts.update(rep["layouts"])
+        return {"job": job, "step": step, "topology": topo.to_doc(), "layouts": layouts,
+                "stripes": {k: {"plen": v["plen"], "pieces": v["pieces"]}
+                            for k, v in stripes.items()}}
+
+    def _announce_all(self, job: str, step: int, topo: Topology, meta: dict[str, Any]) -> None:
+        raw = json.dumps(meta).encode()
+        futs = []
+        for i, (control, _) in enumerate(topo.nodes):
+            if i == topo.node_index:
+                futs.append(self._pool.submit(self.announce, job, step, raw))
+            else:
+                futs.append(self._pool.submit(
+                    self._peer(control).Announce,
+                    ppb.AnnounceRequest(job=job, step=step, meta=raw),
+                    timeout=self.config.peer_timeout_s))
+        for f in futs:
+            try:
+                f.result()
+            except Exception as exc:  # noqa: BLE001 - a dead node learns it on restart
+                logger.warning("job=%s step=%d: announce failed: %s", job, step, exc)
+        with self._lock:
+            for key in [k for k in self._reports if k[0] == job and k[1] <= step]:
+                del self._reports[key]
+
+    def announce(self, job: str, step: int, raw: bytes) -> None:
+        """``step`` is protected on every node: remember its metadata, make it restorable."""
+        meta = json.loads(raw)
+        self._save_meta(job, step, meta)
+        self.store.mark_restorable(job, step)
+        self._release_older(job, step)
+        logger.debug("job=%s step=%d restorable on every node", job, step)
+
+    # ------------------------------------------------------------- metadata
+
+    def meta(self, job: str) -> dict[str, Any] | None:
+        return self._metas.get(job)
+
+    def _meta_path(self, job: str, step: int) -> str:
+        return os.path.join(self.shm_dir, f"{self.prefix}.{job}.x{step}")
+
+    def _save_meta(self, job: str, step: int, meta: dict[str, Any]) -> None:
+        path = self._meta_path(job, step)
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(meta, fh)
+        os.chmod(path + ".tmp", 0o600)
+        os.rename(path + ".tmp", path)
+        with self._lock:
+            cur = self._metas.get(job)
+            if cur is None or cur["step"] < step:
+                self._metas[job] = meta
+
+    def _load_metas(self) -> None:
+        for path in sorted(glob.glob(os.path.join(self.shm_dir, glob.escape(self.prefix)
+                                                  + ".*.x*"))):
+            if path.endswith(".tmp"):
+                continue
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    meta = json.load(fh)
+                cur = self._metas.get(meta["job"])
+                if cur is None or cur["step"] < meta["step"]:
+                    self._metas[meta["job"]] = meta
+            except (OSError, ValueError, KeyError) as exc:
+                logger.error("cannot read step metadata %s: %s", path, exc)
+
+    def _release_older(self, job: str, step: int) -> None:
+        """Free parity and metadata of steps before ``step`` (two steps are kept: N and N+1)."""
+        base = os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}."))
+        for path in glob.glob(base + "p*") + glob.glob(base + "x*"):
+            tail = os.path.basename(path)[len(self.prefix) + len(job) + 2:]
+            try:
+                s = int(tail[1:].split(".")[0])
+            except ValueError:
+                continue
+            if s < step:
+                _unlink(path)
+        with self._lock:
+            for key in [k for k in self._encodings if k[0] == job and k[1] < step]:
+                del self._encodings[key]
+            for key in [k for k in self._holdings if k[0] == job and k[1] < step]:
+                del self._holdings[key]
+
+    def drop(self, job: str) -> None:
+        for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")
+                                           + "[px]*")):
+            _unlink(path)
+        with self._lock:
+            self._metas.pop(job, None)
+            self._failures.pop(job, None)
+
+    # --------------------------------------------------------------- pieces
+
+    def _piece_path(self, job: str, step: int, group: int, stripe: int, index: int) -> str:
+        return os.path.join(self.shm_dir,
+                            f"{self.prefix}.{job}.p{step}.g{group}.s{stripe}.i{index}")
+
+    def _piece_file(self, job: str, step: int, group: int, stripe: int, index: int,
+                    nbytes: int) -> np.ndarray:
+        """A zeroed, pre-allocated shm file for a parity piece, mapped as a uint8 array."""
+        path = self._piece_path(job, step, group, stripe, index)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+                return np.frombuffer(mmap.mmap(fd, nbytes), dtype=np.uint8)
+            return np.zeros(0, dtype=np.uint8)
+        finally:
+            os.close(fd)
+
+    def local_piece(self, job: str, step: int, group: int, stripe: int, index: int
+                    ) -> list[memoryview]:
+        """The real bytes of a piece this node holds for a restorable step."""
+        meta = self._metas.get(job)
+        if meta is None or meta["step"] != step:
+            raise NotRestorableError(f"job {job}: step {step} is not the restorable step here")
+        piece = meta["stripes"][f"{group}/{stripe}"]["pieces"][str(index)]
+        topo = Topology.from_doc(meta["topology"])
+        k = topo.placement.groups[group].k
+        if index >= k:
+            path = self._piece_path(job, step, group, stripe, index)
+            with open(path, "rb") as fh:
+                return [memoryview(mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ))]
+        node = int(piece["node"])
+        lay = meta["layouts"][str(node)]
+        segs = [self.store.sealed_slot(job, r["rank"], step)[0][:r["used"]]
+                for r in lay["ranks"]]
+        start = index * lay["plen"]
+        return slice_segments(segs, start, start + int(piece["len"]))
+
+    # ------------------------------------------------------------ transport
+
+    def _on_message(self, kind: bytes, header: dict[str, Any], payload: memoryview | None
+                    ) -> Iterable[list[Any]] | None:
+        if kind == b"data" and payload is not None:
+            self._on_data(header, payload)
+            return None
+        if kind == b"parity" and payload is not None:
+            self._on_parity(header, payload)
+            return None
+        if kind == b"fetch":
+            bufs = self.local_piece(header["job"], int(header["step"]), int(header["group"]),
+                                    int(header["stripe"]), int(header["index"]))
+            return reply_chunks(header.get("req"), bufs, sum(len(b) for b in bufs))
+        raise InvalidRequestError(f"unknown message kind {kind!r}")
+
+    def _codec(self, k: int, m: int) -> Codec:
+        with self._lock:
+            codec = self._codecs.get((k, m))
+            if codec is None:
+                codec = self._codecs[(k, m)] = Codec(k, m, threads=1)
+            return codec
+
+    def _peer(self, address: str) -> ppb_grpc.PeerStub:
+        with self._lock:
+            ch = self._channels.get(address)
+            if ch is None:
+                ch = self._channels[address] = grpc.insecure_channel(address)
+            return _Translating(ppb_grpc.PeerStub(ch))
+
+    # -------------------------------------------------------------- rebuild
+
+    def sync(self, job: str, topo: Topology, world_size: int, local_ranks: list[int]) -> None:
+        """Bring this node up to the job's newest restorable step (a restart after a loss).
+
+        Asks every other node for its newest restorable step; if one is newer than
+        what this node holds, this node's ranks get that step from where it lives:
+        their own slots if present, else the old owner node, else decoded from
+        ``k`` surviving pieces of each stripe. Failures are kept and raised by
+        restore, on every rank.
+        """
+        from shardguard.daemon.rebuild import Rebuilder
+
+        self._failures.pop(job, None)
+        try:
+            Rebuilder(self, topo).run(job, world_size, local_ranks)
+        except ShardguardError as exc:
+            logger.error("job=%s: rebuild failed: %s", job, exc)
+            self._failures[job] = exc
+
+    def repair(self, job: str, rank: int) -> None:
+        """Rebuild ``rank``'s restorable snapshot from its stripes (its own bytes failed their checksum)."""
+        from shardguard.daemon.rebuild import Rebuilder
+
+        meta, topo, rec = self._metas.get(job), self.topology(job), self.store.job(job)
+        if meta is None or topo is None:
+            raise NotRestorableError(f"job {job}: no step metadata to repair from")
+        Rebuilder(self, topo).rebuild_rank(job, meta, rank, rec.world_size,
+                                           list(rec.local_ranks), trust_owner=False)
+        logger.warning("job=%s rank=%d step=%d: corrupt snapshot repaired from parity", job,
+                       rank, meta["step"])
+
+    def step_info(self, job: str) -> tuple[int | None, bytes]:
+        meta = self._metas.get(job)
+        if meta is None:
+            return None, b""
+        return int(meta["step"]), json.dumps(meta).encode()
+
+    def verify_piece(self, bufs: list[memoryview], want: dict[str, Any], what: str) -> None:
+        if crc_of(bufs) != int(want["crc"]):
+            raise CorruptionError(f"{what}: checksum fails")
+
+
+class _Translating:
+    """A peer stub whose failures come out as the project's errors."""
+
+    def __init__(self, stub: ppb_grpc.PeerStub) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except grpc.RpcError as exc:
+                err = error_from_rpc(exc)
+                if isinstance(err, ConnectionError) or exc.code() in (
+                        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise PeerUnavailableError(f"peer call {name} failed: {err}") from None
+                raise err from None
+
+        return call
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

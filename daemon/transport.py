@@ -1,0 +1,166 @@
+"""Bulk bytes between daemons over ZeroMQ: pieces in ~1 MiB frames, never through gRPC.
+
+Every daemon binds one ROUTER socket. A message is ``[kind, header, payload?]``
+with a JSON header. Kinds: ``data`` and ``parity`` (pieces pushed to their
+encoder or holder), ``fetch`` (ask for a stored piece; answered with ``chunk``
+messages, or ``error``). Incoming messages are handed to one handler on the
+receiving thread, which owns the ROUTER socket; frames are received and sent
+without copies (the payload of a received frame is read in place, a sent
+chunk is a view of arena memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import zmq
+
+from shardguard.daemon.errors import PeerUnavailableError
+
+logger = logging.getLogger(__name__)
+
+FRAME_BYTES = 1 << 20
+# A handler gets (kind, header, payload) and may return messages to send back to the caller.
+Handler = Callable[[bytes, dict[str, Any], memoryview | None], Iterable[list[Any]] | None]
+
+
+def chunks(buffers: Iterable[memoryview], frame_bytes: int = FRAME_BYTES
+           ) -> Iterator[tuple[int, memoryview]]:
+    """(offset, view) frames of at most ``frame_bytes`` across consecutive buffers."""
+    off = 0
+    for buf in buffers:
+        for start in range(0, len(buf), frame_bytes):
+            part = buf[start:start + frame_bytes]
+            yield off, part
+            off += len(part)
+
+
+class DataPlane:
+    """The daemon's ZeroMQ endpoint: a receiving thread and senders made per call."""
+
+    def __init__(self, host: str, port: int, handler: Handler, timeout_s: float) -> None:
+        self.ctx = zmq.Context()
+        self.timeout_s = timeout_s
+        self._handler = handler
+        self._router = self.ctx.socket(zmq.ROUTER)
+        for opt in (zmq.SNDHWM, zmq.RCVHWM):
+            self._router.setsockopt(opt, 0)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        if port:
+            self._router.bind(f"tcp://{host}:{port}")
+        else:
+            port = self._router.bind_to_random_port(f"tcp://{host}")
+        self.address = f"{host}:{port}"
+        self._stop_addr = f"inproc://sg-stop-{uuid.uuid4().hex}"
+        self._stop_rx = self.ctx.socket(zmq.PAIR)
+        self._stop_rx.bind(self._stop_addr)
+        self._thread = threading.Thread(target=self._serve, name="sg-data", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._stop_rx, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._stop_rx in ready:
+                return
+            frames = self._router.recv_multipart(copy=False)
+            self._dispatch(frames)
+
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        try:
+            if len(frames) not in (3, 4):
+                raise ValueError(f"{len(frames) - 1} frames")
+            kind = frames[1].bytes
+            header = json.loads(frames[2].bytes)
+            if not isinstance(header, dict):
+                raise ValueError("header is not an object")
+            payload = frames[3].buffer if len(frames) == 4 else None
+            replies = self._handler(kind, header, payload)
+        except Exception as exc:  # noqa: BLE001 - a bad message must not stop the plane
+            logger.warning("data plane: refused a message: %s: %s", type(exc).__name__, exc)
+            replies = [[b"error", json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()]]
+        for msg in replies or ():
+            self._router.send_multipart([ident, *msg], copy=False)
+
+    def push(self, address: str, kind: bytes, header: dict[str, Any],
+             buffers: Iterable[memoryview]) -> None:
+        """Send a piece as frames ``[kind, header+{off, n}, bytes]``; returns once handed to ZeroMQ.
+
+        An empty piece is sent as one empty frame so the receiver sees it.
+        """
+        sock = self._dealer(address)
+        try:
+            sent = False
+            for off, part in chunks(buffers):
+                hdr = json.dumps({**header, "off": off, "n": len(part)}).encode()
+                sock.send_multipart([kind, hdr, part], copy=False)
+                sent = True
+            if not sent:
+                sock.send_multipart([kind, json.dumps({**header, "off": 0, "n": 0}).encode(),
+                                     b""])
+        finally:
+            sock.close(linger=int(self.timeout_s * 1000))
+
+    def fetch(self, address: str, header: dict[str, Any], out: np.ndarray) -> int:
+        """Ask ``address`` for a piece; its bytes land in ``out``. Returns the bytes received.
+
+        Raises:
+            PeerUnavailableError: no answer within the timeout, or the peer refused.
+        """
+        sock = self._dealer(address)
+        try:
+            sock.send_multipart([b"fetch", json.dumps(header).encode()])
+            got, total = 0, None
+            while total is None or got < total:
+                if not sock.poll(int(self.timeout_s * 1000)):
+                    raise PeerUnavailableError(f"peer {address} did not answer a fetch in "
+                                               f"{self.timeout_s}s ({header})")
+                frames = sock.recv_multipart(copy=False)
+                kind, hdr = frames[0].bytes, json.loads(frames[1].bytes)
+                if kind == b"error":
+                    raise PeerUnavailableError(f"peer {address} refused fetch: {hdr['error']}")
+                total = hdr["total"]
+                n, off = hdr["n"], hdr["off"]
+                if off + n > len(out):
+                    raise PeerUnavailableError(f"peer {address} sent bytes past the piece")
+                out[off:off + n] = np.frombuffer(frames[2].buffer, dtype=np.uint8)
+                got += n
+            return got
+        finally:
+            sock.close(linger=0)
+
+    def _dealer(self, address: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(f"tcp://{address}")
+        return sock
+
+    def close(self) -> None:
+        with self.ctx.socket(zmq.PAIR) as stop:
+            stop.connect(self._stop_addr)
+            stop.send(b"stop")
+            self._thread.join(timeout=5)
+        self._router.close(linger=0)
+        self._stop_rx.close(linger=0)
+        self.ctx.term()
+
+
+def reply_chunks(req: Any, buffers: list[memoryview], total: int) -> Iterator[list[Any]]:
+    """The ``chunk`` messages answering a fetch: the real bytes; the peer zero-fills the rest."""
+    any_sent = False
+    for off, part in chunks(buffers):
+        any_sent = True
+        yield [b"chunk", json.dumps({"req": req, "off": off, "n": len(part), "total": total}
+                                    ).encode(), part]
+    if not any_sent:
+        yield [b"chunk", json.dumps({"req": req, "off": 0, "n": 0, "total": 0}).encode(), b""]
