@@ -884,7 +884,9 @@ def report(res: dict[str, Any], conf: Config) -> dict[str, Any]:
     ], title="checkpoint cost per step, median over runs (blocked and extra are per checkpoint taken)")
     sg_first = table["shardguard snapshot"]["first_call_s"]
     print(f"(first shardguard snapshot, which registers the full-size arena: {sg_first * 1e3:.0f} ms, not counted;\n"
-          " cpu ms: extra CPU time of the trainer process per checkpoint, all threads; +daemon: the daemon's)")
+          " extra: against the two baseline loops around the method's loop; the baseline row's extra/step is its\n"
+          " own mean minus median, the noise level; cpu ms: extra CPU time of the trainer process per checkpoint,\n"
+          " all threads; +daemon: the daemon's CPU time per checkpoint)")
 
     rrows = [{"name": f"{FLOOR} (reference)", "ms": ms(floor_s), "gbps": gbps(node_bytes // conf.ranks, floor_s),
               "vs": 1.0}]
@@ -966,12 +968,12 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=None, help="state size on the node (default 1, quick 0.25)")
     parser.add_argument("--ranks", type=int, default=1, help="trainer ranks on the node (gloo); state split among them")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 6, quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 8, quick 4)")
     parser.add_argument("--peer-steps", type=int, default=None,
                         help="measured steps per run for the synchronous torch.save peers (default 3, quick 2)")
     parser.add_argument("--min-taken", type=int, default=2,
                         help="asynchronous methods run longer until this many checkpoints were taken")
-    parser.add_argument("--max-steps", type=int, default=40, help="cap on measured steps per run")
+    parser.add_argument("--max-steps", type=int, default=25, help="cap on measured steps per run")
     parser.add_argument("--compute-s", type=float, default=None,
                         help="compute per step in seconds (default: 3x the memcpy floor, at least 0.3; quick 0.2)")
     parser.add_argument("--compute-threads", type=int, default=None,
@@ -989,7 +991,7 @@ def main() -> None:
     gib = args.gib or (0.25 if args.quick else 1.0)
     conf_args = dict(
         gib=gib, ranks=args.ranks, repeat=args.repeat or (2 if args.quick else 3),
-        steps=args.steps or (4 if args.quick else 6), peer_steps=args.peer_steps or (2 if args.quick else 3),
+        steps=args.steps or (4 if args.quick else 8), peer_steps=args.peer_steps or (2 if args.quick else 3),
         min_taken=args.min_taken, max_steps=args.max_steps, compute_s=args.compute_s, compute_threads=threads,
         cores=cores, disk_dir=args.disk_dir, peers=peers, quick=args.quick,
     )

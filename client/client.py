@@ -130,6 +130,12 @@ _RESTORE_FAILURES: tuple[type[ShardguardError], ...] = (
     RestoreError, NotRestorableError, InsufficientPiecesError)
 
 
+def _failure_code(exc: BaseException) -> int:
+    """1-based index of the most specific class in _RESTORE_FAILURES that ``exc`` is, else 1."""
+    return max((i for i, cls in enumerate(_RESTORE_FAILURES, 1) if isinstance(exc, cls)),
+               default=1)
+
+
 def _detect_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -236,12 +242,32 @@ class Client:
     def latest(self) -> int | None:
         """The newest restorable step, the same on every rank (rank 0 asks, all agree)."""
         self._check_open()
-        step = -1
-        if self._group is None or self.rank == 0:
-            reply = self._call("Latest", pb.LatestRequest(job=self.job))
-            step = reply.step if reply.HasField("step") else -1
-        step = self._broadcast_int(step)
+        step = self._agreed_step(None)
         return None if step < 0 else step
+
+    def _agreed_step(self, wanted: int | None) -> int:
+        """Rank 0's answer (``wanted`` or its daemon's restorable step, -1 for none), on every
+        rank; an error on rank 0 is raised on every rank."""
+        step, code, error = -1, 0, None
+        if self._group is None or self.rank == 0:
+            try:
+                if wanted is not None:
+                    step = wanted
+                else:
+                    reply = self._call("Latest", pb.LatestRequest(job=self.job))
+                    step = reply.step if reply.HasField("step") else -1
+            except ShardguardError as exc:
+                error = exc
+                code = _failure_code(exc)
+        if self._group is not None:
+            t = torch.tensor([step, code], dtype=torch.int64)
+            dist.broadcast(t, src=dist.get_global_rank(self._group, 0), group=self._group)
+            step, code = int(t[0]), int(t[1])
+        if code:
+            if error is not None:
+                raise error
+            raise _RESTORE_FAILURES[code - 1](f"job {self.job}: rank 0 could not find the restorable step")
+        return step
 
     def restore(self, step: int | None = None, into: Any = None, *,
                 map_location: str | torch.device | None = None,
@@ -262,14 +288,7 @@ class Client:
         self._check_open()
         self._drain()
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
-        agreed = -1
-        if self._group is None or self.rank == 0:
-            if step is not None:
-                agreed = step
-            else:
-                reply = self._call("Latest", pb.LatestRequest(job=self.job))
-                agreed = reply.step if reply.HasField("step") else -1
-        agreed = self._broadcast_int(agreed)
+        agreed = self._agreed_step(step)
         if agreed < 0:
             raise NotRestorableError(f"job {self.job} has no restorable step")
         state, error = None, None
@@ -278,8 +297,7 @@ class Client:
         except (ShardguardError, ValueError, TypeError, RuntimeError) as exc:
             error = exc
         # Every rank raises the same class: the most specific failure on any rank.
-        code = next((i for i, cls in enumerate(_RESTORE_FAILURES, 1)
-                     if isinstance(error, cls)), 0)
+        code = _failure_code(error) if error is not None else 0
         worst = self._reduce_max([code])[0]
         if worst:
             cls = _RESTORE_FAILURES[worst - 1]
@@ -501,13 +519,6 @@ class Client:
             if isinstance(err, (DaemonUnavailableError, LeaseError)):
                 self._lost_daemon = True
             raise err from None
-
-    def _broadcast_int(self, value: int) -> int:
-        if self._group is None:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.broadcast(t, src=dist.get_global_rank(self._group, 0), group=self._group)
-        return int(t.item())
 
     def _reduce_max(self, values: list[int]) -> list[int]:
         if self._group is None:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -85,20 +84,23 @@ def start(root: str, node: int, spec: ClusterSpec | None = None) -> int:
     if _alive(_pid(d)):
         raise ConfigError(f"node {node} is already running (pid {_pid(d)})")
     sock = os.path.join(d, "agent.sock")
-    with open(os.path.join(d, "daemon.log"), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardguard.daemon", "--socket", sock,
+    argv = [sys.executable, "-m", "shardguard.daemon", "--socket", sock,
              "--shm-prefix", spec.node_prefix(node), "--host", "127.0.0.1",
              "--control-port", "0", "--data-port", "0", "--group-size", str(spec.group_size),
-             "--parity", str(spec.parity), "--memory-budget-bytes",
-             str(spec.memory_budget_bytes), "--log-level", os.environ.get(
-                 "SHARDGUARD_LOG_LEVEL", "INFO")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            "--parity", str(spec.parity), "--memory-budget-bytes",
+            str(spec.memory_budget_bytes), "--log-level",
+            os.environ.get("SHARDGUARD_LOG_LEVEL", "INFO")]
+    # A detached daemon in its own session, as systemd or a prolog would start it;
+    # no Popen object, since the daemon is meant to outlive whoever started it.
+    log = os.path.join(d, "daemon.log")
+    pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+        (os.POSIX_SPAWN_DUP2, 1, 2)])
     with open(os.path.join(d, "daemon.pid"), "w", encoding="utf-8") as fh:
-        fh.write(str(proc.pid))
-    _wait_ready(sock, proc)
-    return proc.pid
+        fh.write(str(pid))
+    _wait_ready(sock, pid)
+    return pid
 
 
 def kill(root: str, node: int) -> None:
@@ -122,7 +124,10 @@ def down(root: str) -> None:
         d = spec.node_dir(root, i)
         pid = _pid(d)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _alive(pid):
+                break
             time.sleep(0.05)
         _signal(pid, signal.SIGKILL)
         _wipe(spec.node_prefix(i))
@@ -168,13 +173,13 @@ def _signal(pid: int, sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-    if sig == signal.SIGKILL:
-        try:
-            os.waitpid(pid, 0)
-        except (ChildProcessError, OSError):
-            deadline = time.monotonic() + 5
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
+    if sig == signal.SIGKILL and pid > 0:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _alive(pid):
+                break
+            time.sleep(0.01)
 
 
 def _wipe(prefix: str) -> None:
@@ -185,11 +190,20 @@ def _wipe(prefix: str) -> None:
             pass
 
 
-def _wait_ready(sock: str, proc: subprocess.Popen[bytes]) -> None:
+def _reap(pid: int) -> None:
+    """Collect a dead daemon that is our child, so no zombie is left."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _wait_ready(sock: str, pid: int) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ConfigError(f"daemon for {sock} exited with {proc.returncode}")
+        _reap(pid)
+        if not _alive(pid):
+            raise ConfigError(f"daemon for {sock} exited; see its daemon.log")
         if os.path.exists(sock):
             with grpc.insecure_channel(grpc_target(sock)) as ch:
                 try:

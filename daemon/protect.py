@@ -249,6 +249,7 @@ class Protector:
         if enc is None or not enc.ready.is_set():
             raise InvalidRequestError(f"no encoding in progress for {key}")
         q, off, n = int(h["index"]), int(h["off"]), int(h["n"])
+        fault_point("mid-encode", key[1], self.topology(key[0]))
         offer = enc.offers[q]
         if n != len(payload) or off < 0 or off + n > offer.real_bytes:
             raise InvalidRequestError(f"frame [{off}, +{n}) outside piece {q} of {key}")
@@ -542,7 +543,7 @@ class Protector:
         if meta is None or topo is None:
             raise NotRestorableError(f"job {job}: no step metadata to repair from")
         Rebuilder(self, topo).rebuild_rank(job, meta, rank, rec.world_size,
-                                           list(rec.local_ranks), trust_owner=False)
+                                           list(rec.local_ranks), distrust=topo.node_index)
         logger.warning("job=%s rank=%d step=%d: corrupt snapshot repaired from parity", job,
                        rank, meta["step"])
 
@@ -555,6 +556,24 @@ class Protector:
     def verify_piece(self, bufs: list[memoryview], want: dict[str, Any], what: str) -> None:
         if crc_of(bufs) != int(want["crc"]):
             raise CorruptionError(f"{what}: checksum fails")
+
+
+DAEMON_FAULT_ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
+
+
+def fault_point(point: str, step: int, topo: Topology | None) -> None:
+    """Test-only: SIGKILL this daemon at ``point`` of ``step`` on one node.
+
+    Enabled only by ``SHARDGUARD_TEST_DAEMON_FAULT=point@step@node``; it fires at the
+    first such point of a step >= ``step`` (a step may be skipped by the trainers).
+    """
+    spec = os.environ.get(DAEMON_FAULT_ENV)
+    if not spec or topo is None:
+        return
+    want_point, want_step, want_node = spec.split("@")
+    if point == want_point and step >= int(want_step) and topo.node_index == int(want_node):
+        logger.error("test fault %s: killing this daemon", spec)
+        os.kill(os.getpid(), 9)
 
 
 class _Translating:

@@ -50,12 +50,43 @@ class Rebuilder:
             return
         step = int(meta["step"])
         need = [r for r in local_ranks if not self._holds(job, r, step)]
-        for rank in need:
-            self.rebuild_rank(job, meta, rank, world_size, local_ranks, trust_owner=True)
+        replaced = None
+        if need:
+            alive = self._alive(meta)
+            for rank in need:
+                self.rebuild_rank(job, meta, rank, world_size, local_ranks, alive)
+            replaced = self._replaced_node(meta, alive)
+            if replaced is not None:
+                meta = self._recreate_parity(job, meta, replaced, alive)
         self.p._save_meta(job, step, meta)
         self.store.set_restorable(job, step)
         if need:
-            logger.info("job=%s step=%d: rebuilt ranks %s", job, step, need)
+            logger.info("job=%s step=%d: rebuilt ranks %s%s", job, step, need,
+                        f" and the parity of node {replaced}" if replaced is not None else "")
+
+    def _replaced_node(self, meta: dict[str, Any], alive: dict[int, str]) -> int | None:
+        """The old node this daemon stands in for: same index, same node count, and gone."""
+        old = Topology.from_doc(meta["topology"])
+        me = self.topo.node_index
+        if len(old.nodes) != len(self.topo.nodes) or me in alive \
+                or old.nodes[me] == self.topo.nodes[me]:
+            return None
+        return me
+
+    def _recreate_parity(self, job: str, meta: dict[str, Any], node: int,
+                         alive: dict[int, str]) -> dict[str, Any]:
+        """Decode the parity pieces the lost node held, so the group is protected again."""
+        old = Topology.from_doc(meta["topology"])
+        grp = old.placement.group_of(node)
+        for ref in grp.parity_pieces(grp.position(node)):
+            piece = self._decode(job, meta, old, grp, ref.stripe, ref.index, alive)
+            out = self.p._piece_file(job, int(meta["step"]), grp.group, ref.stripe, ref.index,
+                                     len(piece))
+            out[:] = piece
+        # This daemon now serves the lost node's pieces: point the metadata at it.
+        nodes = [list(n) for n in meta["topology"]["nodes"]]
+        nodes[node] = list(self.topo.nodes[self.topo.node_index])
+        return {**meta, "topology": {**meta["topology"], "nodes": nodes}}
 
     def _holds(self, job: str, rank: int, step: int) -> bool:
         try:
@@ -82,11 +113,16 @@ class Rebuilder:
     # ---------------------------------------------------------------- ranks
 
     def rebuild_rank(self, job: str, meta: dict[str, Any], rank: int, world_size: int,
-                     local_ranks: list[int], trust_owner: bool) -> None:
-        """Put ``rank``'s snapshot of the meta's step into this node's store."""
+                     local_ranks: list[int], alive: dict[int, str] | None = None,
+                     distrust: int | None = None) -> None:
+        """Put ``rank``'s snapshot of the meta's step into this node's store.
+
+        ``distrust`` names a node whose pieces are not to be read (its bytes failed).
+        """
         owner, entry = _find_rank(meta, rank)
         lay = meta["layouts"][str(owner)]
-        alive = self._alive(meta) if trust_owner else self._alive(meta) - {owner}
+        alive = dict(self._alive(meta) if alive is None else alive)
+        alive.pop(distrust, None)  # type: ignore[arg-type]
         data = self._read(job, meta, owner, lay, entry["off"], entry["used"], alive)
         record = SlotRecord(**{**entry["record"], "state": SlotState(entry["record"]["state"])})
 
@@ -95,22 +131,33 @@ class Rebuilder:
 
         self.store.install(job, world_size, local_ranks, rank, entry["slot_bytes"], record, fill)
 
-    def _alive(self, meta: dict[str, Any]) -> set[int]:
-        """Old nodes that answer and still hold the meta's step."""
+    def _alive(self, meta: dict[str, Any]) -> dict[int, str]:
+        """Old nodes that answer and hold the meta's step, with their data address.
+
+        A node is looked for at its address in the metadata and, when the job kept
+        its node count, at the current address of the same node index (a node
+        that was rebuilt earlier serves the old node's pieces there).
+        """
         old = Topology.from_doc(meta["topology"])
-        alive = set()
-        for i, (control, _) in enumerate(old.nodes):
-            try:
-                reply = self.p._peer(control).StepInfo(ppb.StepInfoRequest(job=meta["job"]),
-                                                       timeout=PROBE_TIMEOUT_S)
-            except Exception:  # noqa: BLE001
-                continue
-            if reply.HasField("step") and reply.step == meta["step"]:
-                alive.add(i)
+        same_shape = len(old.nodes) == len(self.topo.nodes)
+        alive: dict[int, str] = {}
+        for i, addr in enumerate(old.nodes):
+            candidates = [addr] + ([self.topo.nodes[i]] if same_shape else [])
+            for control, data in dict.fromkeys(candidates):
+                if (control, data) == self.topo.nodes[self.topo.node_index]:
+                    continue  # this daemon holds nothing of the step yet
+                try:
+                    reply = self.p._peer(control).StepInfo(
+                        ppb.StepInfoRequest(job=meta["job"]), timeout=PROBE_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - gone
+                    continue
+                if reply.HasField("step") and reply.step == meta["step"]:
+                    alive[i] = data
+                    break
         return alive
 
     def _read(self, job: str, meta: dict[str, Any], owner: int, lay: dict[str, Any], off: int,
-              n: int, alive: set[int]) -> np.ndarray:
+              n: int, alive: dict[int, str]) -> np.ndarray:
         """Bytes [off, off+n) of old node ``owner``'s payload."""
         out = np.empty(n, dtype=np.uint8)
         plen = int(lay["plen"])
@@ -127,7 +174,7 @@ class Rebuilder:
     # --------------------------------------------------------------- pieces
 
     def _data_piece(self, job: str, meta: dict[str, Any], owner: int, q: int,
-                    alive: set[int]) -> np.ndarray:
+                    alive: dict[int, str]) -> np.ndarray:
         old = Topology.from_doc(meta["topology"])
         grp = old.placement.group_of(owner)
         stripe = (grp.position(owner) - grp.m - q) % grp.g
@@ -135,19 +182,21 @@ class Rebuilder:
         want = info["pieces"][str(q)]
         if owner in alive:
             try:
-                return self._fetch(job, meta, old, grp.group, stripe, q, want, int(want["len"]))
+                return self._fetch(job, meta, alive, grp.group, stripe, q, want,
+                                   int(want["len"]))
             except (PeerUnavailableError, CorruptionError) as exc:
                 logger.warning("job=%s: piece %d of node %d unusable (%s); decoding it", job, q,
                                owner, exc)
-        return self._decode(job, meta, old, grp, stripe, q, alive - {owner})
+        return self._decode(job, meta, old, grp, stripe, q,
+                            {i: a for i, a in alive.items() if i != owner})
 
-    def _fetch(self, job: str, meta: dict[str, Any], old: Topology, group: int, stripe: int,
-               index: int, want: dict[str, Any], size: int) -> np.ndarray:
+    def _fetch(self, job: str, meta: dict[str, Any], alive: dict[int, str], group: int,
+               stripe: int, index: int, want: dict[str, Any], size: int) -> np.ndarray:
         node = int(want["node"])
         out = np.zeros(size, dtype=np.uint8)
         hdr = {"job": job, "step": meta["step"], "group": group, "stripe": stripe,
                "index": index, "req": f"{group}/{stripe}/{index}"}
-        got = self.p.plane.fetch(old.nodes[node][1], hdr, out)
+        got = self.p.plane.fetch(alive[node], hdr, out)
         if got != int(want["len"]):
             raise CorruptionError(f"node {node} sent {got} bytes of a {want['len']}-byte piece")
         self.p.verify_piece([out[:got].data], want,
@@ -156,7 +205,7 @@ class Rebuilder:
         return out
 
     def _decode(self, job: str, meta: dict[str, Any], old: Topology, grp: Any, stripe: int,
-                q: int, alive: set[int]) -> np.ndarray:
+                q: int, alive: dict[int, str]) -> np.ndarray:
         info = meta["stripes"][f"{grp.group}/{stripe}"]
         plen = int(info["plen"])
         have: dict[int, np.ndarray] = {}
@@ -170,7 +219,7 @@ class Rebuilder:
                 missing.append(node)
                 continue
             try:
-                have[idx] = self._fetch(job, meta, old, grp.group, stripe, idx, want, plen)
+                have[idx] = self._fetch(job, meta, alive, grp.group, stripe, idx, want, plen)
             except (PeerUnavailableError, CorruptionError) as exc:
                 logger.warning("job=%s: stripe %d piece %d from node %d unusable: %s", job,
                                stripe, idx, node, exc)

@@ -5,80 +5,14 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-TRAINER = str(Path(__file__).with_name("trainer.py"))
+from _support import assert_same_state, finish, read_losses, run_trainer, trainer_log
 FAULT_POINTS = ["before-snapshot", "before-copy", "mid-copy", "before-seal", "after-seal",
                 "mid-restore"]
-
-
-def run_trainer(out: Path, job: str, socket: str, world: int, steps: int, *,
-                no_snapshot: bool = False, env: dict[str, str] | None = None,
-                ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, TRAINER, "--out", str(out), "--job", job, "--world", str(world),
-           "--steps", str(steps), "--socket", socket]
-    if no_snapshot:
-        cmd.append("--no-snapshot")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "trainer.log", "ab") as log:
-        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-
-def trainer_log(out: Path) -> str:
-    return (out / "trainer.log").read_text(errors="replace")[-3000:]
-
-
-def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        raise
-    # A rank killed mid-collective can leave its peers behind; reap the whole group.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return proc.returncode
-
-
-def read_losses(out: Path, rank: int) -> list[tuple[int, str]]:
-    path = out / f"losses.{rank}"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2:  # the last line of a killed rank may be torn
-            rows.append((int(parts[0]), parts[1]))
-    return rows
-
-
-def assert_same_state(a: object, b: object, path: str = "state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), path
-        for k in a:
-            assert_same_state(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
-    else:
-        import numpy as np
-        if isinstance(a, np.ndarray):
-            assert np.array_equal(a, b), path
-        else:
-            assert a == b, path
 
 
 def reference(tmp_path: Path, socket: str, world: int, steps: int) -> Path:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -52,13 +54,28 @@ def worker(rank: int, args: argparse.Namespace) -> None:
     with open(os.path.join(args.out, f"pid.{rank}"), "w") as fh:
         fh.write(str(os.getpid()))
     model, opt = build()
-    torch.manual_seed(1000 + rank)  # each rank draws its own data
+    # Each rank draws its own data; every stream a resume must reproduce is seeded.
+    torch.manual_seed(1000 + rank)
+    random.seed(1000 + rank)
+    np.random.seed(1000 + rank)
     client = sg.connect(job=args.job) if not args.no_snapshot else None
     start = 0
     if client is not None:
         client.protect(opt)
-        if client.latest() is not None:
-            step, state = client.restore()
+        try:
+            restorable = client.latest()
+            step, state = client.restore() if restorable is not None else (None, None)
+        except sg.ShardguardError as exc:
+            if not args.expect_restore_error:
+                raise
+            with open(os.path.join(args.out, f"error.{rank}"), "w") as fh:
+                fh.write(f"{type(exc).__name__}: {exc}")
+            client.close()
+            dist.destroy_process_group()
+            return
+        with open(os.path.join(args.out, f"restored.{rank}"), "a") as fh:
+            fh.write(f"{step}\n")
+        if step is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
             sg.set_rng_state(state["rng"])
@@ -102,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", default=None)
     p.add_argument("--sockets", default=None, help="comma-separated, rank i uses i mod n")
     p.add_argument("--no-snapshot", action="store_true")
+    p.add_argument("--expect-restore-error", action="store_true",
+                   help="a failed restore is written to OUT/error.<rank> instead of raised")
     args = p.parse_args(argv)
     args.sockets = (args.sockets or args.socket or os.environ["SHARDGUARD_SOCKET"]).split(",")
     args.port = free_port()

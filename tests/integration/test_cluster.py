@@ -1,0 +1,203 @@
+"""Lost nodes on a real local cluster: real daemons, real trainer ranks, real parity.
+
+Each node is a daemon with its own socket, ports and shared memory
+(``shardguard cluster``); rank i runs on node i. A node is lost for real: its
+daemon and its rank are SIGKILLed and its shared memory wiped; a replacement
+daemon starts empty in its slot and the job resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardguard.daemon import cluster
+from _support import (
+    assert_same_state,
+    finish,
+    read_losses,
+    run_trainer,
+    status_of_socket,
+    trainer_log,
+)
+
+STEPS = 12
+
+
+@pytest.fixture
+def local_cluster(tmp_path: Path):
+    made: list[Path] = []
+
+    def make(nodes: int, group_size: int, parity: int, env: dict[str, str] | None = None):
+        root = tmp_path / f"cluster{len(made)}"
+        old = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            cluster.up(str(root), nodes, group_size, parity)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        made.append(root)
+        return root
+
+    yield make
+    for root in made:
+        cluster.down(str(root))
+
+
+def sockets(root: Path) -> str:
+    return ",".join(cluster.sockets(str(root)))
+
+
+def status(root: Path, node: int):
+    return status_of_socket(cluster.sockets(str(root))[node])
+
+
+def restorable(root: Path, node: int, job: str = "job") -> int:
+    st = status(root, node)
+    j = next(j for j in st.jobs if j.job == job)
+    return j.restorable_step if j.HasField("restorable_step") else -1
+
+
+@pytest.fixture(scope="module")
+def reference4(tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("ref4")
+    proc = run_trainer(ref, "ref", "/nonexistent", 4, STEPS, no_snapshot=True)
+    assert finish(proc) == 0, trainer_log(ref)
+    return ref
+
+
+def train(root: Path, out: Path, world: int, steps: int, **kw) -> int:
+    proc = run_trainer(out, "job", sockets(root), world, steps, **kw)
+    return finish(proc)
+
+
+def assert_matches_reference(out: Path, ref: Path, world: int) -> None:
+    for rank in range(world):
+        want = dict(read_losses(ref, rank))
+        got = read_losses(out, rank)
+        assert got, f"rank {rank} trained nothing"
+        for step, loss in got:
+            assert loss == want[step], f"rank {rank} step {step}: {loss} != {want[step]}"
+        a = torch.load(ref / f"final.{rank}.pt", weights_only=False)
+        b = torch.load(out / f"final.{rank}.pt", weights_only=False)
+        assert_same_state(a, b)
+
+
+def lose_node_while_training(root: Path, out: Path, node: int, world: int, after: int) -> None:
+    """Train; once node's rank passed ``after`` steps, SIGKILL the node and its rank."""
+    proc = run_trainer(out, "job", sockets(root), world, STEPS)
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        rows = read_losses(out, node)
+        if rows and rows[-1][0] >= after and restorable(root, node) >= 1:
+            break
+        time.sleep(0.01)
+    pid_file = out / f"pid.{node}"
+    if proc.poll() is None:
+        cluster.kill(str(root), node)
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, FileNotFoundError, ValueError):
+            pass
+    finish(proc)
+
+
+@pytest.mark.parametrize("lost", [0, 1, 2, 3], ids=lambda n: f"lose-node{n}")
+def test_lost_node_is_rebuilt_and_the_run_resumes_bit_exact(local_cluster, reference4,
+                                                             tmp_path: Path, lost: int) -> None:
+    root = local_cluster(4, 4, 1)
+    out = tmp_path / "run"
+    lose_node_while_training(root, out, lost, 4, after=3)
+    cluster.kill(str(root), lost)  # in case training finished first: the node is lost now
+    cluster.start(str(root), lost)
+    assert train(root, out, 4, STEPS) == 0, trainer_log(out)
+    assert_matches_reference(out, reference4, 4)
+    restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+    assert len(restored) == 1 and restored != {"None"}, restored
+    assert "rebuilt ranks [%d]" % lost in (root / f"node-{lost}" / "daemon.log").read_text()
+
+
+def test_more_than_parity_lost_fails_clearly_on_every_rank(local_cluster, tmp_path: Path) -> None:
+    root = local_cluster(4, 4, 1)
+    out = tmp_path / "run"
+    assert train(root, out, 4, 6) == 0, trainer_log(out)
+    for node in (1, 2):
+        cluster.kill(str(root), node)
+        cluster.start(str(root), node)
+    assert train(root, out, 4, 6, expect_restore_error=True) == 0, trainer_log(out)
+    for rank in range(4):
+        err = (out / f"error.{rank}").read_text()
+        assert err.startswith("InsufficientPiecesError"), err
+        assert "group 0" in err or rank not in (1, 2), err
+
+
+def test_flipped_bytes_are_detected_and_repaired(local_cluster, reference4,
+                                                 tmp_path: Path) -> None:
+    root = local_cluster(4, 4, 1)
+    out = tmp_path / "run"
+    assert train(root, out, 4, 6) == 0, trainer_log(out)
+    step = restorable(root, 1)
+    st = status(root, 1)
+    rank = st.jobs[0].ranks[0]
+    slot = next(s for s in rank.slots if s.step == step and s.state == "restorable")
+    from shardguard.proto import arena as fmt
+
+    with open(rank.arena_path, "rb") as fh:
+        header = fmt.unpack_header(fh.read(fmt.HEADER_BYTES))
+    off = fmt.slot_offset(slot.index, header.slot_bytes) + 4096 + 17
+    with open(rank.arena_path, "r+b") as fh:
+        fh.seek(off)
+        b = fh.read(1)
+        fh.seek(off)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    assert train(root, out, 4, STEPS) == 0, trainer_log(out)
+    assert "repaired from parity" in (root / "node-1" / "daemon.log").read_text()
+    assert_matches_reference(out, reference4, 4)
+
+
+def test_node_lost_while_encoding_restores_the_previous_step(local_cluster, reference4,
+                                                             tmp_path: Path) -> None:
+    root = local_cluster(4, 4, 1, env={"SHARDGUARD_TEST_DAEMON_FAULT": "mid-encode@5@2"})
+    out = tmp_path / "run"
+    train(root, out, 4, STEPS)
+    assert restorable(root, 0) < 5
+    before = restorable(root, 0)
+    cluster.kill(str(root), 2)
+    cluster.start(str(root), 2)
+    assert train(root, out, 4, STEPS) == 0, trainer_log(out)
+    restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+    assert restored == {str(before)}, restored
+    assert_matches_reference(out, reference4, 4)
+
+
+@pytest.mark.slow
+def test_every_pattern_of_up_to_two_lost_nodes_g6_m2(local_cluster, tmp_path: Path) -> None:
+    root = local_cluster(6, 6, 2)
+    out = tmp_path / "run"
+    assert train(root, out, 6, 5) == 0, trainer_log(out)
+    step = restorable(root, 0)
+    ref = tmp_path / "ref"
+    proc = run_trainer(ref, "ref", "/nonexistent", 6, step + 1, no_snapshot=True)
+    assert finish(proc) == 0, trainer_log(ref)
+    patterns = [c for r in (1, 2) for c in itertools.combinations(range(6), r)]
+    for lost in patterns:
+        for node in lost:
+            cluster.kill(str(root), node)
+        for node in lost:
+            cluster.start(str(root), node)
+        check = tmp_path / f"check-{'-'.join(map(str, lost))}"
+        assert train(root, check, 6, step + 1) == 0, (lost, trainer_log(check))
+        for rank in range(6):
+            a = torch.load(ref / f"final.{rank}.pt", weights_only=False)
+            b = torch.load(check / f"final.{rank}.pt", weights_only=False)
+            assert_same_state(a, b)
