@@ -28,6 +28,10 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# JSON integers past ~4300 digits are refused by Python's int/str conversion limit.
+MAX_INT_BITS = 8192
+
+
 @dataclass
 class Leaf:
     """A state leaf that owns bytes in the slot; ``node`` is its manifest entry."""
@@ -58,7 +62,8 @@ def _encode(x: Any, path: str, leaves: list[Leaf], allow_pickle: bool, depth: in
     if isinstance(x, np.ndarray):
         if x.dtype.hasobject:
             return _pickled(x, path, leaves, allow_pickle)
-        node = {"t": "ndarray", "dtype": x.dtype.str, "shape": list(x.shape)}
+        node = {"t": "ndarray", "dtype": np.lib.format.dtype_to_descr(x.dtype),
+                "shape": list(x.shape)}
         leaves.append(Leaf("ndarray", x, x.nbytes, node))
         return node
     if isinstance(x, (bytes, bytearray, memoryview)):
@@ -71,6 +76,9 @@ def _encode(x: Any, path: str, leaves: list[Leaf], allow_pickle: bool, depth: in
     if isinstance(x, bool):
         return {"t": "bool", "v": x}
     if type(x) is int:
+        if x.bit_length() > MAX_INT_BITS:
+            raise TypeError(f"{path}: an int of {x.bit_length()} bits is too big for a manifest "
+                            "(store it as bytes)")
         return {"t": "int", "v": x}
     if type(x) is float:
         return {"t": "float", "v": mf.encode_float(x)}
@@ -185,7 +193,7 @@ def _decode(node: dict[str, Any], path: str, u8: torch.Tensor, arr: np.ndarray, 
         return out
     if t == "ndarray":
         off, n = base + node["off"], node["n"]
-        a = arr[off:off + n].view(np.dtype(node["dtype"])).reshape(node["shape"])
+        a = arr[off:off + n].view(mf.ndarray_dtype(node["dtype"])).reshape(node["shape"])
         if isinstance(into, np.ndarray) and into.dtype == a.dtype and into.shape == a.shape \
                 and into.flags.writeable:
             np.copyto(into, a)

@@ -210,7 +210,7 @@ class Client:
             try:
                 tree, leaves = flatten(state, pickle_ok)
                 self._ensure_plan(leaves, step, tree)
-            except (ShardguardError, TypeError) as exc:
+            except (ShardguardError, TypeError, ValueError) as exc:
                 verdict, error = "error", exc
         decision = self._agree(verdict)
         if decision == "error":
@@ -409,11 +409,13 @@ class Client:
                     if i == half:
                         _faults.fault_point("mid-copy", h.step, self.rank)
                     copy_leaf(lf, m.u8, m.arr, base)
+                # Host copies done: the optimizer may go on (CUDA copies it waits for on
+                # the GPU, through the event, not here).
+                h._copied.set()
                 if h._cuda_event is not None:
                     h._cuda_event.synchronize()
                 mo = base + plan.manifest_offset
                 m.arr[mo:mo + len(manifest)] = np.frombuffer(manifest, dtype=np.uint8)
-                h._copied.set()
                 _faults.fault_point("before-seal", h.step, self.rank)
                 reply = self._call("Seal", pb.SealRequest(
                     job=self.job, rank=self.rank, lease=lease, step=h.step, slot=slot,

@@ -35,9 +35,12 @@ def parse_bytes(value: Any) -> int:
     if isinstance(value, int):
         return value
     m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ConfigError(f"not a size: {value!r} (examples: 8GiB, 512MiB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+    try:
+        if not m:
+            raise ValueError(value)
+        return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+    except (ValueError, OverflowError):
+        raise ConfigError(f"not a size: {value!r} (examples: 8GiB, 512MiB, 1000000)") from None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
                 return False
             raise ValueError(value)
         if kind in (int, "int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
             return int(value)
         if kind in (float, "float"):
             return float(value)
@@ -127,6 +132,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         table = doc.get("daemon", doc)
+        if "daemon" in doc and len(doc) > 1:
+            stray = sorted(k for k in doc if k != "daemon")
+            raise ConfigError(f"{path}: options {stray} lie outside the [daemon] table")
         for key, value in table.items():
             if key not in known:
                 raise ConfigError(f"{path}: unknown option {key!r}")

@@ -80,7 +80,8 @@ class RankRecord:
     lease: str | None = None
     pid: int = 0
     pid_started: float = 0.0
-    pinned: set[int] = field(default_factory=set)
+    # Slots opened for restore, and the step each was opened for.
+    pinned: dict[int, int] = field(default_factory=dict)
 
     def claimed_by_live_process(self) -> bool:
         if self.lease is None or not self.pid:
@@ -274,7 +275,9 @@ class Store:
             s.state, s.step = SlotState.WRITING, step
             s.generation += 1
             s.data_bytes = s.manifest_offset = s.manifest_bytes = 0
-            self._write_header(rec, rr)
+            # Persisted, not only mirrored: after a crash the slot must not come back as
+            # the sealed step it held before this rewrite began.
+            self._sync(rec, rr)
             return index
 
     def seal(self, job: str, rank: int, lease: str, step: int, slot: int, data_bytes: int,
@@ -343,23 +346,22 @@ class Store:
                 raise NotRestorableError(
                     f"job {job} rank {rank}: no slot holds restorable step {rec.restorable_step}")
             s = dataclasses.replace(rr.slots[index])
-            rr.pinned.add(index)
+            rr.pinned[index] = s.step
             view = rr.arena.slot(index, rr.slot_bytes)
         if self.verify_on_restore:
             try:
                 self._verify(job, rank, view, s)
             except CorruptionError:
                 with self._lock:
-                    rr.pinned.discard(index)
+                    rr.pinned.pop(index, None)
                 raise
         return OpenSlot(index, s.step, s.data_bytes, s.manifest_offset, s.manifest_bytes)
 
     def release(self, job: str, rank: int, lease: str, step: int) -> None:
         with self._lock:
             rr = self._claimed(job, rank, lease)
-            for i, s in enumerate(rr.slots):
-                if s.step == step:
-                    rr.pinned.discard(i)
+            for i in [i for i, pinned_step in rr.pinned.items() if pinned_step == step]:
+                del rr.pinned[i]
 
     def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotRecord, int]:
         """The bytes and record of ``rank``'s sealed or restorable slot of ``step``, and slot_bytes."""
@@ -424,7 +426,7 @@ class Store:
         for meta_path in sorted(glob.glob(pattern)):
             try:
                 rec = self._adopt_job(meta_path)
-            except (OSError, ValueError, KeyError, TypeError, ShardguardError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad job must not stop the daemon
                 logger.error("cannot adopt %s: %s; its arenas are left in place", meta_path, exc)
                 continue
             with self._lock:
@@ -443,6 +445,16 @@ class Store:
         _check_job(job)
         rec = JobRecord(job, int(meta["world_size"]), tuple(meta["local_ranks"]),
                         restorable_step=meta["restorable_step"], topology=meta.get("topology"))
+        try:
+            self._adopt_ranks(rec, meta)
+        except BaseException:
+            for rr in rec.ranks.values():
+                rr.arena.close()
+            raise
+        return rec
+
+    def _adopt_ranks(self, rec: JobRecord, meta: dict[str, Any]) -> None:
+        job = rec.job
         for key, rm in meta["ranks"].items():
             rank = int(key)
             path = os.path.join(self.shm_dir, fmt.arena_name(self.prefix, job, rank))
@@ -466,7 +478,6 @@ class Store:
             rr = RankRecord(rank, arena, int(rm["slot_bytes"]), slots)
             rec.ranks[rank] = rr
             self._write_header(rec, rr)
-        return rec
 
     # ---------------------------------------------------------------- helpers
 

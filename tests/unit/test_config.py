@@ -146,17 +146,11 @@ def test_parse_bytes_refuses(text: Any) -> None:
         parse_bytes(text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: daemon/config.py parse_bytes(): '1e999' overflows int(float(...)) with "
-    "OverflowError, which neither it nor _coerce turns into ConfigError"))
 def test_overflowing_size_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         load(env={}, overrides={"memory_budget_bytes": "1e999"})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: daemon/config.py parse_bytes(): strings the size regex lets through but float() "
-    "refuses ('...', 'e', '+') raise a bare ValueError, not ConfigError"))
 @pytest.mark.parametrize("text", ["...", "e", "+", "1e999"])
 def test_parse_bytes_raises_only_config_errors(text: str) -> None:
     with pytest.raises(ConfigError):
@@ -189,9 +183,6 @@ def test_toml_types_are_coerced(tmp_path: Path) -> None:
     assert c.grpc_workers == 8 and c.verify_on_restore is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: daemon/config.py _coerce(): int(value) truncates a TOML float (grpc_workers = 4.5 "
-    "becomes 4) while the string '4.5' is refused"))
 def test_fractional_value_for_an_integer_option(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="grpc_workers"):
         load(toml(tmp_path, "grpc_workers = 4.5\n"), env={})
@@ -212,9 +203,6 @@ def test_unknown_table_in_toml(tmp_path: Path) -> None:
         load(toml(tmp_path, "[peers]\nhost = 'a'\n"), env={})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: daemon/config.py load(): with a [daemon] table present, top-level options are "
-    "ignored without a word (doc.get('daemon', doc))"))
 def test_options_outside_the_daemon_table_are_not_dropped(tmp_path: Path) -> None:
     path = toml(tmp_path, "grpc_workers = 4\n[daemon]\nparity = 2\ngroup_size = 4\n")
     with pytest.raises(ConfigError, match="grpc_workers"):

@@ -251,9 +251,6 @@ def test_ndarrays_round_trip(a: np.ndarray) -> None:
     assert got.flags.c_contiguous and got.flags.owndata
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: client/_layout.py _encode() records dtype.str, which is '|V12' for a structured "
-    "dtype: the field names and types are lost and the array comes back as raw void bytes"))
 def test_structured_array_keeps_its_fields() -> None:
     a = np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")])
     a["a"], a["b"] = [1, 2, 3], [0.5, 1.5, 2.5]
@@ -295,10 +292,6 @@ def test_numpy_scalars_become_python_scalars() -> None:
     assert_same([1.5, -3, True, float("nan")], got)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: client/_layout.py _encode() stores ints of any size in JSON; past 4300 digits "
-    "manifest.dumps raises a bare ValueError (int max str digits), which snapshot() does not "
-    "treat as a refusal, so it escapes before the take/skip collective"))
 def test_huge_int_round_trips_or_is_refused_by_flatten() -> None:
     x = 10**5000
     try:

@@ -187,7 +187,8 @@ def test_float_that_is_not_a_hex_float(v: Any) -> None:
 ])
 def test_array_with_a_bad_dtype_or_shape(kind: str, changes: dict) -> None:
     node = {"t": kind, "dtype": "uint8", "shape": [4], "off": 0, "n": 4, **changes}
-    with pytest.raises(ManifestError, match=f"{kind} at state has a bad dtype or shape"):
+    with pytest.raises(ManifestError, match=rf"{kind} at state has (a bad shape|unknown dtype)"
+                                            r"|unknown numpy dtype"):
         mf.parse(doc(node), 4096)
 
 
@@ -237,9 +238,6 @@ def test_faults_name_the_path(tree: dict, path: str) -> None:
         mf.parse(doc(tree), 4096)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: proto/manifest.py parse() does not check a tensor/ndarray's n against "
-    "prod(shape) * itemsize, so rebuild's tensor_view reads past the entry's checked extent"))
 @pytest.mark.parametrize("node", [
     {"t": "ndarray", "dtype": "<f4", "shape": [1000], "off": 0, "n": 4},
     {"t": "tensor", "dtype": "float32", "shape": [1000], "off": 0, "n": 4, "dev": "cpu"},
@@ -250,9 +248,6 @@ def test_array_size_must_match_its_extent(node: dict) -> None:
         mf.parse(doc(node, data_bytes=16), 16)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: proto/manifest.py parse() takes JSON true/false where it needs an integer "
-    "(bool is an int subclass): version, step, off/n and shape all accept booleans"))
 @pytest.mark.parametrize("raw", [
     doc({"t": "none"}, v=True),
     doc({"t": "none"}, step=True),

@@ -399,7 +399,7 @@ def test_open_for_restore_detects_a_flipped_byte(shm: Shm, where: str) -> None:
                                               f"{'manifest' if where == 'manifest' else 'data'} "
                                               "checksum fails"):
         store.open_for_restore("j", 0, reg.lease, None)
-    assert store.job("j").ranks[0].pinned == set()
+    assert not store.job("j").ranks[0].pinned
 
 
 def test_verify_on_restore_off(shm: Shm) -> None:
@@ -417,7 +417,7 @@ def test_a_restore_in_progress_pins_its_slot(shm: Shm) -> None:
     assert store.open_for_restore("j", 0, reg.lease, None).slot == 0
     assert store.begin("j", 0, reg.lease, 1) == 1
     store.release("j", 0, reg.lease, 0)
-    assert store.job("j").ranks[0].pinned == set()
+    assert not store.job("j").ranks[0].pinned
 
 
 def test_a_slot_being_read_is_not_handed_out(shm: Shm) -> None:
@@ -430,10 +430,6 @@ def test_a_slot_being_read_is_not_handed_out(shm: Shm) -> None:
         store.begin("j", 0, reg.lease, 2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: daemon/store.py Store.release() unpins slots whose step == step, but a newer "
-    "restorable step frees the pinned slot (step -1) first: the pin is never released and "
-    "every later begin() fails with 'no free slot'"))
 def test_release_after_a_newer_step_became_restorable(shm: Shm) -> None:
     store = shm.store()
     reg = store.register("j", 0, 1, SLOT, PID, [0])
@@ -537,10 +533,6 @@ def test_adoption_of_a_sealed_step_awaiting_other_ranks(shm: Shm) -> None:
     assert snap(new, r1, "j", 0, payload(1), rank=1) == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: daemon/store.py Store.begin() changes slot states (hands out a SEALED slot, frees "
-    "others) with _write_header() only, not _persist(): the meta still says SEALED for a "
-    "slot being overwritten, and adoption brings back a torn slot as SEALED"))
 def test_adoption_does_not_resurrect_a_slot_that_was_being_rewritten(shm: Shm) -> None:
     store = shm.store()
     r0 = store.register("j", 0, 2, SLOT, PID, [0, 1])
@@ -588,12 +580,6 @@ def test_corrupt_header_is_rewritten_from_the_meta(shm: Shm, damage: str,
     assert read(again, 0, len(data)) == data
 
 
-BAD_META_SHAPE = (
-    "bug: daemon/store.py Store.adopt() catches OSError, ValueError, KeyError, TypeError; a "
-    "meta file that is valid JSON of another shape (a list, null, 'ranks' a list) raises "
-    "AttributeError out of adopt(), so the daemon does not start and later jobs are not adopted")
-
-
 @pytest.mark.parametrize("meta", [
     "{not json", "", json.dumps({"version": 99, "job": "j"}), json.dumps({"version": 1}),
     json.dumps({"version": 1, "job": "../evil", "world_size": 1, "local_ranks": [0],
@@ -605,11 +591,10 @@ BAD_META_SHAPE = (
                     {"state": 9, "step": 0, "data_bytes": 0, "manifest_offset": 0,
                      "manifest_bytes": 0, "data_crc": 0, "manifest_crc": 0,
                      "generation": 0}]}}}),
-    pytest.param("[1, 2]", marks=pytest.mark.xfail(strict=True, reason=BAD_META_SHAPE)),
-    pytest.param("null", marks=pytest.mark.xfail(strict=True, reason=BAD_META_SHAPE)),
+    pytest.param("[1, 2]"),
+    pytest.param("null"),
     pytest.param(json.dumps({"version": 1, "job": "j", "world_size": 1, "local_ranks": [0],
-                             "restorable_step": None, "ranks": []}),
-                 marks=pytest.mark.xfail(strict=True, reason=BAD_META_SHAPE)),
+                             "restorable_step": None, "ranks": []})),
 ], ids=["garbage", "empty", "version", "no-job", "bad-name", "slot-fields", "slot-state",
         "not-an-object", "null", "ranks-list"])
 def test_corrupt_meta_is_not_adopted(shm: Shm, meta: str,
@@ -651,10 +636,6 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: daemon/store.py Store._adopt_job() maps rank after rank; when a later rank fails "
-    "(missing arena, size mismatch) the arenas already mapped are never closed: fds and "
-    "mappings leak on every failed adoption"))
 def test_failed_adoption_leaves_nothing_mapped(shm: Shm) -> None:
     store = shm.store()
     store.register("j", 0, 2, SLOT, PID, [0, 1])
