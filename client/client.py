@@ -54,6 +54,8 @@ SYNC_COPY_BYTES = 256 << 10
 # Room for the manifest: twice what the first plan needs, at least this much.
 MIN_MANIFEST_ROOM = 64 << 10
 DEFAULT_TIMEOUT_S = 120.0
+# Consecutive skipped snapshots after which the client warns that protection stalled.
+SKIP_WARNING = 50
 
 
 @dataclass
@@ -176,6 +178,7 @@ class Client:
         self._stub = pb_grpc.AgentStub(self._channel)
         self._lease = ""
         self._lost_daemon = False
+        self._skips = 0
         self._map: _Mapped | None = None
         self._plan: Plan | None = None
         self._last: SnapshotHandle | None = None
@@ -217,7 +220,14 @@ class Client:
             raise error or ShardguardError(
                 f"job {self.job} step {step}: snapshot refused on another rank")
         if decision == "skip":
+            self._skips += 1
+            if self._skips == SKIP_WARNING:
+                logger.warning(
+                    "job=%s rank=%d: %d snapshots skipped in a row (step %s not yet "
+                    "restorable everywhere): is a node or its daemon down?", self.job,
+                    self.rank, self._skips, self._last.step if self._last else None)
             return SnapshotHandle(step, skipped=True)
+        self._skips = 0
         assert tree is not None and leaves is not None and self._plan is not None
         slot = self._call("Begin", pb.BeginRequest(job=self.job, rank=self.rank,
                                                    lease=self._lease, step=step)).slot

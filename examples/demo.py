@@ -1,0 +1,578 @@
+"""shardguard end to end: lose a node mid-training, rebuild it from parity, resume bit-exactly.
+
+    python examples/demo.py [--steps 50] [--seed S] [--nodes 4]
+
+What it does, on one machine:
+
+1. starts a local cluster of ``--nodes`` daemons (``shardguard cluster``; group
+   size 4, parity 1) under ``demo-out/run-*/cluster``;
+2. trains a tiny GPT (examples/gpt.py) on ``--nodes`` gloo ranks, one per node,
+   each started the way torchrun starts a worker (RANK, WORLD_SIZE,
+   MASTER_ADDR, MASTER_PORT), snapshotting every step;
+3. at a random step (30-60 % of the run, drawn from ``--seed``) loses a node
+   for real: its daemon is SIGKILLed and its shared memory wiped, its rank is
+   SIGKILLed, and the other ranks are stopped as torchrun stops them; then a
+   replacement daemon starts empty in that slot and all ranks are relaunched:
+   they restore the newest restorable step (the replacement rebuilds the lost
+   rank's state from the survivors' data and parity) and go on;
+4. trains the same job again without interruption and without shardguard, and
+   checks that every loss and every final tensor is bit-for-bit the same;
+5. plots both loss curves to ``demo-out/loss.png`` if matplotlib is installed.
+
+The cluster is always brought down (shared memory freed, daemons stopped),
+also on Ctrl-C. If this process is SIGKILLed, the daemons outlive it, as node
+daemons do: ``shardguard cluster down --dir <the printed dir>`` cleans up.
+The same script is each rank's training program (``--worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import math
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import gpt
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_ROOT = REPO / "demo-out"
+JOB = "demo-gpt"
+GROUP_SIZE, PARITY = 4, 1
+BATCH, BLOCK, D_MODEL = 8, 64, 96
+LR, WEIGHT_DECAY = 3e-3, 0.1
+# The share of the run in which the node is lost.
+FAIL_WINDOW = (0.3, 0.6)
+# As torchrun: SIGTERM to the surviving workers, SIGKILL after this grace.
+STOP_GRACE_S = 5.0
+PHASE_TIMEOUT_S = 600.0
+PARENT_ENV = "SHARDGUARD_DEMO_PARENT"
+
+
+# ============================================================== one rank (--worker)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of the job: train, snapshot every step, resume from the newest snapshot."""
+    _die_with_parent()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = Path(args.out)
+    # One thread per rank: the ranks share two cores, and one thread keeps the maths in one order.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # env://, as under torchrun
+    data, alphabet = gpt.make_corpus(seed=args.seed)
+    # The same initial weights on every rank (DDP broadcasts rank 0's; seeding is equivalent).
+    torch.manual_seed(args.seed)
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=len(alphabet), block_size=BLOCK, d_model=D_MODEL))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    # Each rank draws its own batches and dropout masks; every stream a resume must
+    # reproduce is seeded per rank and travels in the snapshot.
+    rank_seed = args.seed * 1000 + rank
+    torch.manual_seed(rank_seed)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+
+    client, start = None, 0
+    if not args.no_snapshot:
+        import shardguard.client as sg
+
+        client = sg.connect(group_size=min(GROUP_SIZE, world), parity=PARITY)
+        client.protect(opt)
+        restored = client.latest()
+        if restored is not None:
+            step, state = client.restore(restored)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optim"])
+            sg.set_rng_state(state["rng"])
+            start = step + 1
+        (out / f"restored.{rank}").write_text(f"{restored}\n")
+
+    params = list(model.parameters())
+    with open(out / f"losses.{rank}", "a", encoding="utf-8") as log:
+        for step in range(start, args.steps):
+            x, y = gpt.get_batch(data, BATCH, BLOCK)
+            loss = model(x, y)
+            loss.backward()
+            gpt.all_reduce_grads(params, world)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            mean /= world
+            log.write(f"{step} {loss.item().hex()} {mean.item().hex()}\n")
+            log.flush()
+            if client is not None:
+                client.snapshot(step, {"model": model.state_dict(), "optim": opt.state_dict(),
+                                       "rng": sg.rng_state(), "step": step})
+    if client is not None:
+        client.wait()
+        client.close()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, out / f"final.{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """A rank must not outlive the demo that launched it (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.environ.get(PARENT_ENV) and os.getppid() != int(os.environ[PARENT_ENV]):
+        os._exit(1)  # the parent died before the death signal was armed
+
+
+# ============================================================== the launcher
+
+
+class Ranks:
+    """The job's ranks as torchrun's local agent runs them: one process per rank, env://
+    rendezvous, and when one fails the others are stopped (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, out: Path, world: int, steps: int, seed: int,
+                 sockets: list[str] | None) -> None:
+        self.out = out
+        self.world = world
+        out.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+                   "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "OMP_NUM_THREADS": "1", "SHARDGUARD_JOB": JOB, PARENT_ENV: str(os.getpid())}
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out),
+                   "--steps", str(steps), "--seed", str(seed)]
+            if sockets is None:
+                cmd.append("--no-snapshot")
+            else:
+                env["SHARDGUARD_SOCKET"] = sockets[rank]  # rank i lives on node i
+            with open(out / f"rank{rank}.log", "ab") as log:
+                # Own session: a Ctrl-C reaches the demo, which stops the ranks in order.
+                self.procs.append(subprocess.Popen(
+                    cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True))
+
+    def kill(self, rank: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.procs[rank].send_signal(signal.SIGKILL)
+
+    def failed(self) -> list[int]:
+        return [r for r, p in enumerate(self.procs) if p.poll() not in (None, 0)]
+
+    def done(self) -> bool:
+        return all(p.poll() == 0 for p in self.procs)
+
+    def stop(self) -> list[int]:
+        """Stop every rank still running; returns the ranks that had to be stopped."""
+        running = [r for r, p in enumerate(self.procs) if p.poll() is None]
+        for r in running:
+            with contextlib.suppress(ProcessLookupError):
+                self.procs[r].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for r in running:
+            try:
+                self.procs[r].wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.procs[r].kill()
+                self.procs[r].wait()
+        return running
+
+    def describe_exit(self, rank: int) -> str:
+        rc = self.procs[rank].returncode
+        if rc is None:
+            return "running"
+        if rc < 0:
+            return f"killed by {signal.Signals(-rc).name}"
+        return f"exit code {rc}"
+
+    def log_tail(self, rank: int, lines: int = 15) -> str:
+        text = (self.out / f"rank{rank}.log").read_text(errors="replace").splitlines()
+        return "\n".join("    | " + line for line in text[-lines:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ============================================================== reading the ranks' output
+
+
+@dataclass(frozen=True)
+class Row:
+    step: int
+    loss_hex: str  # this rank's loss
+    mean_hex: str  # the loss averaged over the ranks (the same on every rank)
+
+    @property
+    def mean(self) -> float:
+        return float.fromhex(self.mean_hex)
+
+
+def read_rows(out: Path, rank: int) -> list[Row]:
+    path = out / f"losses.{rank}"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:  # the last line of a killed rank may be torn
+            with contextlib.suppress(ValueError):
+                float.fromhex(parts[1]), float.fromhex(parts[2])
+                rows.append(Row(int(parts[0]), parts[1], parts[2]))
+    return rows
+
+
+def read_restored(out: Path, world: int) -> set[str]:
+    return {(out / f"restored.{r}").read_text().strip() for r in range(world)}
+
+
+class Progress:
+    """Prints a line every few steps of a phase, from rank 0's loss log."""
+
+    def __init__(self, label: str, out: Path, steps: int) -> None:
+        self.label, self.out, self.steps = label, out, steps
+        self.every = max(1, steps // 10)
+        self.shown = -1
+
+    def update(self) -> None:
+        for row in read_rows(self.out, 0):
+            if row.step > self.shown and (row.step % self.every == 0
+                                          or row.step == self.steps - 1):
+                print(f"  [{self.label}] step {row.step:3d}/{self.steps}  "
+                      f"loss {row.mean:.4f}", flush=True)
+                self.shown = row.step
+
+
+# ============================================================== the demo's phases
+
+
+@dataclass
+class Failure:
+    node: int
+    after_step: int  # the last step the lost rank finished
+    restored: int | None = None  # the step every rank resumed from
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def wait_for(ranks: Ranks, progress: Progress, what: str) -> None:
+    """Wait for every rank to finish; on a failure stop the rest and raise."""
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while not ranks.done():
+        progress.update()
+        if ranks.failed():
+            bad = ranks.failed()[0]
+            ranks.stop()
+            raise DemoError(f"{what}: rank {bad} {ranks.describe_exit(bad)}; its log:\n"
+                            f"{ranks.log_tail(bad)}")
+        if time.monotonic() > deadline:
+            ranks.stop()
+            raise DemoError(f"{what}: not done within {PHASE_TIMEOUT_S:.0f}s")
+        time.sleep(0.05)
+    progress.update()
+
+
+def train_and_lose_a_node(cdir: str, out: Path, world: int, steps: int, seed: int,
+                          fail: Failure, fail_after: int) -> None:
+    from shardguard.daemon import cluster
+
+    say(f"\n== training on {world} ranks, snapshotting every step; node {fail.node} will be "
+        f"lost after step {fail_after}")
+    ranks = Ranks(out, world, steps, seed, cluster.sockets(cdir))
+    progress = Progress("train", out, steps)
+    try:
+        deadline = time.monotonic() + PHASE_TIMEOUT_S
+        while True:
+            rows = read_rows(out, fail.node)
+            if rows and rows[-1].step >= fail_after:
+                break
+            if ranks.failed() or ranks.done() or time.monotonic() > deadline:
+                bad = (ranks.failed() or [0])[0]
+                raise DemoError(f"training ended before the failure point: rank {bad} "
+                                f"{ranks.describe_exit(bad)}; its log:\n{ranks.log_tail(bad)}")
+            progress.update()
+            time.sleep(0.005)
+        # A node is lost: its daemon and its rank die together, its memory with them.
+        cluster.kill(cdir, fail.node)
+        ranks.kill(fail.node)
+        fail.after_step = read_rows(out, fail.node)[-1].step
+        progress.update()
+        say(f"  XX node {fail.node} lost after step {fail.after_step}: daemon SIGKILLed, "
+            f"its shared memory wiped, rank {fail.node} SIGKILLed")
+        ranks.procs[fail.node].wait()
+        stopped = ranks.stop()
+        say(f"  rank {fail.node} {ranks.describe_exit(fail.node)}: the launcher stops the "
+            f"other ranks, as torchrun does (stopped {stopped})")
+    finally:
+        ranks.stop()
+
+
+def replace_node_and_resume(cdir: str, out: Path, world: int, steps: int, seed: int,
+                            fail: Failure) -> None:
+    from shardguard.daemon import cluster
+
+    say(f"\n== replacing node {fail.node} and resuming")
+    pid = cluster.start(cdir, fail.node)
+    say(f"  replacement daemon for node {fail.node} is up (pid {pid}), its memory empty")
+    ranks = Ranks(out, world, steps, seed, cluster.sockets(cdir))
+    try:
+        wait_for(ranks, Progress("resume", out, steps), "resumed training")
+    finally:
+        ranks.stop()
+    restored = read_restored(out, world)
+    if len(restored) != 1:
+        raise DemoError(f"the ranks restored different steps: {sorted(restored)}")
+    value = restored.pop()
+    fail.restored = None if value == "None" else int(value)
+    if fail.restored is None:
+        say("  nothing was restorable: the job restarted from step 0")
+    else:
+        say(f"  every rank restored step {fail.restored} and resumed at step "
+            f"{fail.restored + 1}")
+    log = Path(cdir, f"node-{fail.node}", "daemon.log").read_text(errors="replace")
+    rebuilt = [line for line in log.splitlines() if "rebuilt ranks" in line]
+    if rebuilt:
+        say(f"  node {fail.node}'s replacement daemon: "
+            f"{rebuilt[-1].split(' ', 4)[-1].split(' ', 1)[-1]}")
+
+
+def train_reference(out: Path, world: int, steps: int, seed: int) -> None:
+    say(f"\n== the same training, uninterrupted and without shardguard")
+    ranks = Ranks(out, world, steps, seed, sockets=None)
+    try:
+        wait_for(ranks, Progress("reference", out, steps), "reference training")
+    finally:
+        ranks.stop()
+
+
+# ============================================================== comparing the runs
+
+
+def first_divergence(first: Path, second: Path, ref: Path, world: int, steps: int,
+                     fail: Failure) -> str | None:
+    """Where the interrupted run (``first`` then ``second`` attempt) and the reference
+    first differ, or None if they are bit-for-bit the same."""
+    resumed_at = 0 if fail.restored is None else fail.restored + 1
+    for rank in range(world):
+        want = {row.step: row for row in read_rows(ref, rank)}
+        if sorted(want) != list(range(steps)):
+            return f"the reference run of rank {rank} is incomplete"
+        second_rows = read_rows(second, rank)
+        if [row.step for row in second_rows] != list(range(resumed_at, steps)):
+            return f"rank {rank} did not train steps {resumed_at}..{steps - 1} after the resume"
+        for attempt, rows in (("before the failure", read_rows(first, rank)),
+                              ("after the resume", second_rows)):
+            for row in rows:
+                ref_row = want[row.step]
+                if (row.loss_hex, row.mean_hex) != (ref_row.loss_hex, ref_row.mean_hex):
+                    return (f"rank {rank} step {row.step} ({attempt}): loss {row.loss_hex} "
+                            f"(mean {row.mean_hex}), uninterrupted {ref_row.loss_hex} "
+                            f"(mean {ref_row.mean_hex})")
+    for rank in range(world):
+        a = torch.load(second / f"final.{rank}.pt", weights_only=True)
+        b = torch.load(ref / f"final.{rank}.pt", weights_only=True)
+        where = _state_divergence(a, b, f"rank {rank} final state")
+        if where is not None:
+            return where
+    return None
+
+
+def _state_divergence(a: Any, b: Any, path: str) -> str | None:
+    if isinstance(a, torch.Tensor):
+        ok = isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        return None if ok else f"{path} differs"
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or list(a) != list(b):
+            return f"{path}: keys differ"
+        return next((d for k in a if (d := _state_divergence(a[k], b[k], f"{path}[{k!r}]"))),
+                    None)
+    if isinstance(a, (list, tuple)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return f"{path}: lengths differ"
+        return next((d for i, (x, y) in enumerate(zip(a, b))
+                     if (d := _state_divergence(x, y, f"{path}[{i}]"))), None)
+    return None if a == b else f"{path}: {a!r} != {b!r}"
+
+
+def loss_curves(first: Path, second: Path, ref: Path, fail: Failure
+                ) -> tuple[dict[int, Row], dict[int, Row], dict[int, Row]]:
+    """Rank 0's rows (the mean loss is the same on every rank): before the failure,
+    after the resume, uninterrupted."""
+    return ({r.step: r for r in read_rows(first, 0)}, {r.step: r for r in read_rows(second, 0)},
+            {r.step: r for r in read_rows(ref, 0)})
+
+
+def print_table(before: dict[int, Row], after: dict[int, Row], ref: dict[int, Row],
+                steps: int, fail: Failure) -> None:
+    say(f"\n{'step':>5}  {'interrupted':>12}  {'uninterrupted':>13}  same bits")
+    for step in range(steps):
+        row = after.get(step) or before.get(step)
+        got = f"{row.mean:12.6f}" if row else f"{'-':>12}"
+        want = f"{ref[step].mean:13.6f}" if step in ref else f"{'-':>13}"
+        same = "yes" if row and step in ref and row.mean_hex == ref[step].mean_hex else "NO"
+        notes = []
+        if step in after and step in before:
+            notes.append("recomputed")
+        if step == fail.restored:
+            notes.append("<- restored from this step's snapshot")
+        if step == fail.after_step:
+            notes.append(f"<- XX node {fail.node} lost after this step")
+        if fail.restored is not None and step == fail.restored + 1:
+            notes.append("<- resumed here")
+        say(f"{step:5d}  {got}  {want}  {same:<4}  {'; '.join(notes)}".rstrip())
+
+
+def plot(before: dict[int, Row], after: dict[int, Row], ref: dict[int, Row],
+         fail: Failure, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        say("plot skipped: matplotlib is not installed (`pip install matplotlib` to get "
+            f"{path.relative_to(REPO)})")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.plot(sorted(ref), [ref[s].mean for s in sorted(ref)], color="0.6", lw=4,
+            label="uninterrupted")
+    ax.plot(sorted(before), [before[s].mean for s in sorted(before)], color="C0", lw=1.5,
+            marker=".", label="interrupted run, before the failure")
+    ax.plot(sorted(after), [after[s].mean for s in sorted(after)], color="C1", lw=1.5,
+            marker=".", label="interrupted run, after the resume")
+    ax.axvline(fail.after_step + 0.5, color="C3", ls="--",
+               label=f"node {fail.node} lost (after step {fail.after_step})")
+    if fail.restored is not None:
+        ax.axvline(fail.restored, color="C2", ls=":",
+                   label=f"restored step {fail.restored} (rebuilt from parity)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over ranks)")
+    ax.set_title("shardguard: node lost and rebuilt, training resumed bit-exactly")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    say(f"plot: {path.relative_to(REPO)}")
+
+
+# ============================================================== the driver
+
+
+class DemoError(Exception):
+    """The demo could not go on; the message says why."""
+
+
+def _fresh_dir() -> Path:
+    OUT_ROOT.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        d = OUT_ROOT / (f"run-{stamp}" + (f"-{n}" if n else ""))
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            return d
+    raise DemoError(f"no fresh directory under {OUT_ROOT}")
+
+
+@contextlib.contextmanager
+def local_cluster(cdir: Path, nodes: int) -> Iterator[str]:
+    """A local cluster that is brought down, its shared memory freed, however we leave."""
+    from shardguard.daemon import cluster
+
+    group = min(GROUP_SIZE, nodes)
+    say(f"== starting a local cluster: {nodes} nodes, groups of {group}, parity {PARITY} "
+        f"(each node: a daemon with its own socket, ports and shared memory)")
+    say(f"   {cdir.relative_to(REPO)}  (if this demo is SIGKILLed: "
+        f"shardguard cluster down --dir {cdir})")
+    try:
+        cluster.up(str(cdir), nodes, group, PARITY)
+        for i, sock in enumerate(cluster.sockets(str(cdir))):
+            say(f"  node {i}: {Path(sock).relative_to(REPO)}")
+        yield str(cdir)
+    finally:
+        if (cdir / "cluster.json").exists():
+            cluster.down(str(cdir))
+            say("== cluster down, its shared memory freed")
+
+
+def run(args: argparse.Namespace) -> int:
+    seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)
+    rnd = random.Random(seed)
+    lo, hi = (math.ceil(args.steps * f) for f in FAIL_WINDOW)
+    fail = Failure(node=rnd.randrange(args.nodes), after_step=-1)
+    fail_after = rnd.randint(lo, max(lo, hi))
+    run_dir = _fresh_dir()
+    first, second, ref = run_dir / "interrupted-1", run_dir / "interrupted-2", run_dir / "reference"
+    say(f"shardguard demo: seed {seed} (rerun with --seed {seed}), {args.steps} steps, "
+        f"{args.nodes} ranks on {args.nodes} local nodes, output in "
+        f"{run_dir.relative_to(REPO)}")
+    t0 = time.monotonic()
+    with local_cluster(run_dir / "cluster", args.nodes) as cdir:
+        train_and_lose_a_node(cdir, first, args.nodes, args.steps, seed, fail, fail_after)
+        replace_node_and_resume(cdir, second, args.nodes, args.steps, seed, fail)
+    train_reference(ref, args.nodes, args.steps, seed)
+
+    before, after, reference = loss_curves(first, second, ref, fail)
+    print_table(before, after, reference, args.steps, fail)
+    plot(before, after, reference, fail, OUT_ROOT / "loss.png")
+    where = first_divergence(first, second, ref, args.nodes, args.steps, fail)
+    say(f"\n(losses compared as exact float hex on every rank; final model and optimizer "
+        f"state with torch.equal; {time.monotonic() - t0:.0f}s)")
+    if where is not None:
+        say(f"bit-exact: NO (first divergence: {where})")
+        return 1
+    say("bit-exact: yes")
+    return 0
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=None, help="default: random, and printed")
+    p.add_argument("--nodes", type=int, default=4, help="local nodes, one rank each")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--no-snapshot", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if args.nodes < 2:
+        p.error("--nodes must be at least 2 (parity needs another node)")
+    if args.steps < 4:
+        p.error("--steps must be at least 4")
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the cluster always comes down.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    try:
+        return run(args)
+    except DemoError as exc:
+        say(f"demo failed: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted; everything was stopped and cleaned up")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
