@@ -208,11 +208,11 @@ class Client:
         _faults.fault_point("before-snapshot", step, self.rank)
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         verdict, error = self._local_verdict()
-        tree = leaves = None
+        manifest = leaves = None
         if verdict == "ready":
             try:
                 tree, leaves = flatten(state, pickle_ok)
-                self._ensure_plan(leaves, step, tree)
+                manifest = self._ensure_plan(leaves, step, tree)
             except (ShardguardError, TypeError, ValueError) as exc:
                 verdict, error = "error", exc
         decision = self._agree(verdict)
@@ -228,12 +228,12 @@ class Client:
                     self.rank, self._skips, self._last.step if self._last else None)
             return SnapshotHandle(step, skipped=True)
         self._skips = 0
-        assert tree is not None and leaves is not None and self._plan is not None
+        assert manifest is not None and leaves is not None and self._plan is not None
         slot = self._call("Begin", pb.BeginRequest(job=self.job, rank=self.rank,
                                                    lease=self._lease, step=step)).slot
         handle = SnapshotHandle(step)
         self._last = handle
-        self._start_copy(handle, slot, tree, leaves)
+        self._start_copy(handle, slot, manifest, leaves)
         return handle
 
     def wait(self, restorable: bool = False, timeout: float | None = None) -> None:
@@ -374,23 +374,26 @@ class Client:
             return "skip"
         return "take"
 
-    def _ensure_plan(self, leaves: list[Leaf], step: int, tree: dict[str, Any]) -> None:
+    def _ensure_plan(self, leaves: list[Leaf], step: int, tree: dict[str, Any]) -> bytes:
+        """Place the leaves (re-planning if their sizes changed); returns the manifest."""
         if self._plan is None or not self._plan.matches(leaves):
             self._plan = Plan(tuple(lf.nbytes for lf in leaves))
             logger.info("job=%s rank=%d planned %d leaves, %d data bytes", self.job, self.rank,
                         len(leaves), self._plan.data_bytes)
         self._plan.place(leaves)
-        manifest_len = len(mf.dumps(tree, step, self._plan.data_bytes))
+        manifest = mf.dumps(tree, step, self._plan.data_bytes)
+        manifest_len = len(manifest)
         need = self._plan.manifest_offset + manifest_len
         assert self._map is not None
         if need > self._map.slot_bytes:
             room = max(2 * manifest_len, MIN_MANIFEST_ROOM)
             self._register(fmt.align_up(self._plan.manifest_offset + room))
+        return manifest
 
-    def _start_copy(self, h: SnapshotHandle, slot: int, tree: dict[str, Any],
+    def _start_copy(self, h: SnapshotHandle, slot: int, manifest: bytes,
                     leaves: list[Leaf]) -> None:
-        assert self._map is not None and self._plan is not None
-        m, plan = self._map, self._plan
+        assert self._map is not None
+        m = self._map
         base = fmt.slot_offset(slot, m.slot_bytes)
         cuda = [lf for lf in leaves if lf.kind == "tensor" and lf.value.is_cuda]
         if cuda:
@@ -402,7 +405,6 @@ class Client:
             if not deferred and i == len(inline) // 2:
                 _faults.fault_point("mid-copy", h.step, self.rank)
             copy_leaf(lf, m.u8, m.arr, base)
-        manifest = mf.dumps(tree, h.step, plan.data_bytes)
         job = self._seal_job(h, slot, base, deferred, manifest)
         self._queue.put(job)
 

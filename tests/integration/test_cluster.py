@@ -201,3 +201,18 @@ def test_every_pattern_of_up_to_two_lost_nodes_g6_m2(local_cluster, tmp_path: Pa
             a = torch.load(ref / f"final.{rank}.pt", weights_only=False)
             b = torch.load(check / f"final.{rank}.pt", weights_only=False)
             assert_same_state(a, b)
+
+
+def test_ranks_that_land_on_other_nodes_still_restore(local_cluster, reference4,
+                                                      tmp_path: Path) -> None:
+    root = local_cluster(4, 4, 1)
+    out = tmp_path / "run"
+    assert train(root, out, 4, 5) == 0, trainer_log(out)
+    # The restarted job places rank i on node i+1: each rank's bytes live on another node.
+    socks = cluster.sockets(str(root))
+    moved = ",".join(socks[1:] + socks[:1])
+    proc = run_trainer(out, "job", moved, 4, STEPS)
+    assert finish(proc) == 0, trainer_log(out)
+    assert_matches_reference(out, reference4, 4)
+    restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+    assert len(restored) == 1 and restored != {"None"}, restored
