@@ -442,13 +442,13 @@ def print_table(before: dict[int, Row], after: dict[int, Row], ref: dict[int, Ro
         notes = []
         if step == fail.restored:
             notes.append("<- the snapshot restored after the failure")
+        if step == fail.after_step:
+            notes.append(f"XX node {fail.node} lost after this step")
         if fail.restored is not None and step == fail.restored + 1:
             notes.append("<- resumed here")
         if step in after and step in before:
             notes.append("(recomputed)")
-        if step == fail.after_step:
-            notes.append(f"XX node {fail.node} lost after this step")
-        say(f"{step:5d}  {got}  {want}  {same:<4}  {' '.join(notes)}".rstrip())
+        say(f"{step:5d}  {got}  {want}  {same:<4}  {', '.join(notes)}".rstrip())
 
 
 def plot(before: dict[int, Row], after: dict[int, Row], ref: dict[int, Row],

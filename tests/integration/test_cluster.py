@@ -181,6 +181,7 @@ def test_node_lost_while_encoding_restores_the_previous_step(local_cluster, refe
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_every_pattern_of_up_to_two_lost_nodes_g6_m2(local_cluster, tmp_path: Path) -> None:
     root = local_cluster(6, 6, 2)
     out = tmp_path / "run"

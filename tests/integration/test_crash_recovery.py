@@ -87,10 +87,12 @@ def crash_loop(tmp_path: Path, daemon, world: int, steps: int, kills: int, seed:
         assert_same_state(a, b)
 
 
+@pytest.mark.timeout(600)
 def test_twenty_random_kills_resume_bit_exact(tmp_path: Path, daemon) -> None:
     crash_loop(tmp_path, daemon, world=2, steps=70, kills=20, seed=1)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_four_ranks_random_kills_resume_bit_exact(tmp_path: Path, daemon) -> None:
     crash_loop(tmp_path, daemon, world=4, steps=50, kills=10, seed=2)
