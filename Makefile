@@ -28,6 +28,7 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 demo: install
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[demo]'
 	$(BIN)/python examples/demo.py
 
 bench: install

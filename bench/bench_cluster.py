@@ -173,13 +173,18 @@ def rank_main(rank: int, spec: dict[str, Any], buf: np.ndarray) -> None:
 
 
 def snapshot_steps(sock: str, spec: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-    """Snapshot every step and wait until it is restorable; monotonic stamps per step."""
+    """Snapshot every step and wait until it is restorable; monotonic stamps per step, and
+    the CPU time the node's daemon spent over the timed steps."""
     client = sg.connect(sock, spec["job"], group_size=GROUP_SIZE, parity=PARITY)
+    daemon = psutil.Process(status(sock).pid)
     rows = []
+    cpu0 = 0.0
     try:
         for step in range(spec["warmup"] + spec["steps"]):
             state["step"] = step
             dist.barrier()
+            if step == spec["warmup"]:
+                cpu0 = cpu_s(daemon)
             t0 = time.monotonic()
             h = client.snapshot(step, state)
             t1 = time.monotonic()
@@ -190,19 +195,23 @@ def snapshot_steps(sock: str, spec: dict[str, Any], state: dict[str, Any]) -> di
             client.wait(restorable=True, timeout=spec["timeout_s"])
             t3 = time.monotonic()
             rows.append({"step": step, "start": t0, "called": t1, "sealed": t2, "restorable": t3})
+        daemon_cpu = cpu_s(daemon) - cpu0
     finally:
         client.close()
-    return {"steps": rows}
+    return {"steps": rows, "daemon_cpu_s": daemon_cpu}
 
 
 def rebuild_and_restore(sock: str, spec: dict[str, Any], rank: int, state: dict[str, Any]
                         ) -> dict[str, Any]:
     """Time ``sg.connect`` (the replacement node rebuilds inside it) and ``restore()``."""
     lost = rank == spec["lost"]
+    daemon = psutil.Process(status(sock).pid)
     dist.barrier()
+    cpu0 = cpu_s(daemon)
     t0 = time.monotonic()
     client = sg.connect(sock, spec["job"], group_size=GROUP_SIZE, parity=PARITY)
     t1 = time.monotonic()
+    daemon_cpu = cpu_s(daemon) - cpu0
     try:
         dist.barrier()
         t2 = time.monotonic()
@@ -214,7 +223,18 @@ def rebuild_and_restore(sock: str, spec: dict[str, Any], rank: int, state: dict[
         del got
     finally:
         client.close()
-    return {"rank": rank, "connect_s": t1 - t0, "restore_s": t3 - t2, "step": step, "verified": ok}
+    return {"rank": rank, "connect_s": t1 - t0, "restore_s": t3 - t2, "step": step, "verified": ok,
+            "daemon_cpu_s": daemon_cpu}
+
+
+def status(sock: str) -> pb.StatusReply:
+    with grpc.insecure_channel(grpc_target(sock)) as ch:
+        return pb_grpc.AgentStub(ch).Status(pb.StatusRequest(), timeout=10)
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
 
 
 # ------------------------------------------------------------ loopback floor
@@ -250,7 +270,7 @@ def zmq_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
     wall = max(s["end"] for s in stamps) - min(s["start"] for s in stamps)
     sent = max(per_dest[i] * len(dests[i]) for i in range(n))
     return {"pattern": spec["pattern"], "processes": n, "bytes_per_node": sent, "wall_s": wall,
-            "gbps_per_node": gbps(sent, wall)}
+            "gbps_per_node": gbps(sent, wall), "cpu_s_per_node": max(s["cpu_s"] for s in stamps)}
 
 
 def _zmq_peer(i: int, dests: list[int], per_dest: int, expect: int, ports: Any,
@@ -275,7 +295,7 @@ def _zmq_peer(i: int, dests: list[int], per_dest: int, expect: int, ports: Any,
                 s.send(frames[f % len(frames)], copy=False)
 
     barrier.wait()
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     sender = threading.Thread(target=send)
     sender.start()
     got = 0
@@ -283,8 +303,9 @@ def _zmq_peer(i: int, dests: list[int], per_dest: int, expect: int, ports: Any,
         got += len(pull.recv(copy=False))
     sender.join()
     t1 = time.monotonic()
-    results.put({"node": i, "start": t0, "end": t1, "got": got})
-    barrier.wait()  # nobody closes while another still receives
+    # Until everyone has received, this process's I/O thread may still be sending: count its CPU.
+    barrier.wait()
+    results.put({"node": i, "start": t0, "end": t1, "got": got, "cpu_s": time.process_time() - cpu0})
     for s in pushes:
         s.close()
     pull.close(linger=0)
@@ -313,21 +334,9 @@ class Bench:
     def sockets(self) -> list[str]:
         return cluster.sockets(self.root)
 
-    def daemon_pid(self, node: int) -> int:
-        assert self.spec is not None
-        path = os.path.join(self.spec.node_dir(self.root, node), "daemon.pid")
-        return int(Path(path).read_text().strip())
-
     def daemon_log(self, node: int) -> str:
         assert self.spec is not None
         return Path(self.spec.node_dir(self.root, node), "daemon.log").read_text(errors="replace")
-
-    def daemon_cpu_s(self) -> list[float]:
-        out = []
-        for node in range(NODES):
-            t = psutil.Process(self.daemon_pid(node)).cpu_times()
-            out.append(t.user + t.system)
-        return out
 
     def shm_leftovers(self) -> list[str]:
         if self.spec is None:
@@ -382,9 +391,7 @@ def slot_payloads(sockets: list[str]) -> list[int]:
     """
     out = []
     for sock in sockets:
-        with grpc.insecure_channel(grpc_target(sock)) as ch:
-            st = pb_grpc.AgentStub(ch).Status(pb.StatusRequest(job=JOB), timeout=10)
-        job = st.jobs[0]
+        job = next(j for j in status(sock).jobs if j.job == JOB)
         step = job.restorable_step
         out.append(sum(s.data_bytes for r in job.ranks for s in r.slots
                        if s.step == step and s.state == "restorable"))
@@ -402,14 +409,14 @@ def measure_bandwidth(bench: Bench, nbytes: int, repeat: int) -> dict[str, Any]:
             runs[pattern].append(bench.launch("zmq", pattern=pattern, nodes=NODES, bytes=nbytes))
     return {p: {"gbps_per_node": statistics.median(r["gbps_per_node"] for r in rs),
                 "bytes_per_node": rs[0]["bytes_per_node"], "processes": rs[0]["processes"],
-                "runs_gbps": [r["gbps_per_node"] for r in rs]}
+                "cpu_s_per_gb": statistics.median(r["cpu_s_per_node"] for r in rs)
+                / (rs[0]["bytes_per_node"] / 1e9),
+                "runs_gbps": [round(r["gbps_per_node"], 3) for r in rs]}
             for p, rs in runs.items()}
 
 
 def measure_snapshots(bench: Bench, steps: int, warmup: int) -> dict[str, Any]:
-    cpu0 = bench.daemon_cpu_s()
     per_rank = bench.launch("snapshot", sockets=bench.sockets(), steps=steps, warmup=warmup)
-    cpu1 = bench.daemon_cpu_s()
     rows = []
     for i in range(warmup + steps):
         s = [r["steps"][i] for r in per_rank]
@@ -423,7 +430,7 @@ def measure_snapshots(bench: Bench, steps: int, warmup: int) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in timed) for k in ("total_s", "sealed_s", "protect_s",
                                                                "call_s")}
     return {"steps": rows, "median": med,
-            "daemon_cpu_s_per_step": [(b - a) / (warmup + steps) for a, b in zip(cpu0, cpu1)]}
+            "daemon_cpu_s_per_step": [r["daemon_cpu_s"] / steps for r in per_rank]}
 
 
 def transfer_floor(payloads: list[int]) -> dict[str, Any]:
@@ -454,6 +461,7 @@ def measure_rebuilds(bench: Bench, count: int, step: int) -> list[dict[str, Any]
                                f"{mine['step']} (want {step}), state equal {mine['verified']}, "
                                f"'rebuilt ranks' lines {logged}")
         out.append({"lost": lost, "connect_s": mine["connect_s"], "restore_s": mine["restore_s"],
+                    "daemon_cpu_s": mine["daemon_cpu_s"],
                     "other_connect_s": [r["connect_s"] for r in per_rank if r["rank"] != lost],
                     "log": _rebuilt_line(bench.daemon_log(lost), lost),
                     "load_average": load_average()})
@@ -540,8 +548,11 @@ def report(res: dict[str, Any]) -> None:
                title=f"latency per step vs the loopback transfer floor ({res['config']['steps']} steps; "
                      f"issue target: within 2x)")
     cpu = res["snapshot"]["daemon_cpu_s_per_step"]
-    print(f"daemon CPU per step (incl. the warm-up step): {', '.join(f'{c:.2f}' for c in cpu)} s "
-          f"= {sum(cpu):.2f} s on {res['machine_cores']} cores")
+    per_gb = statistics.mean(cpu) / (sent / 1e9)
+    print(f"CPU per node and GB sent: daemons {per_gb:.2f} s/GB (per step: "
+          f"{', '.join(f'{c:.2f}' for c in cpu)} s), ZeroMQ floor all-to-all "
+          f"{bw['all']['cpu_s_per_gb']:.2f} s/GB, pair {bw['pair']['cpu_s_per_gb']:.2f} s/GB "
+          f"({res['machine_cores']} cores: with the machine busy, latency follows CPU)")
 
     tl, rb = res["torch_load"], res["rebuild"]
     connect = statistics.median(r["connect_s"] for r in rb)
@@ -568,7 +579,8 @@ def report(res: dict[str, Any]) -> None:
                      f"torch.load median of {res['config']['repeat']}")
     print("(torch.load: nothing was dropped from the page cache, so both rows read memory, not the disk;\n"
           f" the other ranks' connect during a rebuild: {[r['other_connect_s'] for r in rb]})")
-    print(f"daemon log: {rb[-1]['log']}")
+    print(f"replacement daemon CPU during the rebuild: {[round(r['daemon_cpu_s'], 2) for r in rb]} s; "
+          f"daemon log: {rb[-1]['log']}")
     print(f"load average: {res['load_average']}")
 
 

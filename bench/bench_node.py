@@ -1015,7 +1015,7 @@ def main() -> None:
     elapsed = time.monotonic() - t_start
     print(f"\ntotal {elapsed:.0f} s")
     payload = {
-        "config": {k: v for k, v in vars(conf).items() if k not in ("socket", "job")},
+        "config": {k: v for k, v in vars(conf).items() if k not in ("socket", "job", "daemon_pid")},
         "disk_fs": kind,
         "elapsed_s": elapsed,
         **{k: v for k, v in res.items() if k != "per_rank"},

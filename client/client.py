@@ -276,7 +276,8 @@ class Client:
         if code:
             if error is not None:
                 raise error
-            raise _RESTORE_FAILURES[code - 1](f"job {self.job}: rank 0 could not find the restorable step")
+            raise _RESTORE_FAILURES[code - 1](
+                f"job {self.job}: rank 0 could not find the restorable step")
         return step
 
     def restore(self, step: int | None = None, into: Any = None, *,

@@ -48,13 +48,15 @@ import torch
 import torch.distributed as dist
 
 import gpt
+import shardguard.client as sg
+from shardguard.daemon import cluster
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_ROOT = REPO / "demo-out"
 JOB = "demo-gpt"
 GROUP_SIZE, PARITY = 4, 1
 BATCH, BLOCK, D_MODEL = 8, 64, 96
-LR, WEIGHT_DECAY = 2e-3, 0.1
+LR, WEIGHT_DECAY, WARMUP_STEPS = 2e-3, 0.1, 8
 # The share of the run in which the node is lost.
 FAIL_WINDOW = (0.3, 0.6)
 # As torchrun: SIGTERM to the surviving workers, SIGKILL after this grace.
@@ -88,8 +90,6 @@ def worker(args: argparse.Namespace) -> None:
 
     client, start = None, 0
     if not args.no_snapshot:
-        import shardguard.client as sg
-
         client = sg.connect(group_size=min(GROUP_SIZE, world), parity=PARITY)
         client.protect(opt)
         restored = client.latest()
@@ -104,6 +104,9 @@ def worker(args: argparse.Namespace) -> None:
     params = list(model.parameters())
     with open(out / f"losses.{rank}", "a", encoding="utf-8") as log:
         for step in range(start, args.steps):
+            # A pure function of the step, so a resume needs no scheduler state.
+            for group in opt.param_groups:
+                group["lr"] = LR * min(1.0, (step + 1) / WARMUP_STEPS)
             x, y = gpt.get_batch(data, BATCH, BLOCK)
             loss = model(x, y)
             loss.backward()
@@ -242,11 +245,18 @@ def read_rows(out: Path, rank: int) -> list[Row]:
     rows = []
     for line in path.read_text().splitlines():
         parts = line.split()
-        if len(parts) == 3:  # the last line of a killed rank may be torn
-            with contextlib.suppress(ValueError):
-                float.fromhex(parts[1]), float.fromhex(parts[2])
-                rows.append(Row(int(parts[0]), parts[1], parts[2]))
+        if len(parts) == 3 and all(_is_hex_float(p) for p in parts[1:]):
+            rows.append(Row(int(parts[0]), parts[1], parts[2]))
+        # else: the torn last line of a killed rank
     return rows
+
+
+def _is_hex_float(text: str) -> bool:
+    try:
+        float.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_restored(out: Path, world: int) -> set[str]:
@@ -260,9 +270,13 @@ class Progress:
         self.label, self.out, self.steps = label, out, steps
         self.every = max(1, steps // 10)
         self.shown = -1
+        self.first_row_at: float | None = None
 
     def update(self) -> None:
-        for row in read_rows(self.out, 0):
+        rows = read_rows(self.out, 0)
+        if rows and self.first_row_at is None:
+            self.first_row_at = time.monotonic()
+        for row in rows:
             if row.step > self.shown and (row.step % self.every == 0
                                           or row.step == self.steps - 1):
                 print(f"  [{self.label}] step {row.step:3d}/{self.steps}  "
@@ -278,6 +292,7 @@ class Failure:
     node: int
     after_step: int  # the last step the lost rank finished
     restored: int | None = None  # the step every rank resumed from
+    lost_at: float = 0.0  # time.monotonic() of the loss
 
 
 def say(msg: str = "") -> None:
@@ -303,8 +318,6 @@ def wait_for(ranks: Ranks, progress: Progress, what: str) -> None:
 
 def train_and_lose_a_node(cdir: str, out: Path, world: int, steps: int, seed: int,
                           fail: Failure, fail_after: int) -> None:
-    from shardguard.daemon import cluster
-
     say(f"\n== training on {world} ranks, snapshotting every step; node {fail.node} will be "
         f"lost after step {fail_after}")
     ranks = Ranks(out, world, steps, seed, cluster.sockets(cdir))
@@ -324,6 +337,7 @@ def train_and_lose_a_node(cdir: str, out: Path, world: int, steps: int, seed: in
         # A node is lost: its daemon and its rank die together, its memory with them.
         cluster.kill(cdir, fail.node)
         ranks.kill(fail.node)
+        fail.lost_at = time.monotonic()
         fail.after_step = read_rows(out, fail.node)[-1].step
         progress.update()
         say(f"  XX node {fail.node} lost after step {fail.after_step}: daemon SIGKILLed, "
@@ -338,14 +352,13 @@ def train_and_lose_a_node(cdir: str, out: Path, world: int, steps: int, seed: in
 
 def replace_node_and_resume(cdir: str, out: Path, world: int, steps: int, seed: int,
                             fail: Failure) -> None:
-    from shardguard.daemon import cluster
-
     say(f"\n== replacing node {fail.node} and resuming")
     pid = cluster.start(cdir, fail.node)
     say(f"  replacement daemon for node {fail.node} is up (pid {pid}), its memory empty")
     ranks = Ranks(out, world, steps, seed, cluster.sockets(cdir))
+    progress = Progress("resume", out, steps)
     try:
-        wait_for(ranks, Progress("resume", out, steps), "resumed training")
+        wait_for(ranks, progress, "resumed training")
     finally:
         ranks.stop()
     restored = read_restored(out, world)
@@ -358,6 +371,9 @@ def replace_node_and_resume(cdir: str, out: Path, world: int, steps: int, seed: 
     else:
         say(f"  every rank restored step {fail.restored} and resumed at step "
             f"{fail.restored + 1}")
+    if progress.first_row_at is not None:
+        say(f"  training again {progress.first_row_at - fail.lost_at:.1f}s after the loss "
+            f"(new daemon, {world} new rank processes importing torch, rebuild, restore)")
     log = Path(cdir, f"node-{fail.node}", "daemon.log").read_text(errors="replace")
     rebuilt = [line for line in log.splitlines() if "rebuilt ranks" in line]
     if rebuilt:
@@ -366,7 +382,7 @@ def replace_node_and_resume(cdir: str, out: Path, world: int, steps: int, seed: 
 
 
 def train_reference(out: Path, world: int, steps: int, seed: int) -> None:
-    say(f"\n== the same training, uninterrupted and without shardguard")
+    say("\n== the same training, uninterrupted and without shardguard")
     ranks = Ranks(out, world, steps, seed, sockets=None)
     try:
         wait_for(ranks, Progress("reference", out, steps), "reference training")
@@ -423,7 +439,7 @@ def _state_divergence(a: Any, b: Any, path: str) -> str | None:
     return None if a == b else f"{path}: {a!r} != {b!r}"
 
 
-def loss_curves(first: Path, second: Path, ref: Path, fail: Failure
+def loss_curves(first: Path, second: Path, ref: Path
                 ) -> tuple[dict[int, Row], dict[int, Row], dict[int, Row]]:
     """Rank 0's rows (the mean loss is the same on every rank): before the failure,
     after the resume, uninterrupted."""
@@ -439,16 +455,15 @@ def print_table(before: dict[int, Row], after: dict[int, Row], ref: dict[int, Ro
         got = f"{row.mean:12.6f}" if row else f"{'-':>12}"
         want = f"{ref[step].mean:13.6f}" if step in ref else f"{'-':>13}"
         same = "yes" if row and step in ref and row.mean_hex == ref[step].mean_hex else "NO"
+        redone = "recomputed" if step in after and step in before else ""
         notes = []
         if step == fail.restored:
-            notes.append("<- the snapshot restored after the failure")
-        if step == fail.after_step:
-            notes.append(f"XX node {fail.node} lost after this step")
+            notes.append("<- restored: the newest restorable snapshot at the failure")
         if fail.restored is not None and step == fail.restored + 1:
             notes.append("<- resumed here")
-        if step in after and step in before:
-            notes.append("(recomputed)")
-        say(f"{step:5d}  {got}  {want}  {same:<4}  {', '.join(notes)}".rstrip())
+        if step == fail.after_step:
+            notes.append(f"XX node {fail.node} lost after this step")
+        say(f"{step:5d}  {got}  {want}  {same:<4}  {redone:<10}  {'  '.join(notes)}".rstrip())
 
 
 def plot(before: dict[int, Row], after: dict[int, Row], ref: dict[int, Row],
@@ -505,8 +520,6 @@ def _fresh_dir() -> Path:
 @contextlib.contextmanager
 def local_cluster(cdir: Path, nodes: int) -> Iterator[str]:
     """A local cluster that is brought down, its shared memory freed, however we leave."""
-    from shardguard.daemon import cluster
-
     group = min(GROUP_SIZE, nodes)
     say(f"== starting a local cluster: {nodes} nodes, groups of {group}, parity {PARITY} "
         f"(each node: a daemon with its own socket, ports and shared memory)")
@@ -553,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
         replace_node_and_resume(cdir, second, args.nodes, args.steps, seed, fail)
     train_reference(ref, args.nodes, args.steps, seed)
 
-    before, after, reference = loss_curves(first, second, ref, fail)
+    before, after, reference = loss_curves(first, second, ref)
     print_table(before, after, reference, args.steps, fail)
     plot(before, after, reference, fail, OUT_ROOT / "loss.png")
     where = first_divergence(first, second, ref, args.nodes, args.steps, fail)

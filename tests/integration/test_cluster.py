@@ -36,6 +36,7 @@ def local_cluster(tmp_path: Path):
 
     def make(nodes: int, group_size: int, parity: int, env: dict[str, str] | None = None):
         root = tmp_path / f"cluster{len(made)}"
+        made.append(root)  # before up(): a cluster that half-started is brought down too
         old = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         try:
@@ -46,12 +47,12 @@ def local_cluster(tmp_path: Path):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        made.append(root)
         return root
 
     yield make
     for root in made:
-        cluster.down(str(root))
+        if (root / "cluster.json").exists():
+            cluster.down(str(root))
 
 
 def sockets(root: Path) -> str:
