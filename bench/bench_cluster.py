@@ -88,6 +88,8 @@ RANK_SHIFT_FLOATS = 1024
 SEED = 20240601
 JOB_TIMEOUT_S = 900.0
 PEER_TIMEOUT_S = 120.0
+# A step not restorable by then never will be (its protection failed: see the daemon logs).
+STEP_TIMEOUT_S = 180.0
 # Shorter transfers are too brief to time on a loaded machine.
 BANDWIDTH_MIN_BYTES = 512 * MiB
 REBUILT_LINE = "rebuilt ranks [{rank}]"
@@ -192,7 +194,7 @@ def snapshot_steps(sock: str, spec: dict[str, Any], state: dict[str, Any]) -> di
                 raise RuntimeError(f"step {step} was skipped: the previous one is not restorable")
             h.wait()
             t2 = time.monotonic()
-            client.wait(restorable=True, timeout=spec["timeout_s"])
+            client.wait(restorable=True, timeout=STEP_TIMEOUT_S)
             t3 = time.monotonic()
             rows.append({"step": step, "start": t0, "called": t1, "sealed": t2, "restorable": t3})
         daemon_cpu = cpu_s(daemon) - cpu0
@@ -350,15 +352,16 @@ class Bench:
         self._jobs += 1
         base = os.path.join(self.tmp, f"job{self._jobs}-{mode}")
         full = {"mode": mode, "out": base + ".out.json", "rdzv": base + ".rdzv", "job": JOB,
-                "world": NODES, "sizes": self.sizes, "seed": SEED, "timeout_s": JOB_TIMEOUT_S,
-                **spec}
+                "world": NODES, "sizes": self.sizes, "seed": SEED, **spec}
         Path(base + ".spec.json").write_text(json.dumps(full), encoding="utf-8")
         with open(base + ".log", "wb") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--job-spec", base + ".spec.json"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = self._proc.wait(JOB_TIMEOUT_S)
+            rc: int | str = self._proc.wait(JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rc = f"none: killed after {JOB_TIMEOUT_S:.0f} s"
         finally:
             self._reap_job()
         if rc != 0 or not os.path.exists(full["out"]):
@@ -375,13 +378,17 @@ class Bench:
         self._proc.wait()
         self._proc = None
 
-    def close(self) -> None:
+    def close(self, keep_logs: bool = False) -> None:
+        """Stop everything; ``keep_logs`` leaves the scratch directory (daemon and job logs)."""
         self._reap_job()
         try:
             if self.spec is not None:
                 cluster.down(self.root)
         finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if keep_logs:
+                print(f"logs kept in {self.tmp}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def slot_payloads(sockets: list[str]) -> list[int]:
@@ -630,6 +637,7 @@ def main() -> None:
     print(f"bench_cluster: {gib:g} GiB per rank x {NODES} nodes, {steps} steps, {rebuilds} rebuild(s), "
           f"scratch {bench.tmp}, disk {args.disk_dir} ({kind})", flush=True)
     leftovers: list[str] = []
+    ok = False
     try:
         bw = measure_bandwidth(bench, max(BANDWIDTH_MIN_BYTES, int(gib * GiB) // FRAME_BYTES * FRAME_BYTES),
                                repeat)
@@ -643,9 +651,10 @@ def main() -> None:
         last_step = snap["steps"][-1]["step"]
         rb = measure_rebuilds(bench, rebuilds, last_step)
         load["after_rebuilds"] = load_average()
+        ok = True
     finally:
         spec = bench.spec
-        bench.close()
+        bench.close(keep_logs=not ok)
         if spec is not None:
             leftovers = sorted(p for p in os.listdir(cluster.SHM_DIR) if p.startswith(spec.prefix))
             if leftovers:

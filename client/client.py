@@ -34,6 +34,7 @@ from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
 from shardguard.proto.errors import (
     ArenaFormatError,
+    CorruptionError,
     DaemonUnavailableError,
     InsufficientPiecesError,
     LeaseError,
@@ -256,29 +257,27 @@ class Client:
         return None if step < 0 else step
 
     def _agreed_step(self, wanted: int | None) -> int:
-        """Rank 0's answer (``wanted`` or its daemon's restorable step, -1 for none), on every
-        rank; an error on rank 0 is raised on every rank."""
+        """The step every rank uses: ``wanted``, or the oldest of the ranks' daemons'
+        restorable steps (-1: none), so that a step announced to some nodes and not yet
+        to others is not chosen; an error on any rank is raised on every rank.
+        """
+        self._reduce_max([0])  # every rank has drained its seals before anyone asks
         step, code, error = -1, 0, None
-        if self._group is None or self.rank == 0:
-            try:
-                if wanted is not None:
-                    step = wanted
-                else:
-                    reply = self._call("Latest", pb.LatestRequest(job=self.job))
-                    step = reply.step if reply.HasField("step") else -1
-            except ShardguardError as exc:
-                error = exc
-                code = _failure_code(exc)
-        if self._group is not None:
-            t = torch.tensor([step, code], dtype=torch.int64)
-            dist.broadcast(t, src=dist.get_global_rank(self._group, 0), group=self._group)
-            step, code = int(t[0]), int(t[1])
-        if code:
+        try:
+            if wanted is not None:
+                step = wanted
+            else:
+                reply = self._call("Latest", pb.LatestRequest(job=self.job))
+                step = reply.step if reply.HasField("step") else -1
+        except ShardguardError as exc:
+            error, code = exc, _failure_code(exc)
+        worst, neg_oldest = self._reduce_max([code, -step])
+        if worst:
             if error is not None:
                 raise error
-            raise _RESTORE_FAILURES[code - 1](
-                f"job {self.job}: rank 0 could not find the restorable step")
-        return step
+            raise _RESTORE_FAILURES[worst - 1](
+                f"job {self.job}: another rank could not find the restorable step")
+        return -neg_oldest
 
     def restore(self, step: int | None = None, into: Any = None, *,
                 map_location: str | torch.device | None = None,
@@ -303,10 +302,18 @@ class Client:
         if agreed < 0:
             raise NotRestorableError(f"job {self.job} has no restorable step")
         state, error = None, None
-        try:
-            state = self._restore_local(agreed, into, map_location, pickle_ok)
-        except (ShardguardError, ValueError, TypeError, RuntimeError) as exc:
-            error = exc
+        for _ in range(2):
+            try:
+                state = self._restore_local(agreed, into, map_location, pickle_ok)
+                error = None
+                break
+            except CorruptionError as exc:
+                # The bytes failed their checksum while we copied them: what we read is
+                # dropped; a daemon that can repair from parity does so on the next open.
+                error = exc
+            except (ShardguardError, ValueError, TypeError, RuntimeError) as exc:
+                error = exc
+                break
         # Every rank raises the same class: the most specific failure on any rank.
         code = _failure_code(error) if error is not None else 0
         worst = self._reduce_max([code])[0]

@@ -385,7 +385,7 @@ class Protector:
         meta = json.loads(raw)
         self._save_meta(job, step, meta)
         self.store.mark_restorable(job, step)
-        self._release_older(job, step)
+        self._release_older(job, step, self.store.job(job).previous_step)
         logger.debug("job=%s step=%d restorable on every node", job, step)
 
     # ------------------------------------------------------------- metadata
@@ -421,8 +421,14 @@ class Protector:
             except (OSError, ValueError, KeyError) as exc:
                 logger.error("cannot read step metadata %s: %s", path, exc)
 
-    def _release_older(self, job: str, step: int) -> None:
-        """Free parity and metadata of steps before ``step`` (two steps are kept: N and N+1)."""
+    def _release_older(self, job: str, step: int, previous: int | None) -> None:
+        """Free parity of steps before ``step`` and metadata of steps before ``previous``.
+
+        The previous step's metadata stays while its slots do: ranks may still agree
+        on it (see Store._roll_back). Its parity does not, to keep parity memory at
+        the restorable and the in-flight step.
+        """
+        keep_meta = step if previous is None else previous
         base = os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}."))
         for path in glob.glob(base + "p*") + glob.glob(base + "x*"):
             tail = os.path.basename(path)[len(self.prefix) + len(job) + 2:]
@@ -430,13 +436,33 @@ class Protector:
                 s = int(tail[1:].split(".")[0])
             except ValueError:
                 continue
-            if s < step:
+            if s < (step if tail[0] == "p" else keep_meta):
                 _unlink(path)
         with self._lock:
             for key in [k for k in self._encodings if k[0] == job and k[1] < step]:
                 del self._encodings[key]
             for key in [k for k in self._holdings if k[0] == job and k[1] < step]:
                 del self._holdings[key]
+
+    def on_roll_back(self, job: str, step: int) -> None:
+        """The job went back to ``step`` on this node: its metadata is the current one again."""
+        try:
+            with open(self._meta_path(job, step), encoding="utf-8") as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            meta = None
+        with self._lock:
+            if meta is None:
+                self._metas.pop(job, None)
+            else:
+                self._metas[job] = meta
+        for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")
+                                           + "x*")):
+            try:
+                if int(os.path.basename(path).rsplit(".x", 1)[1]) > step:
+                    _unlink(path)
+            except ValueError:
+                continue
 
     def drop(self, job: str) -> None:
         for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")

@@ -79,6 +79,7 @@ class Daemon:
         """The peer gRPC service on TCP and the ZeroMQ data plane; returns the control address."""
         self.protector = Protector(self.store, self.config)
         self.store.on_node_sealed = self.protector.on_node_sealed
+        self.store.on_roll_back = self.protector.on_roll_back
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sg-peer"),
             options=[("grpc.max_receive_message_length", 64 << 20),

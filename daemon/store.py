@@ -12,6 +12,7 @@ and the protection layer call it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -82,6 +83,10 @@ class RankRecord:
     pid_started: float = 0.0
     # Slots opened for restore, and the step each was opened for.
     pinned: dict[int, int] = field(default_factory=dict)
+    # Checksums of slots opened for restore, running while the client copies.
+    verifying: dict[int, "concurrent.futures.Future[None]"] = field(default_factory=dict)
+    # Slots whose bytes failed their checksum: never served again.
+    corrupt: set[int] = field(default_factory=set)
 
     def claimed_by_live_process(self) -> bool:
         if self.lease is None or not self.pid:
@@ -101,6 +106,9 @@ class JobRecord:
     local_ranks: tuple[int, ...]
     ranks: dict[int, RankRecord] = field(default_factory=dict)
     restorable_step: int | None = None
+    # The restorable step before the current one, while its slots are intact: across
+    # nodes the ranks may agree on it (announcements arrive at different times).
+    previous_step: int | None = None
     # Multi-node jobs: {"nodes": [[control, data], ..], "node_index", "group_size", "parity"}.
     topology: dict[str, Any] | None = None
 
@@ -144,6 +152,8 @@ class Store:
         self.budget_bytes = budget_bytes
         self.verify_on_restore = verify_on_restore
         self.on_node_sealed = on_node_sealed
+        self.on_roll_back: Callable[[str, int], None] | None = None
+        self._verifier = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="sg-verify")
         self._lock = threading.RLock()
         self._jobs: dict[str, JobRecord] = {}
 
@@ -243,6 +253,7 @@ class Store:
 
     def close(self) -> None:
         """Unmap everything; the files stay for the next daemon to adopt."""
+        self._verifier.shutdown(wait=True)
         with self._lock:
             for rec in self._jobs.values():
                 for rr in rec.ranks.values():
@@ -272,6 +283,8 @@ class Store:
                 if i != index and s.state in (SlotState.WRITING, SlotState.SEALED):
                     _free(s)
             s = rr.slots[index]
+            if s.step == rec.previous_step:
+                rec.previous_step = None
             s.state, s.step = SlotState.WRITING, step
             s.generation += 1
             s.data_bytes = s.manifest_offset = s.manifest_bytes = 0
@@ -329,39 +342,89 @@ class Store:
             self._make_restorable(self._job(job), step)
 
     def open_for_restore(self, job: str, rank: int, lease: str, step: int | None) -> OpenSlot:
-        """Pin the slot of the restorable step and check its bytes."""
+        """Pin the slot of the restorable step (or of the previous one) for a restore.
+
+        Its checksums are checked on a daemon thread while the client copies;
+        :meth:`release` reports the verdict. Opening the previous restorable step
+        rolls the job on this node back to it: the ranks agreed on it.
+        """
         with self._lock:
             rec = self._job(job)
             rr = self._claimed(job, rank, lease)
             if rec.restorable_step is None:
                 raise NotRestorableError(f"job {job} has no restorable step")
             if step is not None and step != rec.restorable_step:
-                raise NotRestorableError(
-                    f"job {job}: step {step} is not restorable (the restorable step is "
-                    f"{rec.restorable_step})")
+                self._roll_back(rec, step)
             index = next((i for i, s in enumerate(rr.slots)
                           if s.state == SlotState.RESTORABLE and s.step == rec.restorable_step),
                          None)
             if index is None:
                 raise NotRestorableError(
                     f"job {job} rank {rank}: no slot holds restorable step {rec.restorable_step}")
+            if index in rr.corrupt:
+                raise CorruptionError(f"job {job} rank {rank} step {rec.restorable_step}: "
+                                      "the stored bytes failed their checksum")
             s = dataclasses.replace(rr.slots[index])
             rr.pinned[index] = s.step
-            view = rr.arena.slot(index, rr.slot_bytes)
-        if self.verify_on_restore:
-            try:
-                self._verify(job, rank, view, s)
-            except CorruptionError:
-                with self._lock:
-                    rr.pinned.pop(index, None)
-                raise
+            if self.verify_on_restore:
+                view = rr.arena.slot(index, rr.slot_bytes)
+                rr.verifying[index] = self._verifier.submit(self._verify, job, rank, view, s)
         return OpenSlot(index, s.step, s.data_bytes, s.manifest_offset, s.manifest_bytes)
 
+    def _roll_back(self, rec: JobRecord, step: int) -> None:
+        """Make the previous restorable step the restorable one again, on every local rank."""
+        if step != rec.previous_step:
+            raise NotRestorableError(
+                f"job {rec.job}: step {step} is not restorable (the restorable step is "
+                f"{rec.restorable_step})")
+        pairs = []
+        for rr in rec.ranks.values():
+            old = next((s for s in rr.slots if s.state == SlotState.FREE and s.step == step),
+                       None)
+            cur = next((s for s in rr.slots if s.state == SlotState.RESTORABLE), None)
+            if old is None and rr.rank in rec.local_ranks:
+                raise NotRestorableError(
+                    f"job {rec.job} rank {rr.rank}: step {step} has been overwritten")
+            pairs.append((old, cur))
+        for old, cur in pairs:
+            if old is not None:
+                old.state = SlotState.RESTORABLE
+            if cur is not None:
+                _free(cur)
+        logger.warning("job=%s rolled back from step %s to step %d, the step every rank agreed on",
+                       rec.job, rec.restorable_step, step)
+        rec.restorable_step, rec.previous_step = step, None
+        self._persist(rec)
+        for rr in rec.ranks.values():
+            self._write_header(rec, rr)
+        if self.on_roll_back is not None:
+            self.on_roll_back(rec.job, step)
+
     def release(self, job: str, rank: int, lease: str, step: int) -> None:
+        """Unpin a slot opened for restore.
+
+        Raises:
+            CorruptionError: the slot's bytes failed their checksum; what the client
+                read must be thrown away.
+        """
         with self._lock:
             rr = self._claimed(job, rank, lease)
-            for i in [i for i, pinned_step in rr.pinned.items() if pinned_step == step]:
-                del rr.pinned[i]
+            slots = [i for i, pinned_step in rr.pinned.items() if pinned_step == step]
+            checks = [(i, rr.verifying.pop(i, None)) for i in slots]
+        failure = None
+        for i, check in checks:
+            try:
+                if check is not None:
+                    check.result()
+            except CorruptionError as exc:
+                failure = exc
+                with self._lock:
+                    rr.corrupt.add(i)
+        with self._lock:
+            for i in slots:
+                rr.pinned.pop(i, None)
+        if failure is not None:
+            raise failure
 
     def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotRecord, int]:
         """The bytes and record of ``rank``'s sealed or restorable slot of ``step``, and slot_bytes."""
@@ -409,6 +472,7 @@ class Store:
                     if other is not s and other.step == record.step:
                         _free(other)
                 s.state = SlotState.RESTORABLE
+                rr.corrupt.clear()
             rec.local_ranks = tuple(sorted(set(rec.local_ranks) | {rank}))
             self._sync(rec, rr)
 
@@ -444,7 +508,8 @@ class Store:
         job = meta["job"]
         _check_job(job)
         rec = JobRecord(job, int(meta["world_size"]), tuple(meta["local_ranks"]),
-                        restorable_step=meta["restorable_step"], topology=meta.get("topology"))
+                        restorable_step=meta["restorable_step"],
+                        previous_step=meta.get("previous_step"), topology=meta.get("topology"))
         try:
             self._adopt_ranks(rec, meta)
         except BaseException:
@@ -525,12 +590,16 @@ class Store:
             if rr is None or not any(s.state == SlotState.SEALED and s.step == step
                                      for s in rr.slots):
                 raise SlotStateError(f"job {rec.job}: rank {q} has not sealed step {step}")
-        rec.restorable_step = step
+        rec.previous_step, rec.restorable_step = rec.restorable_step, step
         for rr in rec.ranks.values():
+            rr.corrupt.clear()
             for s in rr.slots:
                 if s.step == step and s.state == SlotState.SEALED:
                     s.state = SlotState.RESTORABLE
-                elif s.state in (SlotState.RESTORABLE, SlotState.SEALED) and s.step < step:
+                elif s.state == SlotState.RESTORABLE and s.step < step:
+                    # Free to overwrite, but kept readable until then (see _roll_back).
+                    s.state = SlotState.FREE
+                elif s.state == SlotState.SEALED and s.step < step:
                     _free(s)
         self._persist(rec)
         for rr in rec.ranks.values():
@@ -596,7 +665,7 @@ class Store:
         doc: dict[str, Any] = {
             "version": META_VERSION, "job": rec.job, "world_size": rec.world_size,
             "local_ranks": list(rec.local_ranks), "restorable_step": rec.restorable_step,
-            "topology": rec.topology, "written": time.time(),
+            "previous_step": rec.previous_step, "topology": rec.topology, "written": time.time(),
             "ranks": {str(r): {"slot_bytes": rr.slot_bytes,
                                "slots": [_slot_doc(s) for s in rr.slots]}
                       for r, rr in rec.ranks.items()},

@@ -49,6 +49,7 @@ def crash_loop(tmp_path: Path, daemon, world: int, steps: int, kills: int, seed:
                 external = True
         for stale in out.glob("pid.*"):
             stale.unlink()
+        seen = len(read_losses(out, victim)) if external else 0
         proc = run_trainer(out, "crashy", daemon.socket, world, steps, env=env)
         if external:
             # SIGKILL a rank from outside at a random instant a few steps after it resumed.
@@ -56,7 +57,7 @@ def crash_loop(tmp_path: Path, daemon, world: int, steps: int, kills: int, seed:
             deadline = time.monotonic() + 60
             while proc.poll() is None and time.monotonic() < deadline:
                 rows = read_losses(out, victim)
-                if rows and rows[-1][0] >= goal:
+                if len(rows) > seen and rows[-1][0] >= goal:
                     break
                 time.sleep(0.002)
             time.sleep(rng.random() * 0.02)

@@ -240,9 +240,10 @@ def test_free_writing_sealed_restorable_free(shm: Shm) -> None:
     assert store.latest("j") == 0
     # The next step takes the other slot; once it is restorable the older one is free.
     assert snap(store, reg, "j", 1, payload(1)) == (1, 1)
-    assert states(store, "j") == [("FREE", -1), ("RESTORABLE", 1)]
+    # The older one keeps its step: readable until overwritten (a roll-back may need it).
+    assert states(store, "j") == [("FREE", 0), ("RESTORABLE", 1)]
     assert snap(store, reg, "j", 5, payload(5)) == (0, 5)
-    assert states(store, "j") == [("RESTORABLE", 5), ("FREE", -1)]
+    assert states(store, "j") == [("RESTORABLE", 5), ("FREE", 1)]
 
 
 def test_restorable_only_when_every_local_rank_sealed(shm: Shm) -> None:
@@ -395,11 +396,16 @@ def test_open_for_restore_detects_a_flipped_byte(shm: Shm, where: str) -> None:
     n, mo = len(payload(0)), fmt.align_up(len(payload(0)))
     offset = {"data-first": 0, "data-last": n - 1, "manifest": mo + 3}[where]
     flip(reg.arena_path, fmt.slot_offset(slot, reg.slot_bytes) + offset)
+    # The checksum runs while the client copies; release() gives the verdict.
+    o = store.open_for_restore("j", 0, reg.lease, None)
     with pytest.raises(CorruptionError, match=f"job j rank 0 step 0: "
                                               f"{'manifest' if where == 'manifest' else 'data'} "
                                               "checksum fails"):
-        store.open_for_restore("j", 0, reg.lease, None)
+        store.release("j", 0, reg.lease, o.step)
     assert not store.job("j").ranks[0].pinned
+    # A slot known to be corrupt is never served again.
+    with pytest.raises(CorruptionError, match="failed their checksum"):
+        store.open_for_restore("j", 0, reg.lease, None)
 
 
 def test_verify_on_restore_off(shm: Shm) -> None:
@@ -679,3 +685,29 @@ def test_drop_removes_the_files(shm: Shm) -> None:
     # The job starts over from nothing, even with another world size.
     reg = store.register("j", 0, 1, SLOT, PID, [0])
     assert reg.restorable_step is None and snap(store, reg, "j", 0, payload(0)) == (0, 0)
+
+
+def test_ranks_may_agree_on_the_previous_step_which_rolls_the_node_back(shm: Shm) -> None:
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    snap(store, reg, "j", 3, payload(3))
+    snap(store, reg, "j", 4, payload(4))
+    assert store.latest("j") == 4 and store.job("j").previous_step == 3
+    o = store.open_for_restore("j", 0, reg.lease, 3)
+    assert o.step == 3 and read(reg, o.slot, o.data_bytes) == payload(3)
+    store.release("j", 0, reg.lease, 3)
+    assert store.latest("j") == 3 and store.job("j").previous_step is None
+    # The job goes on from step 3: step 4 is taken again.
+    assert snap(store, reg, "j", 4, payload(5))[1] == 4
+    with pytest.raises(NotRestorableError, match="step 2 is not restorable"):
+        store.open_for_restore("j", 0, reg.lease, 2)
+
+
+def test_a_previous_step_being_overwritten_cannot_be_rolled_back_to(shm: Shm) -> None:
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    snap(store, reg, "j", 3, payload(3))
+    snap(store, reg, "j", 4, payload(4))
+    store.begin("j", 0, reg.lease, 5)  # overwrites step 3's slot
+    with pytest.raises(NotRestorableError, match="step 3 is not restorable"):
+        store.open_for_restore("j", 0, reg.lease, 3)
