@@ -341,6 +341,7 @@ class Bench:
         return Path(self.spec.node_dir(self.root, node), "daemon.log").read_text(errors="replace")
 
     def shm_leftovers(self) -> list[str]:
+        """This cluster's files still in /dev/shm (after close(), there should be none)."""
         if self.spec is None:
             return []
         return sorted(p for p in os.listdir(cluster.SHM_DIR) if p.startswith(self.spec.prefix))
@@ -423,6 +424,7 @@ def measure_bandwidth(bench: Bench, nbytes: int, repeat: int) -> dict[str, Any]:
 
 
 def measure_snapshots(bench: Bench, steps: int, warmup: int) -> dict[str, Any]:
+    """Per step, over the ranks: time to the last seal and to the last rank seeing it restorable."""
     per_rank = bench.launch("snapshot", sockets=bench.sockets(), steps=steps, warmup=warmup)
     rows = []
     for i in range(warmup + steps):
@@ -594,11 +596,12 @@ def report(res: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------- main
 
 
-def memory_needed(gib: float) -> int:
-    """Peak bytes: shared buffer, 2 slots per rank, parity of 2 steps, one restored state, rebuild buffers."""
+def memory_needed(gib: float) -> tuple[int, int]:
+    """Peak bytes in shared memory (two slots per rank, parity of two steps) and in all
+    (that, plus the launcher's buffer, one restored state and the rebuild's buffers)."""
     per_rank = gib * GiB
-    k = GROUP_SIZE - PARITY
-    return int(per_rank * (1 + 2 * NODES + 2 * NODES * PARITY / k + 1 + 2))
+    shm = per_rank * NODES * (2 + 2 * PARITY / (GROUP_SIZE - PARITY))
+    return int(shm), int(shm + per_rank * (1 + 1 + 3))
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -621,11 +624,12 @@ def main() -> None:
     steps = args.steps or (3 if args.quick else 5)
     repeat = args.repeat or 3
     rebuilds = args.rebuilds or (1 if args.quick else 2)
-    need, avail = memory_needed(gib), psutil.virtual_memory().available
-    shm_free = shutil.disk_usage(cluster.SHM_DIR).free
-    if need > avail or need > shm_free + 2 * gib * GiB:
-        sys.exit(f"bench_cluster: --gib {gib:g} needs about {need / GiB:.1f} GiB of memory; "
-                 f"{avail / GiB:.1f} GiB available, {shm_free / GiB:.1f} GiB free in {cluster.SHM_DIR}")
+    need_shm, need = memory_needed(gib)
+    avail, shm_free = psutil.virtual_memory().available, shutil.disk_usage(cluster.SHM_DIR).free
+    if need > avail or need_shm > shm_free:
+        sys.exit(f"bench_cluster: --gib {gib:g} needs about {need / GiB:.1f} GiB of memory, "
+                 f"{need_shm / GiB:.1f} GiB of it in {cluster.SHM_DIR}; {avail / GiB:.1f} GiB are "
+                 f"available, {shm_free / GiB:.1f} GiB free in {cluster.SHM_DIR}")
     kind = fs_type(args.disk_dir)
     if kind in ("tmpfs", "ramfs"):
         print(f"warning: --disk-dir {args.disk_dir} is on {kind}; torch.load will not read a disk")
@@ -653,13 +657,11 @@ def main() -> None:
         load["after_rebuilds"] = load_average()
         ok = True
     finally:
-        spec = bench.spec
         bench.close(keep_logs=not ok)
-        if spec is not None:
-            leftovers = sorted(p for p in os.listdir(cluster.SHM_DIR) if p.startswith(spec.prefix))
-            if leftovers:
-                print(f"warning: left in {cluster.SHM_DIR}: {leftovers}", file=sys.stderr)
-    # After the cluster is down: the process that times torch.load forks nothing later.
+        leftovers = bench.shm_leftovers()
+        if leftovers:
+            print(f"warning: left in {cluster.SHM_DIR}: {leftovers}", file=sys.stderr)
+    # With the cluster down, so that the daemons' memory and threads are out of the way.
     disk = tempfile.mkdtemp(prefix="sg-bench-cluster-", dir=args.disk_dir)
     try:
         tl = measure_torch_load(bench.sizes, rb[0]["lost"], disk, repeat)

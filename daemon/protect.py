@@ -437,12 +437,26 @@ class Protector:
             except ValueError:
                 continue
             if s < (step if tail[0] == "p" else keep_meta):
-                _unlink(path)
+                self._retire(job, path) if tail[0] == "p" else _unlink(path)
         with self._lock:
             for key in [k for k in self._encodings if k[0] == job and k[1] < step]:
                 del self._encodings[key]
             for key in [k for k in self._holdings if k[0] == job and k[1] < step]:
                 del self._holdings[key]
+
+    def _retire(self, job: str, path: str) -> None:
+        """Keep a released parity file for the next step's same piece, else delete it."""
+        name = os.path.basename(path)
+        try:
+            where = name[name.index(".g", len(self.prefix) + len(job) + 2):]
+        except ValueError:
+            _unlink(path)
+            return
+        pool = os.path.join(self.shm_dir, f"{self.prefix}.{job}.q{where}")
+        if os.path.exists(pool):
+            _unlink(path)
+        else:
+            os.rename(path, pool)
 
     def on_roll_back(self, job: str, step: int) -> None:
         """The job went back to ``step`` on this node: its metadata is the current one again."""
@@ -466,7 +480,7 @@ class Protector:
 
     def drop(self, job: str) -> None:
         for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")
-                                           + "[px]*")):
+                                           + "[pqx]*")):
             _unlink(path)
         with self._lock:
             self._metas.pop(job, None)
@@ -478,16 +492,36 @@ class Protector:
         return os.path.join(self.shm_dir,
                             f"{self.prefix}.{job}.p{step}.g{group}.s{stripe}.i{index}")
 
+    def _pool_path(self, job: str, group: int, stripe: int, index: int) -> str:
+        return os.path.join(self.shm_dir, f"{self.prefix}.{job}.q.g{group}.s{stripe}.i{index}")
+
     def _piece_file(self, job: str, step: int, group: int, stripe: int, index: int,
                     nbytes: int) -> np.ndarray:
-        """A zeroed, pre-allocated shm file for a parity piece, mapped as a uint8 array."""
+        """A zeroed, allocated shm file for a parity piece, mapped as a uint8 array.
+
+        The file of a released step is reused when there is one: clearing allocated
+        pages runs at memset speed, allocating fresh tmpfs pages ten times slower,
+        and this sits between the last offer and the first byte sent.
+        """
         path = self._piece_path(job, step, group, stripe, index)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        reused = True
         try:
-            if nbytes:
-                os.posix_fallocate(fd, 0, nbytes)
-                return np.frombuffer(mmap.mmap(fd, nbytes), dtype=np.uint8)
-            return np.zeros(0, dtype=np.uint8)
+            os.rename(self._pool_path(job, group, stripe, index), path)
+        except FileNotFoundError:
+            reused = False
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if reused else os.O_TRUNC),
+                     0o600)
+        try:
+            if not nbytes:
+                os.ftruncate(fd, 0)
+                return np.zeros(0, dtype=np.uint8)
+            if os.fstat(fd).st_size != nbytes:
+                os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
+            piece = np.frombuffer(mmap.mmap(fd, nbytes), dtype=np.uint8)
+            if reused:
+                piece[:] = 0
+            return piece
         finally:
             os.close(fd)
 

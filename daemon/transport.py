@@ -25,6 +25,9 @@ from shardguard.daemon.errors import PeerUnavailableError
 logger = logging.getLogger(__name__)
 
 FRAME_BYTES = 1 << 20
+# Frames in flight per connection: flow control, so a slow receiver slows its senders
+# instead of queueing whole pieces in memory, and a dead one is noticed.
+WINDOW_FRAMES = 64
 # A handler gets (kind, header, payload) and may return messages to send back to the caller.
 Handler = Callable[[bytes, dict[str, Any], memoryview | None], Iterable[list[Any]] | None]
 
@@ -48,8 +51,8 @@ class DataPlane:
         self.timeout_s = timeout_s
         self._handler = handler
         self._router = self.ctx.socket(zmq.ROUTER)
-        for opt in (zmq.SNDHWM, zmq.RCVHWM):
-            self._router.setsockopt(opt, 0)
+        self._router.setsockopt(zmq.SNDHWM, 0)  # fetch replies: bounded by the piece
+        self._router.setsockopt(zmq.RCVHWM, WINDOW_FRAMES * 4)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
         if port:
@@ -97,18 +100,27 @@ class DataPlane:
 
         An empty piece is sent as one empty frame so the receiver sees it.
         """
-        sock = self._dealer(address)
+        sock = self._dealer(address, window=WINDOW_FRAMES)
+        timeout_ms = int(self.timeout_s * 1000)
         try:
             sent = False
             for off, part in chunks(buffers):
                 hdr = json.dumps({**header, "off": off, "n": len(part)}).encode()
-                sock.send_multipart([kind, hdr, part], copy=False)
+                self._send(sock, [kind, hdr, part], address, timeout_ms)
                 sent = True
             if not sent:
-                sock.send_multipart([kind, json.dumps({**header, "off": 0, "n": 0}).encode(),
-                                     b""])
+                self._send(sock, [kind, json.dumps({**header, "off": 0, "n": 0}).encode(), b""],
+                           address, timeout_ms)
         finally:
-            sock.close(linger=int(self.timeout_s * 1000))
+            # At most a window of frames is still queued: they get the timeout to drain.
+            sock.close(linger=timeout_ms)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, msg: list[Any], address: str, timeout_ms: int) -> None:
+        if not sock.poll(timeout_ms, zmq.POLLOUT):
+            raise PeerUnavailableError(
+                f"peer {address} took no data for {timeout_ms / 1000:.0f}s")
+        sock.send_multipart(msg, copy=False)
 
     def fetch(self, address: str, header: dict[str, Any], out: np.ndarray) -> int:
         """Ask ``address`` for a piece; its bytes land in ``out``. Returns the bytes received.
@@ -138,9 +150,9 @@ class DataPlane:
         finally:
             sock.close(linger=0)
 
-    def _dealer(self, address: str) -> zmq.Socket:
+    def _dealer(self, address: str, window: int = 0) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, window)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(f"tcp://{address}")
         return sock
