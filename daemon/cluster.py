@@ -123,12 +123,7 @@ def down(root: str) -> None:
     for i in range(spec.nodes):
         d = spec.node_dir(root, i)
         pid = _pid(d)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not _alive(pid):
-                break
-            time.sleep(0.05)
+        _wait_dead(pid, 10.0)
         _signal(pid, signal.SIGKILL)
         _wipe(spec.node_prefix(i))
         for name in ("daemon.pid", "agent.sock"):
@@ -174,12 +169,16 @@ def _signal(pid: int, sig: int) -> None:
         except ProcessLookupError:
             pass
     if sig == signal.SIGKILL and pid > 0:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not _alive(pid):
-                break
-            time.sleep(0.01)
+        _wait_dead(pid, 5.0)
+
+
+def _wait_dead(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not _alive(pid):
+            return
+        time.sleep(0.01)
 
 
 def _wipe(prefix: str) -> None:
