@@ -142,9 +142,8 @@ class AgentService(pb_grpc.AgentServicer):
 
     @handler
     def Drop(self, req: pb.DropRequest, context: grpc.ServicerContext) -> pb.DropReply:
-        arenas, freed = self.store.drop(req.job)
-        if self.protector is not None:
-            self.protector.drop(req.job)
+        drop = self.store.drop if self.protector is None else self.protector.drop
+        arenas, freed = drop(req.job)
         return pb.DropReply(arenas_freed=arenas, bytes_freed=freed)
 
     @handler

@@ -43,6 +43,5 @@ class PeerService(ppb_grpc.PeerServicer):
 
     @handler
     def DropJob(self, req: ppb.DropJobRequest, context: grpc.ServicerContext) -> ppb.DropJobReply:
-        arenas, freed = self.p.store.drop(req.job)
-        self.p.drop(req.job)
+        arenas, freed = self.p.drop(req.job)
         return ppb.DropJobReply(arenas_freed=arenas, bytes_freed=freed)

@@ -139,6 +139,7 @@ class Protector:
         self._metas: dict[str, dict[str, Any]] = {}
         self._failures: dict[str, ShardguardError] = {}
         self._codecs: dict[tuple[int, int], Codec] = {}
+        self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
         self.plane = DataPlane(config.host, config.data_port, self._on_message,
@@ -234,7 +235,8 @@ class Protector:
                 enc.piece_bytes = max(o.piece_bytes for o in enc.offers.values())
                 enc.parity = [self._piece_file(req.job, req.step, req.group, req.stripe,
                                                grp.k + j, enc.piece_bytes)
-                              if j == 0 else np.zeros(enc.piece_bytes, dtype=np.uint8)
+                              if j == 0 else self._scratch(req.job, req.group, req.stripe, j,
+                                                           enc.piece_bytes)
                               for j in range(grp.m)]
                 enc.ready.set()
         if not enc.ready.wait(self.config.peer_timeout_s):
@@ -478,13 +480,33 @@ class Protector:
             except ValueError:
                 continue
 
-    def drop(self, job: str) -> None:
+    def _scratch(self, job: str, group: int, stripe: int, j: int, nbytes: int) -> np.ndarray:
+        """A zeroed buffer for parity ``j >= 1`` of a stripe, reused step after step.
+
+        Reuse is safe: the next step of the job is offered only once this one is
+        restorable, which needs the holder to have stored what was sent from here.
+        """
+        key = (job, group, stripe, j)
+        buf = self._scratches.get(key)
+        if buf is None or len(buf) < nbytes:
+            buf = self._scratches[key] = np.zeros(nbytes, dtype=np.uint8)
+            return buf
+        view = buf[:nbytes]
+        view[:] = 0
+        return view
+
+    def drop(self, job: str) -> tuple[int, int]:
+        """Free a job's memory on this node: its arenas, parity and metadata."""
+        arenas, freed = self.store.drop(job)
         for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")
                                            + "[pqx]*")):
             _unlink(path)
         with self._lock:
             self._metas.pop(job, None)
             self._failures.pop(job, None)
+            for key in [k for k in self._scratches if k[0] == job]:
+                del self._scratches[key]
+        return arenas, freed
 
     # --------------------------------------------------------------- pieces
 
