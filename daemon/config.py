@@ -63,6 +63,9 @@ class Config:
     group_size: int = 4
     parity: int = 1
     peer_timeout_s: float = 10.0
+    # A per-job secret shared by the job's daemons: every peer call must carry an
+    # HMAC made with it. Empty: peers are not authenticated (one trusted host).
+    secret_file: str = ""
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.shm_prefix):
@@ -81,6 +84,8 @@ class Config:
             raise ConfigError("need parity >= 1 and group_size >= parity + 1")
         if self.peer_timeout_s <= 0:
             raise ConfigError("peer_timeout_s must be > 0")
+        if self.secret_file and not os.path.isabs(self.secret_file):
+            raise ConfigError(f"secret_file {self.secret_file!r} must be an absolute path")
 
     def budget_bytes(self) -> int:
         """The memory budget in force: the configured one, else a fraction of available memory."""
