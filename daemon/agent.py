@@ -8,6 +8,7 @@ and answered as INTERNAL, and the daemon keeps serving.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -142,9 +143,23 @@ class AgentService(pb_grpc.AgentServicer):
 
     @handler
     def Drop(self, req: pb.DropRequest, context: grpc.ServicerContext) -> pb.DropReply:
-        drop = self.store.drop if self.protector is None else self.protector.drop
-        arenas, freed = drop(req.job)
-        return pb.DropReply(arenas_freed=arenas, bytes_freed=freed)
+        if self.protector is None:
+            arenas, freed = self.store.drop(req.job)
+            return pb.DropReply(arenas_freed=arenas, bytes_freed=freed, nodes=1)
+        if req.everywhere:
+            arenas, freed, nodes, unreachable = self.protector.drop_everywhere(req.job)
+            return pb.DropReply(arenas_freed=arenas, bytes_freed=freed, nodes=nodes,
+                                unreachable=unreachable)
+        arenas, freed = self.protector.drop(req.job)
+        return pb.DropReply(arenas_freed=arenas, bytes_freed=freed, nodes=1)
+
+    @handler
+    def Verify(self, req: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyReply:
+        from shardguard.daemon.verify import summarize, verify_job
+
+        report = verify_job(self.protector, self.store, req.job,
+                            req.step if req.HasField("step") else None)
+        return pb.VerifyReply(**summarize(report), report=json.dumps(report).encode())
 
     @handler
     def Status(self, req: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:

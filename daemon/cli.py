@@ -18,6 +18,11 @@ from shardguard.proto.errors import ShardguardError, error_from_rpc
 from shardguard.proto.paths import default_socket_path, grpc_target
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+#: ``verify``: every stripe still decodes but some pieces or slots are bad or missing;
+#: some stripe has fewer than k sound pieces (a lost node could not be rebuilt).
+EXIT_DEGRADED, EXIT_LOST = 4, 5
+#: ``verify`` checks again when training replaced the step while it was being checked.
+VERIFY_ATTEMPTS = 5
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
@@ -71,15 +76,76 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_drop(args: argparse.Namespace) -> int:
+    where = "on this node" if args.local else "on every node of the job"
     if not args.yes:
         if not sys.stdin.isatty():
             print("refusing to drop without --yes (no terminal to confirm on)", file=sys.stderr)
             return EXIT_USAGE
-        if input(f"drop every snapshot of job {args.job}? [y/N] ").strip().lower() != "y":
+        if input(f"drop every snapshot of job {args.job} {where}? [y/N] ").strip().lower() != "y":
             return EXIT_ERROR
-    r = _stub(args.socket).Drop(pb.DropRequest(job=args.job), timeout=args.timeout_s)
-    print(f"dropped job {args.job}: {r.arenas_freed} arenas, {_gib(r.bytes_freed)} freed")
+    r = _stub(args.socket).Drop(pb.DropRequest(job=args.job, everywhere=not args.local),
+                                timeout=args.timeout_s)
+    print(f"dropped job {args.job} on {r.nodes} node(s): {r.arenas_freed} arenas, "
+          f"{_gib(r.bytes_freed)} freed")
+    if r.unreachable:
+        print(f"not reached (free it there with `shardguard drop --local` or the epilog): "
+              f"{', '.join(r.unreachable)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    stub = _stub(args.socket)
+    req = pb.VerifyRequest(job=args.job)
+    if args.step is not None:
+        req.step = args.step
+    for _ in range(VERIFY_ATTEMPTS):
+        r = stub.Verify(req, timeout=args.timeout_s)
+        if not r.superseded:
+            break
+        if args.step is not None:
+            print(f"shardguard verify: step {args.step} was replaced by a newer one while it "
+                  "was checked; check the restorable step instead", file=sys.stderr)
+            return EXIT_ERROR
+    else:
+        print(f"shardguard verify: training replaced the step {VERIFY_ATTEMPTS} times while "
+              "it was checked; try again", file=sys.stderr)
+        return EXIT_ERROR
+    report = json.loads(r.report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_verify(r, report)
+    if not r.stripes:  # a one-node job: no parity to repair a bad slot from
+        return EXIT_LOST if r.bad_ranks else EXIT_OK
+    if r.stripes_lost:
+        return EXIT_LOST
+    if r.stripes_degraded or r.bad_pieces or r.bad_ranks or r.unreachable_nodes:
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
+def _print_verify(r: pb.VerifyReply, report: dict) -> None:
+    print(f"job {report['job']} step {r.step}: {_gib(r.bytes_checked)} checked")
+    for node in report["nodes"]:
+        for rank in node["ranks"]:
+            verdict = "ok" if rank["ok"] else f"BAD: {rank['error']}"
+            print(f"  node {node['node']} rank {rank['rank']:<5} slot    {verdict}")
+        for c in node["pieces"]:
+            if not c["ok"]:
+                kind = "parity" if c["parity"] else "data"
+                print(f"  node {node['node']} group {c['group']} stripe {c['stripe']} "
+                      f"{kind} piece {c['index']}: BAD: {c['error']}")
+    for u in report["unreachable"]:
+        print(f"  node {u['node']} did not answer: {u['error']}")
+    if r.stripes:
+        print(f"stripes: {r.stripes} total, {r.stripes - r.stripes_degraded - r.stripes_lost} "
+              f"whole, {r.stripes_degraded} degraded (still decodable), {r.stripes_lost} lost")
+    healthy = not (r.stripes_degraded or r.stripes_lost or r.bad_pieces or r.bad_ranks
+                   or r.unreachable_nodes)
+    print("verdict: " + ("healthy" if healthy else
+                         "LOST: a stripe cannot be decoded" if r.stripes_lost else
+                         "degraded: every stripe still decodes" if r.stripes else "BAD"))
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
@@ -122,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_daemon)
     for name, fn, helptext in (("status", _cmd_status, "daemon health, jobs, slots, memory"),
                                ("ls", _cmd_ls, "jobs and their restorable steps"),
-                               ("drop", _cmd_drop, "free a job's memory")):
+                               ("drop", _cmd_drop, "free a job's memory on every node"),
+                               ("verify", _cmd_verify, "re-check every checksum of a step and "
+                                "that every stripe decodes")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--socket", default=None, help="daemon socket (default as the client)")
-        c.add_argument("--timeout-s", type=float, default=10.0)
+        c.add_argument("--timeout-s", type=float, default=10.0 if name != "verify" else 300.0)
         c.set_defaults(fn=fn)
         if name == "status":
             c.add_argument("--json", action="store_true")
@@ -133,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "drop":
             c.add_argument("--job", required=True)
             c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+            c.add_argument("--local", action="store_true",
+                           help="free it on this node only (default: every node of the job)")
+        if name == "verify":
+            c.add_argument("--job", required=True)
+            c.add_argument("--step", type=int, default=None,
+                           help="the step to check (default: the restorable step)")
+            c.add_argument("--json", action="store_true", help="every check, as JSON")
     c = sub.add_parser("cluster", help="a local stand-in for N nodes (tests, demos)")
     c.add_argument("action", choices=["up", "kill", "start", "down"])
     c.add_argument("--dir", required=True, help="the cluster's directory")

@@ -45,3 +45,11 @@ class PeerService(ppb_grpc.PeerServicer):
     def DropJob(self, req: ppb.DropJobRequest, context: grpc.ServicerContext) -> ppb.DropJobReply:
         arenas, freed = self.p.drop(req.job)
         return ppb.DropJobReply(arenas_freed=arenas, bytes_freed=freed)
+
+    @handler
+    def VerifyLocal(self, req: ppb.VerifyLocalRequest,
+                    context: grpc.ServicerContext) -> ppb.VerifyLocalReply:
+        from shardguard.daemon.verify import check_node
+
+        return ppb.VerifyLocalReply(report=json.dumps(check_node(self.p, req.job,
+                                                                 req.step)).encode())

@@ -508,6 +508,32 @@ class Protector:
                 del self._scratches[key]
         return arenas, freed
 
+    def drop_everywhere(self, job: str) -> tuple[int, int, int, list[str]]:
+        """Free a job on this node and on every other node of its node list.
+
+        Returns (arenas, bytes, nodes that freed it, control addresses that did not answer).
+        """
+        try:
+            topo = self.topology(job)
+        except UnknownJobError:
+            topo = None
+        others = [c for i, (c, _) in enumerate(topo.nodes) if i != topo.node_index] \
+            if topo is not None else []
+        futs = {c: self._pool.submit(self._peer(c).DropJob, ppb.DropJobRequest(job=job),
+                                     timeout=self.config.peer_timeout_s) for c in others}
+        arenas, freed = self.drop(job)
+        nodes, unreachable = 1, []
+        for control, fut in futs.items():
+            try:
+                r = fut.result()
+                arenas, freed, nodes = arenas + r.arenas_freed, freed + r.bytes_freed, nodes + 1
+            except UnknownJobError:
+                nodes += 1  # nothing of the job there (already dropped, or a fresh node)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, not fatal
+                logger.warning("job=%s: drop on %s failed: %s", job, control, exc)
+                unreachable.append(control)
+        return arenas, freed, nodes, unreachable
+
     # --------------------------------------------------------------- pieces
 
     def _piece_path(self, job: str, step: int, group: int, stripe: int, index: int) -> str:

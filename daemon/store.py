@@ -131,6 +131,10 @@ class OpenSlot:
     manifest_bytes: int
 
 
+#: What a check reports when the bytes it read were rewritten meanwhile.
+SUPERSEDED = "superseded"
+
+
 class Store:
     """All jobs held by this daemon. Thread-safe; checksums run outside the lock.
 
@@ -436,6 +440,44 @@ class Store:
                 if s.step == step and s.state in (SlotState.SEALED, SlotState.RESTORABLE):
                     return rr.arena.slot(i, rr.slot_bytes), dataclasses.replace(s), rr.slot_bytes
             raise NotRestorableError(f"job {job} rank {rank} holds no sealed step {step}")
+
+    def check_slot(self, job: str, rank: int, step: int) -> tuple[str | None, int]:
+        """Re-check the checksums of ``rank``'s slot of ``step`` without pinning it.
+
+        Returns ``(problem, bytes_checked)``; problem is None when the bytes are
+        sound, ``SUPERSEDED`` when the slot was rewritten while it was read
+        (training went on: not a fault), else what is wrong. Nothing is
+        marked corrupt and no slot is held, so training is not disturbed.
+        """
+        with self._lock:
+            rr = self._job(job).ranks.get(rank)
+            if rr is None:
+                return f"rank {rank} holds nothing on this node", 0
+            found = [(i, dataclasses.replace(s)) for i, s in enumerate(rr.slots)
+                     if s.step == step and s.state in (SlotState.SEALED, SlotState.RESTORABLE)]
+            if not found:
+                return f"rank {rank} holds no sealed step {step}", 0
+            index, rec = found[0]
+            view = rr.arena.slot(index, rr.slot_bytes)
+        try:
+            self._verify(job, rank, view, rec)
+            problem = None
+        except CorruptionError as exc:
+            problem = str(exc)
+        with self._lock:
+            cur = rr.slots[index]
+            if cur.generation != rec.generation or cur.step != step:
+                return SUPERSEDED, 0
+        return problem, rec.data_bytes + rec.manifest_bytes
+
+    def slot_generation(self, job: str, rank: int, step: int) -> int | None:
+        """The generation of ``rank``'s slot holding ``step`` (None: not held)."""
+        with self._lock:
+            rr = self._job(job).ranks.get(rank)
+            for s in rr.slots if rr is not None else ():
+                if s.step == step and s.state in (SlotState.SEALED, SlotState.RESTORABLE):
+                    return s.generation
+        return None
 
     def install(self, job: str, world_size: int, local_ranks: Iterable[int], rank: int,
                 slot_bytes: int, record: SlotRecord, fill: Callable[[memoryview], None]) -> None:
