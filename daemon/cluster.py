@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -48,6 +49,10 @@ def _spec_path(root: str) -> str:
     return os.path.join(root, "cluster.json")
 
 
+def _secret_path(root: str) -> str:
+    return os.path.join(root, "secret")
+
+
 def load_spec(root: str) -> ClusterSpec:
     try:
         with open(_spec_path(root), encoding="utf-8") as fh:
@@ -67,6 +72,10 @@ def up(root: str, nodes: int, group_size: int, parity: int) -> ClusterSpec:
     tag = hashlib.sha1(root.encode()).hexdigest()[:8]
     budget = int(psutil.virtual_memory().available * 0.6 / nodes)
     spec = ClusterSpec(nodes, group_size, parity, f"shardguard-c{tag}", budget)
+    # The nodes' shared secret, as the Slurm prolog makes one per job: peers authenticate.
+    fd = os.open(_secret_path(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
     with open(_spec_path(root), "w", encoding="utf-8") as fh:
         json.dump(asdict(spec), fh)
     for i in range(nodes):
@@ -90,6 +99,8 @@ def start(root: str, node: int, spec: ClusterSpec | None = None) -> int:
             "--parity", str(spec.parity), "--memory-budget-bytes",
             str(spec.memory_budget_bytes), "--log-level",
             os.environ.get("SHARDGUARD_LOG_LEVEL", "INFO")]
+    if os.path.exists(_secret_path(root)):
+        argv += ["--secret-file", _secret_path(root)]
     # A detached daemon in its own session, as systemd or a prolog would start it;
     # no Popen object, since the daemon is meant to outlive whoever started it.
     log = os.path.join(d, "daemon.log")
@@ -132,6 +143,10 @@ def down(root: str) -> None:
             except FileNotFoundError:
                 pass
     os.unlink(_spec_path(root))
+    try:
+        os.unlink(_secret_path(root))
+    except FileNotFoundError:
+        pass
 
 
 def sockets(root: str) -> list[str]:

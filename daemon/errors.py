@@ -2,6 +2,7 @@
 
 from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     ArenaFormatError,
+    AuthenticationError,
     BudgetExceededError,
     CodecError,
     ConfigError,

@@ -87,6 +87,10 @@ class ConfigError(ShardguardError, ValueError):
     """A configuration value is invalid."""
 
 
+class AuthenticationError(ShardguardError, PermissionError):
+    """A peer message without a valid token made with the job's secret (DESIGN.md §6)."""
+
+
 STATUS_OF: dict[type[ShardguardError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     StepOrderError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -105,6 +109,7 @@ STATUS_OF: dict[type[ShardguardError], grpc.StatusCode] = {
     RestoreTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     CodecError: grpc.StatusCode.INTERNAL,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 ERROR_METADATA_KEY = "sg-error"
