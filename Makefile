@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install tools test test-slow demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,24 @@ $(STAMP): pyproject.toml setup.py $(wildcard proto/*.proto) | $(BIN)/python
 
 install: $(STAMP)
 
+# Tools the deploy checks run (tests/integration/test_deploy.py): shellcheck, installed
+# when we are root with apt-get; anywhere else, or when the install fails, those checks
+# skip and say why. systemd-analyze comes with the systemd package, which is not ours to
+# install into a machine: where it is missing its check skips too.
+tools:
+	@command -v shellcheck >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null 2>&1; } \
+	      || echo "note: apt-get could not install shellcheck; the shellcheck test will skip"; \
+	  else \
+	    echo "note: shellcheck is not installed (needs root and apt-get here); the shellcheck test will skip"; \
+	  fi; }
+	@command -v systemd-analyze >/dev/null 2>&1 \
+	  || echo "note: systemd-analyze is not installed; the unit-file check will skip"
+
 # The whole suite but the long fault-injection runs (marked slow): under 10 minutes on 2 cores.
-test: install
+test: install tools
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The long fault-injection runs; CI runs them after `make test`.

@@ -57,6 +57,10 @@ MIN_MANIFEST_ROOM = 64 << 10
 DEFAULT_TIMEOUT_S = 120.0
 # Consecutive skipped snapshots after which the client warns that protection stalled.
 SKIP_WARNING = 50
+#: A sealed step not restorable after this long is given up (its protection was lost
+#: with a daemon that crashed mid-step), so that the next snapshots are taken again.
+#: ``SHARDGUARD_PROTECT_TIMEOUT_S`` overrides it.
+PROTECT_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -70,6 +74,9 @@ class SnapshotHandle:
     _copied: threading.Event = field(default_factory=threading.Event, repr=False)
     _sealed: threading.Event = field(default_factory=threading.Event, repr=False)
     _cuda_event: Any = field(default=None, repr=False)
+    # When the copy was sealed; a step pending protection far past this is given up.
+    _sealed_at: float = field(default=0.0, repr=False)
+    _given_up: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.skipped:
@@ -171,6 +178,8 @@ class Client:
         self.world_size = world_size
         self.allow_pickle = allow_pickle
         self.timeout_s = timeout_s
+        self.protect_timeout_s = float(os.environ.get("SHARDGUARD_PROTECT_TIMEOUT_S",
+                                                      PROTECT_TIMEOUT_S))
         self._group = group
         self._force = force
         self._local_ranks = local_ranks or [rank]
@@ -230,8 +239,16 @@ class Client:
             return SnapshotHandle(step, skipped=True)
         self._skips = 0
         assert manifest is not None and leaves is not None and self._plan is not None
-        slot = self._call("Begin", pb.BeginRequest(job=self.job, rank=self.rank,
-                                                   lease=self._lease, step=step)).slot
+        try:
+            slot = self._call("Begin", pb.BeginRequest(job=self.job, rank=self.rank,
+                                                       lease=self._lease, step=step)).slot
+        except (DaemonUnavailableError, LeaseError) as exc:
+            # The daemon died or restarted since the agreement: this step is not protected
+            # (it can't become restorable without this rank); the next one is taken.
+            logger.warning("job=%s rank=%d: step %d not snapshotted: %s", self.job, self.rank,
+                           step, exc)
+            self._last = SnapshotHandle(step, skipped=True, error=exc)
+            return self._last
         handle = SnapshotHandle(step)
         self._last = handle
         self._start_copy(handle, slot, manifest, leaves)
@@ -363,18 +380,27 @@ class Client:
         if self._lost_daemon:
             try:
                 self._register(self._map.slot_bytes if self._map else fmt.PAGE)
+            except (DaemonUnavailableError, LeaseError):
+                return "busy", None  # the daemon is restarting: skip, try again next step
             except ShardguardError as exc:
                 return "error", exc
-        if h is not None and h.error is not None:
+        if h is not None and (h.error is not None or h._given_up):
             return "ready", None
         if h is not None and not self._is_restorable(h.step):
+            if time.monotonic() - h._sealed_at > self.protect_timeout_s:
+                h._given_up = True
+                logger.warning("job=%s rank=%d: step %d sealed but not restorable after %.0fs "
+                               "(a daemon lost it?); taking new snapshots", self.job,
+                               self.rank, h.step, self.protect_timeout_s)
+                return "ready", None
             return "pending", None
         return "ready", None
 
     def _agree(self, verdict: str) -> str:
         """One collective: take if nobody is busy and the previous step is settled everywhere."""
         flags = [verdict == "busy", verdict == "pending",
-                 self._last is not None and self._last.error is not None, verdict == "error"]
+                 self._last is not None and (self._last.error is not None
+                                             or self._last._given_up), verdict == "error"]
         busy, pending, failed, error = self._reduce_max([int(f) for f in flags])
         if error:
             return "error"
@@ -444,6 +470,7 @@ class Client:
                 if reply.HasField("restorable_step"):
                     h.restorable_step = reply.restorable_step
                 _faults.fault_point("after-seal", h.step, self.rank)
+                h._sealed_at = time.monotonic()
                 h._sealed.set()
             except BaseException as exc:  # noqa: BLE001 - handed to the trainer via the handle
                 logger.warning("job=%s rank=%d step=%d snapshot failed: %s", self.job,

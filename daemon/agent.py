@@ -37,13 +37,23 @@ def handler(fn: F) -> F:
         try:
             return fn(self, request, context)
         except ShardguardError as exc:
-            logger.warning("%s refused: %s: %s", fn.__name__, type(exc).__name__, exc)
+            logger.warning("%s refused: %s: %s", fn.__name__, type(exc).__name__, exc,
+                           extra=_log_context(request))
             context.set_trailing_metadata(((ERROR_METADATA_KEY, type(exc).__name__),))
             context.abort(status_of(exc), str(exc))
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one request
-            logger.exception("%s failed", fn.__name__)
+            logger.exception("%s failed", fn.__name__, extra=_log_context(request))
             context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
     return wrapper  # type: ignore[return-value]
+
+
+def _log_context(request: Any) -> dict[str, Any]:
+    """The job, step and rank a request names (and the calling node of a peer call)."""
+    out = {key: getattr(request, key) for key in ("job", "step", "rank")
+           if getattr(request, key, "") not in ("", -1)}  # -1: no step (the restorable one)
+    if getattr(request, "node", None) is not None:
+        out["peer"] = request.node
+    return out
 
 
 def _opt(value: int | None) -> dict[str, int]:

@@ -26,13 +26,12 @@ VERIFY_ATTEMPTS = 5
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
+    from shardguard.daemon import logs
     from shardguard.daemon.server import Daemon
 
     conf = cfg.load(args.config, overrides=cfg.flag_overrides(args))
     faulthandler.enable()  # a native crash still leaves a traceback in the log
-    logging.basicConfig(
-        level=conf.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
+    logs.configure(conf.log_level, conf.log_format, sys.stderr)
     Daemon(conf).serve()
     return EXIT_OK
 
@@ -152,13 +151,14 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from shardguard.daemon import cluster
 
     if args.action == "up":
-        spec = cluster.up(args.dir, args.nodes, args.group_size, args.parity)
+        spec = cluster.up(args.dir, args.nodes, args.group_size, args.parity, args.base_port)
         for i, sock in enumerate(cluster.sockets(args.dir)):
             print(f"node {i}: SHARDGUARD_SOCKET={sock}")
         print(f"{spec.nodes} nodes up (group size {spec.group_size}, parity {spec.parity})")
     elif args.action == "kill":
-        cluster.kill(args.dir, _node(args))
-        print(f"node {args.node} lost (daemon killed, shared memory wiped)")
+        cluster.kill(args.dir, _node(args), keep_memory=args.keep_memory)
+        print(f"node {args.node} lost (daemon killed" +
+              (", shared memory kept)" if args.keep_memory else ", shared memory wiped)"))
     elif args.action == "start":
         pid = cluster.start(args.dir, _node(args))
         print(f"node {args.node} started (pid {pid})")
@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=4)
     c.add_argument("--parity", type=int, default=1)
     c.add_argument("--node", type=int, default=None)
+    c.add_argument("--base-port", type=int, default=0,
+                   help="up: node i listens on BASE+2i (control) and BASE+2i+1 (data); "
+                   "default: free ports")
+    c.add_argument("--keep-memory", action="store_true",
+                   help="kill: only the daemon dies, its shared memory stays (a daemon crash)")
     c.set_defaults(fn=_cmd_cluster)
     return p
 

@@ -37,6 +37,10 @@ class ClusterSpec:
     parity: int
     prefix: str
     memory_budget_bytes: int
+    # 0: every daemon picks free ports. Else node i listens on base_port + 2i (control)
+    # and base_port + 2i + 1 (data), as a production daemon does on fixed ports: a
+    # daemon restarted in its slot is found where the job's node list says.
+    base_port: int = 0
 
     def node_dir(self, root: str, i: int) -> str:
         return os.path.join(root, f"node-{i}")
@@ -61,7 +65,7 @@ def load_spec(root: str) -> ClusterSpec:
         raise ConfigError(f"no local cluster in {root}: {exc}") from None
 
 
-def up(root: str, nodes: int, group_size: int, parity: int) -> ClusterSpec:
+def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0) -> ClusterSpec:
     """Start ``nodes`` daemons under ``root``."""
     if nodes < 1:
         raise ConfigError("a cluster needs at least one node")
@@ -71,7 +75,9 @@ def up(root: str, nodes: int, group_size: int, parity: int) -> ClusterSpec:
         raise ConfigError(f"{root} already holds a cluster: bring it down first")
     tag = hashlib.sha1(root.encode()).hexdigest()[:8]
     budget = int(psutil.virtual_memory().available * 0.6 / nodes)
-    spec = ClusterSpec(nodes, group_size, parity, f"shardguard-c{tag}", budget)
+    if base_port and not 1024 <= base_port <= 65535 - 2 * nodes:
+        raise ConfigError(f"base port {base_port}: need 1024 <= port <= {65535 - 2 * nodes}")
+    spec = ClusterSpec(nodes, group_size, parity, f"shardguard-c{tag}", budget, base_port)
     # The nodes' shared secret, as the Slurm prolog makes one per job: peers authenticate.
     fd = os.open(_secret_path(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -95,7 +101,9 @@ def start(root: str, node: int, spec: ClusterSpec | None = None) -> int:
     sock = os.path.join(d, "agent.sock")
     argv = [sys.executable, "-m", "shardguard.daemon", "--socket", sock,
              "--shm-prefix", spec.node_prefix(node), "--host", "127.0.0.1",
-             "--control-port", "0", "--data-port", "0", "--group-size", str(spec.group_size),
+             "--control-port", str(spec.base_port + 2 * node if spec.base_port else 0),
+             "--data-port", str(spec.base_port + 2 * node + 1 if spec.base_port else 0),
+             "--group-size", str(spec.group_size),
             "--parity", str(spec.parity), "--memory-budget-bytes",
             str(spec.memory_budget_bytes), "--log-level",
             os.environ.get("SHARDGUARD_LOG_LEVEL", "INFO")]
@@ -114,14 +122,21 @@ def start(root: str, node: int, spec: ClusterSpec | None = None) -> int:
     return pid
 
 
-def kill(root: str, node: int) -> None:
-    """Lose node ``node``: SIGKILL its daemon and free its shared memory."""
+def kill(root: str, node: int, keep_memory: bool = False) -> None:
+    """Lose node ``node``: SIGKILL its daemon and free its shared memory.
+
+    With ``keep_memory`` only the daemon dies (a crashed daemon that systemd
+    restarts): its arenas stay for the next daemon in the slot to adopt.
+    """
     root = os.path.abspath(root)
     spec = load_spec(root)
     _check_node(spec, node)
     d = spec.node_dir(root, node)
-    _signal(_pid(d), signal.SIGKILL)
-    _wipe(spec.node_prefix(node))
+    pid = _pid(d)
+    _signal(pid, signal.SIGKILL)
+    _wait_dead(pid, 10.0)
+    if not keep_memory:
+        _wipe(spec.node_prefix(node))
 
 
 def down(root: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import psutil
 
 from shardguard.daemon.errors import ConfigError
+from shardguard.daemon.logs import FORMATS as LOG_FORMATS
 from shardguard.proto.paths import default_socket_path
 
 ENV_PREFIX = "SHARDGUARD_"
@@ -66,6 +67,13 @@ class Config:
     # A per-job secret shared by the job's daemons: every peer call must carry an
     # HMAC made with it. Empty: peers are not authenticated (one trusted host).
     secret_file: str = ""
+    # Observability. One log line per record: "text" (logfmt) or "json".
+    log_format: str = "text"
+    # Prometheus /metrics over HTTP: -1 off, 0 a free port (logged at start), else this port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1
+    # Seconds between health checks of the peer nodes (the peers_up gauge); 0: none.
+    peer_probe_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.shm_prefix):
@@ -86,6 +94,12 @@ class Config:
             raise ConfigError("peer_timeout_s must be > 0")
         if self.secret_file and not os.path.isabs(self.secret_file):
             raise ConfigError(f"secret_file {self.secret_file!r} must be an absolute path")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format {self.log_format!r} must be one of {LOG_FORMATS}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ConfigError("metrics_port must be -1 (off), 0 (a free port) or a port")
+        if not 0 <= self.peer_probe_interval_s < float("inf"):
+            raise ConfigError("peer_probe_interval_s must be >= 0 (0: no probe)")
 
     def budget_bytes(self) -> int:
         """The memory budget in force: the configured one, else a fraction of available memory."""

@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 
 from shardguard.daemon import placement
+from shardguard.daemon.auth import Authenticator, ClientInterceptor, read_secret
 from shardguard.daemon.codec import Codec, crc32c
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import (
@@ -142,8 +143,10 @@ class Protector:
         self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
+        self.auth = Authenticator(read_secret(config.secret_file) if config.secret_file
+                                  else None)
         self.plane = DataPlane(config.host, config.data_port, self._on_message,
-                               config.peer_timeout_s)
+                               config.peer_timeout_s, self.auth)
         self._load_metas()
 
     # ------------------------------------------------------------ lifecycle
@@ -189,7 +192,7 @@ class Protector:
             for j in jobs:
                 j.result()
         except Exception:  # noqa: BLE001 - the step is simply never restorable
-            logger.exception("job=%s step=%d: sending pieces failed", job, step)
+            logger.exception("sending pieces failed", extra={"job": job, "step": step})
 
     def _payload(self, job: str, step: int) -> tuple[list[memoryview], list[dict[str, Any]]]:
         segs, layout, off = [], [], 0
@@ -214,6 +217,7 @@ class Protector:
             timeout=self.config.peer_timeout_s)
         self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
                                          "stripe": stripe, "index": q}, bufs)
+        self.store.metrics.bytes_sent(job, "data", real)
 
     # -------------------------------------------------------------- encoder
 
@@ -257,8 +261,10 @@ class Protector:
             raise InvalidRequestError(f"frame [{off}, +{n}) outside piece {q} of {key}")
         if n:
             codec = self._codec(enc.group.k, enc.group.m)
-            codec.encode_update(q, payload, [p[off:off + n] for p in enc.parity])
+            with self.store.metrics.encoding(key[0], n):
+                codec.encode_update(q, payload, [p[off:off + n] for p in enc.parity])
         enc.got[q] += n
+        self.store.metrics.bytes_received(key[0], "data", n)
         if all(enc.got.get(i) == o.real_bytes for i, o in enc.offers.items()) \
                 and len(enc.offers) == enc.group.k and not enc.finished:
             enc.finished = True
@@ -281,14 +287,15 @@ class Protector:
                     self.plane.push(topo.nodes[holder][1], b"parity", {
                         "job": job, "step": step, "group": group, "stripe": stripe,
                         "index": grp.k + j, "plen": enc.piece_bytes, "crc": crc}, [par.data])
+                    self.store.metrics.bytes_sent(job, "parity", len(par))
             layouts = {str(o.node): json.loads(o.layout) for o in enc.offers.values()}
             enc.parity[1:] = []
             self._report(job, step, topo, {"kind": "stripe", "group": group, "stripe": stripe,
                                            "plen": enc.piece_bytes, "pieces": pieces,
                                            "layouts": layouts})
         except Exception:  # noqa: BLE001
-            logger.exception("job=%s step=%d group=%d stripe=%d: finishing failed", job, step,
-                             group, stripe)
+            logger.exception("group %d stripe %d: finishing failed", group, stripe,
+                             extra={"job": job, "step": step})
 
     def _on_parity(self, h: dict[str, Any], payload: memoryview) -> None:
         job, step, group, stripe, index = (h["job"], int(h["step"]), int(h["group"]),
@@ -306,13 +313,14 @@ class Protector:
             raise InvalidRequestError(f"parity frame [{off}, +{n}) outside piece {key}")
         held.piece[off:off + n] = np.frombuffer(payload, dtype=np.uint8)
         held.got += n
+        self.store.metrics.bytes_received(job, "parity", n)
         if held.got == len(held.piece):
             self._pool.submit(self._finish_parity, key, held)
 
     def _finish_parity(self, key: tuple[str, int, int, int, int], held: _Holding) -> None:
         job, step, group, stripe, index = key
         if crc32c(held.piece) != held.crc:
-            logger.error("job=%s step=%d parity %s arrived corrupted", job, step, key)
+            logger.error("parity %s arrived corrupted", key, extra={"job": job, "step": step})
             return
         topo = self.topology(job)
         assert topo is not None
@@ -377,7 +385,7 @@ class Protector:
             try:
                 f.result()
             except Exception as exc:  # noqa: BLE001 - a dead node learns it on restart
-                logger.warning("job=%s step=%d: announce failed: %s", job, step, exc)
+                logger.warning("announce failed: %s", exc, extra={"job": job, "step": step})
         with self._lock:
             for key in [k for k in self._reports if k[0] == job and k[1] <= step]:
                 del self._reports[key]
@@ -388,7 +396,7 @@ class Protector:
         self._save_meta(job, step, meta)
         self.store.mark_restorable(job, step)
         self._release_older(job, step, self.store.job(job).previous_step)
-        logger.debug("job=%s step=%d restorable on every node", job, step)
+        logger.debug("restorable on every node", extra={"job": job, "step": step})
 
     # ------------------------------------------------------------- metadata
 
@@ -530,7 +538,7 @@ class Protector:
             except UnknownJobError:
                 nodes += 1  # nothing of the job there (already dropped, or a fresh node)
             except Exception as exc:  # noqa: BLE001 - reported to the caller, not fatal
-                logger.warning("job=%s: drop on %s failed: %s", job, control, exc)
+                logger.warning("drop on %s failed: %s", control, exc, extra={"job": job})
                 unreachable.append(control)
         return arenas, freed, nodes, unreachable
 
@@ -606,7 +614,9 @@ class Protector:
         if kind == b"fetch":
             bufs = self.local_piece(header["job"], int(header["step"]), int(header["group"]),
                                     int(header["stripe"]), int(header["index"]))
-            return reply_chunks(header.get("req"), bufs, sum(len(b) for b in bufs))
+            total = sum(len(b) for b in bufs)
+            self.store.metrics.bytes_sent(header["job"], "fetch", total)
+            return reply_chunks(header.get("req"), bufs, total)
         raise InvalidRequestError(f"unknown message kind {kind!r}")
 
     def _codec(self, k: int, m: int) -> Codec:
@@ -620,7 +630,8 @@ class Protector:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = self._channels[address] = grpc.insecure_channel(address)
+                ch = self._channels[address] = grpc.intercept_channel(
+                    grpc.insecure_channel(address), ClientInterceptor(self.auth))
             return _Translating(ppb_grpc.PeerStub(ch))
 
     # -------------------------------------------------------------- rebuild
@@ -640,7 +651,7 @@ class Protector:
         try:
             Rebuilder(self, topo).run(job, world_size, local_ranks)
         except ShardguardError as exc:
-            logger.error("job=%s: rebuild failed: %s", job, exc)
+            logger.error("rebuild failed: %s", exc, extra={"job": job, "node": topo.node_index})
             self._failures[job] = exc
 
     def repair(self, job: str, rank: int) -> None:
@@ -652,8 +663,8 @@ class Protector:
             raise NotRestorableError(f"job {job}: no step metadata to repair from")
         Rebuilder(self, topo).rebuild_rank(job, meta, rank, rec.world_size,
                                            list(rec.local_ranks), distrust=topo.node_index)
-        logger.warning("job=%s rank=%d step=%d: corrupt snapshot repaired from parity", job,
-                       rank, meta["step"])
+        logger.warning("corrupt snapshot repaired from parity", extra={
+            "job": job, "rank": rank, "step": meta["step"], "node": topo.node_index})
 
     def step_info(self, job: str) -> tuple[int | None, bytes]:
         meta = self._metas.get(job)

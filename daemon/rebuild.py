@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,16 +47,19 @@ class _Buffers:
 
     def __init__(self) -> None:
         self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()  # the pieces of a stripe are fetched in parallel
 
     def take(self, size: int) -> np.ndarray:
-        for i, buf in enumerate(self._free):
-            if len(buf) >= size:
-                return self._free.pop(i)[:size]
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) >= size:
+                    return self._free.pop(i)[:size]
         return np.zeros(size, dtype=np.uint8)[:size]
 
     def give(self, view: np.ndarray) -> None:
         base = view.base if isinstance(view.base, np.ndarray) else view
-        self._free.append(base)
+        with self._lock:
+            self._free.append(base)
 
 
 class Rebuilder:
@@ -67,6 +72,7 @@ class Rebuilder:
         self._bufs = _Buffers()
 
     def run(self, job: str, world_size: int, local_ranks: list[int]) -> None:
+        started = time.monotonic()
         meta = self._newest_meta(job)
         if meta is None:
             return
@@ -83,8 +89,10 @@ class Rebuilder:
         self.p._save_meta(job, step, meta)
         self.store.set_restorable(job, step)
         if need:
-            logger.info("job=%s step=%d: rebuilt ranks %s%s", job, step, need,
-                        f" and the parity of node {replaced}" if replaced is not None else "")
+            self.store.metrics.rebuild_pass(job, time.monotonic() - started)
+            logger.info("rebuilt ranks %s%s", need,
+                        f" and the parity of node {replaced}" if replaced is not None else "",
+                        extra={"job": job, "step": step, "node": self.topo.node_index})
 
     def _replaced_node(self, meta: dict[str, Any], alive: dict[int, str]) -> int | None:
         """The old node this daemon stands in for: same index, same node count, and gone."""
@@ -101,11 +109,12 @@ class Rebuilder:
         old = Topology.from_doc(meta["topology"])
         grp = old.placement.group_of(node)
         for ref in grp.parity_pieces(grp.position(node)):
-            piece = self._decode(job, meta, old, grp, ref.stripe, ref.index, alive)
+            plen = int(meta["stripes"][f"{grp.group}/{ref.stripe}"]["plen"])
             out = self.p._piece_file(job, int(meta["step"]), grp.group, ref.stripe, ref.index,
-                                     len(piece))
-            out[:] = piece
-            self._bufs.give(piece)
+                                     plen)
+            # Decoded straight into the parity file: no staging copy.
+            piece = self._decode(job, meta, old, grp, ref.stripe, ref.index, alive, into=out)
+            self.store.metrics.rebuilt(job, len(piece))
         # This daemon now serves the lost node's pieces: point the metadata at it.
         nodes = [list(n) for n in meta["topology"]["nodes"]]
         nodes[node] = list(self.topo.nodes[self.topo.node_index])
@@ -127,7 +136,8 @@ class Rebuilder:
                 reply = self.p._peer(control).StepInfo(ppb.StepInfoRequest(job=job),
                                                        timeout=PROBE_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - an unreachable peer simply has nothing
-                logger.info("job=%s: node %d (%s) has no step info: %s", job, i, control, exc)
+                logger.info("node %d (%s) has no step info: %s", i, control, exc,
+                            extra={"job": job, "node": self.topo.node_index, "peer": i})
                 continue
             if reply.HasField("step") and (best is None or reply.step > best["step"]):
                 best = json.loads(reply.meta)
@@ -146,13 +156,16 @@ class Rebuilder:
         lay = meta["layouts"][str(owner)]
         alive = dict(self._alive(meta) if alive is None else alive)
         alive.pop(distrust, None)  # type: ignore[arg-type]
-        data = self._read(job, meta, owner, lay, entry["off"], entry["used"], alive)
         record = SlotRecord(**{**entry["record"], "state": SlotState(entry["record"]["state"])})
+        used = int(entry["used"])
 
         def fill(view: memoryview) -> None:
-            np.frombuffer(view, dtype=np.uint8, count=len(data))[:] = data
+            # Straight into the slot: no staging copy of the rank's bytes.
+            self._read_into(np.frombuffer(view, dtype=np.uint8, count=used), job, meta, owner,
+                            lay, int(entry["off"]), alive)
 
         self.store.install(job, world_size, local_ranks, rank, entry["slot_bytes"], record, fill)
+        self.store.metrics.rebuilt(job, used)
 
     def _alive(self, meta: dict[str, Any]) -> dict[int, str]:
         """Old nodes that answer and hold the meta's step, with their data address.
@@ -179,10 +192,10 @@ class Rebuilder:
                     break
         return alive
 
-    def _read(self, job: str, meta: dict[str, Any], owner: int, lay: dict[str, Any], off: int,
-              n: int, alive: dict[int, str]) -> np.ndarray:
-        """Bytes [off, off+n) of old node ``owner``'s payload."""
-        out = np.empty(n, dtype=np.uint8)
+    def _read_into(self, out: np.ndarray, job: str, meta: dict[str, Any], owner: int,
+                   lay: dict[str, Any], off: int, alive: dict[int, str]) -> None:
+        """Bytes [off, off+len(out)) of old node ``owner``'s payload, into ``out``."""
+        n = len(out)
         plen = int(lay["plen"])
         pos = off
         while pos < off + n:
@@ -193,7 +206,6 @@ class Rebuilder:
             out[pos - off:pos - off + take] = piece[lo:lo + take]
             self._bufs.give(piece)
             pos += take
-        return out
 
     # --------------------------------------------------------------- pieces
 
@@ -209,8 +221,8 @@ class Rebuilder:
                 return self._fetch(job, meta, alive, grp.group, stripe, q, want,
                                    int(want["len"]))
             except (PeerUnavailableError, CorruptionError) as exc:
-                logger.warning("job=%s: piece %d of node %d unusable (%s); decoding it", job, q,
-                               owner, exc)
+                logger.warning("piece %d of node %d unusable (%s); decoding it", q, owner, exc,
+                               extra={"job": job, "step": meta["step"], "peer": owner})
         return self._decode(job, meta, old, grp, stripe, q,
                             {i: a for i, a in alive.items() if i != owner})
 
@@ -222,6 +234,7 @@ class Rebuilder:
                "index": index, "req": f"{group}/{stripe}/{index}"}
         try:
             got = self.p.plane.fetch(alive[node], hdr, out)
+            self.store.metrics.bytes_received(job, "fetch", got)
             if got != int(want["len"]):
                 raise CorruptionError(
                     f"node {node} sent {got} bytes of a {want['len']}-byte piece")
@@ -235,25 +248,34 @@ class Rebuilder:
         return out
 
     def _decode(self, job: str, meta: dict[str, Any], old: Topology, grp: Any, stripe: int,
-                q: int, alive: dict[int, str]) -> np.ndarray:
+                q: int, alive: dict[int, str], into: np.ndarray | None = None) -> np.ndarray:
+        """Piece ``q`` of a stripe from ``k`` others: a pooled buffer, or ``into`` (plen bytes)."""
         info = meta["stripes"][f"{grp.group}/{stripe}"]
         plen = int(info["plen"])
         have: dict[int, np.ndarray] = {}
-        missing = []
-        for idx in range(grp.k + grp.m):
-            if idx == q or len(have) == grp.k:
-                continue
-            want = info["pieces"][str(idx)]
-            node = int(want["node"])
-            if node not in alive:
-                missing.append(node)
-                continue
-            try:
-                have[idx] = self._fetch(job, meta, alive, grp.group, stripe, idx, want, plen)
-            except (PeerUnavailableError, CorruptionError) as exc:
-                logger.warning("job=%s: stripe %d piece %d from node %d unusable: %s", job,
-                               stripe, idx, node, exc)
-                missing.append(node)
+        missing: list[int] = []
+        candidates = [i for i in range(grp.k + grp.m) if i != q]
+        # The k pieces come from k different nodes: fetched at once, not one after another.
+        while len(have) < grp.k and candidates:
+            batch, candidates = candidates[:grp.k - len(have)], candidates[grp.k - len(have):]
+            futs = {}
+            for idx in batch:
+                want = info["pieces"][str(idx)]
+                node = int(want["node"])
+                if node not in alive:
+                    missing.append(node)
+                    continue
+                futs[idx] = self.p._pool.submit(self._fetch, job, meta, alive, grp.group, stripe,
+                                              idx, want, plen)
+            for idx, fut in futs.items():
+                node = int(info["pieces"][str(idx)]["node"])
+                try:
+                    have[idx] = fut.result()
+                except (PeerUnavailableError, CorruptionError) as exc:
+                    logger.warning("stripe %d piece %d from node %d unusable: %s", stripe, idx,
+                                   node, exc,
+                                   extra={"job": job, "step": meta["step"], "peer": node})
+                    missing.append(node)
         if len(have) < grp.k:
             for buf in have.values():
                 self._bufs.give(buf)
@@ -261,7 +283,7 @@ class Rebuilder:
             raise InsufficientPiecesError(
                 f"job {job} step {meta['step']}: group {grp.group} cannot be rebuilt: nodes "
                 f"{lost} are lost or hold corrupt pieces, and its parity covers {grp.m}")
-        out = self._bufs.take(plen)
+        out = self._bufs.take(plen) if into is None else into
         try:
             self.p._codec(grp.k, grp.m).decode(have, {q: out})
         finally:
@@ -272,7 +294,8 @@ class Rebuilder:
         try:
             self.p.verify_piece([real.data], want, f"decoded piece {q} of stripe {stripe}")
         except BaseException:
-            self._bufs.give(out)
+            if into is None:
+                self._bufs.give(out)
             raise
         return real
 

@@ -11,8 +11,11 @@ from concurrent import futures
 import grpc
 
 from shardguard.daemon.agent import AgentService
+from shardguard.daemon.auth import ServerInterceptor
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import ConfigError
+from shardguard.daemon.metrics import Metrics, MetricsServer, StateCollector
+from shardguard.daemon.observe import AGENT_SERVICE, PEER_SERVICE, Health, PeerProbe, node_state
 from shardguard.daemon.peers import PeerService
 from shardguard.daemon.protect import Protector
 from shardguard.daemon.store import Store
@@ -40,8 +43,15 @@ class Daemon:
         self.log = logger or globals()["logger"]
         if not os.path.isdir(config.shm_dir):
             raise ConfigError(f"shm_dir {config.shm_dir} is not a directory")
+        self.metrics = Metrics(process=True)
         self.store = Store(config.shm_dir, config.shm_prefix, config.budget_bytes(),
-                           verify_on_restore=config.verify_on_restore)
+                           verify_on_restore=config.verify_on_restore, metrics=self.metrics)
+        # "host:port" of the Prometheus endpoint once started; "" when metrics_port is -1.
+        self.metrics_address = ""
+        self._metrics_server: MetricsServer | None = None
+        self._probe: PeerProbe | None = None
+        self._health: list[Health] = []
+        self._shut_down = False
         self.protector: Protector | None = None
         self._peer_server: grpc.Server | None = None
         self._stop = threading.Event()
@@ -49,6 +59,7 @@ class Daemon:
 
     def start(self) -> None:
         """Adopt what a previous daemon left, then listen on the Unix socket."""
+        self._start_metrics()  # first: a port it cannot bind fails the start before any serving
         adopted = self.store.adopt()
         sock = self.config.socket
         os.makedirs(os.path.dirname(os.path.abspath(sock)), mode=0o700, exist_ok=True)
@@ -57,12 +68,14 @@ class Daemon:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers,
                                        thread_name_prefix="sg-agent"),
+            interceptors=[self.metrics.interceptor(self._job_known)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 64 << 20)])
         control = self._start_peers()
         pb_grpc.add_AgentServicer_to_server(
             AgentService(self.store, sock, self.protector, control,
                          (self.config.group_size, self.config.parity)), server)
+        health = Health(server, AGENT_SERVICE)
         old_umask = os.umask(0o177)
         try:
             server.add_insecure_port(grpc_target(sock))
@@ -71,6 +84,7 @@ class Daemon:
             os.umask(old_umask)
         os.chmod(sock, 0o600)
         self._server = server
+        self._serving(health)
         self.log.info("serving on %s (shm %s/%s.*, budget %d bytes, adopted %d jobs)", sock,
                       self.config.shm_dir, self.config.shm_prefix, self.store.budget_bytes,
                       adopted)
@@ -82,17 +96,46 @@ class Daemon:
         self.store.on_roll_back = self.protector.on_roll_back
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sg-peer"),
+            interceptors=[self.metrics.interceptor(self._job_known),
+                          ServerInterceptor(self.protector.auth)],
             options=[("grpc.max_receive_message_length", 64 << 20),
                      ("grpc.max_send_message_length", 64 << 20)])
         ppb_grpc.add_PeerServicer_to_server(PeerService(self.protector), server)
+        health = Health(server, PEER_SERVICE)
         port = server.add_insecure_port(f"{self.config.host}:{self.config.control_port}")
         if port == 0:
             raise ConfigError(f"cannot listen on {self.config.host}:{self.config.control_port}")
         server.start()
         self._peer_server = server
+        self._serving(health)
+        if self.config.peer_probe_interval_s:
+            self._probe = PeerProbe(self.store, self.config.peer_probe_interval_s,
+                                    self.config.peer_timeout_s)
+            self._probe.start()
         control = f"{self.config.host}:{port}"
         self.log.info("peers: control %s, data %s", control, self.protector.plane.address)
         return control
+
+    def _start_metrics(self) -> None:
+        """The Prometheus endpoint unless ``metrics_port`` is -1; gauges read the node on scrape."""
+        if self.config.metrics_port < 0 or self._metrics_server is not None:
+            return
+        host, port = self.config.metrics_host, self.config.metrics_port
+        try:
+            self._metrics_server = MetricsServer(self.metrics.registry, host, port)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
+                              "(metrics_host, metrics_port; -1 turns metrics off)") from None
+        self.metrics.registry.register(StateCollector(lambda: node_state(self.store, self._probe)))
+        self.metrics_address = self._metrics_server.address
+        self.log.info("metrics on http://%s/metrics", self.metrics_address)
+
+    def _job_known(self, job: str) -> bool:
+        return any(rec.job == job for rec in self.store.jobs())
+
+    def _serving(self, health: Health) -> None:
+        health.serving()
+        self._health.append(health)
 
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT or :meth:`stop`; the arenas stay in shm for the next daemon."""
@@ -108,12 +151,24 @@ class Daemon:
         self._stop.set()
 
     def shutdown(self, grace_s: float = 5.0) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for health in self._health:
+            health.stopping()  # NOT_SERVING while the calls in flight finish
+        self._health.clear()
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
         if self._peer_server is not None:
             self._peer_server.stop(grace_s).wait()
             self._peer_server = None
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self.protector is not None:
             self.protector.close()
         self.store.close()

@@ -29,6 +29,7 @@ import psutil
 
 from shardguard.daemon.arena import Arena
 from shardguard.daemon.codec import crc32c
+from shardguard.daemon.metrics import Metrics
 from shardguard.daemon.errors import (
     ArenaFormatError,
     BudgetExceededError,
@@ -146,17 +147,20 @@ class Store:
         on_node_sealed: called (job, step) outside the lock when every local rank
             sealed ``step``; the protection layer then makes it restorable. None
             means this node is the whole job: the step is restorable at once.
+        metrics: the daemon's metrics (default: a registry of the store's own).
     """
 
     def __init__(self, shm_dir: str, prefix: str, budget_bytes: int, *,
                  verify_on_restore: bool = True,
-                 on_node_sealed: Callable[[str, int], None] | None = None) -> None:
+                 on_node_sealed: Callable[[str, int], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.shm_dir = shm_dir
         self.prefix = prefix
         self.budget_bytes = budget_bytes
         self.verify_on_restore = verify_on_restore
         self.on_node_sealed = on_node_sealed
         self.on_roll_back: Callable[[str, int], None] | None = None
+        self.metrics = metrics or Metrics()
         self._verifier = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="sg-verify")
         self._lock = threading.RLock()
         self._jobs: dict[str, JobRecord] = {}
@@ -232,8 +236,8 @@ class Store:
             rr.lease = secrets.token_hex(16)
             rr.pid, rr.pid_started = pid, started
             self._sync(rec, rr)
-            logger.info("registered job=%s rank=%d world=%d pid=%d arena=%s slot_bytes=%d",
-                        job, rank, world_size, pid, rr.arena.path, rr.slot_bytes)
+            logger.info("registered: world %d, pid %d, arena %s, slot_bytes %d", world_size,
+                        pid, rr.arena.path, rr.slot_bytes, extra={"job": job, "rank": rank})
             return Registration(rr.arena.path, rr.arena.size, rr.slot_bytes, rr.lease,
                                 rec.restorable_step)
 
@@ -252,7 +256,9 @@ class Store:
                 rr.arena.unlink()
             _unlink(self._meta_path(job))
             del self._jobs[job]
-            logger.info("dropped job=%s arenas=%d bytes=%d", job, len(rec.ranks), freed)
+            self.metrics.forget(job)
+            logger.info("dropped: %d arenas, %d bytes", len(rec.ranks), freed,
+                        extra={"job": job})
             return len(rec.ranks), freed
 
     def close(self) -> None:
@@ -329,13 +335,14 @@ class Store:
                 x.state == SlotState.SEALED and x.step == step for x in rec.ranks[q].slots)
                 for q in rec.local_ranks)
             whole_job_here = len(rec.local_ranks) == rec.world_size
+            self.metrics.rank_sealed(job, step, node_sealed)
             if node_sealed and (whole_job_here or self.on_node_sealed is None):
                 self._make_restorable(rec, step)
             else:
                 self._sync(rec, rr)
             restorable = rec.restorable_step
-        logger.debug("sealed job=%s rank=%d step=%d slot=%d bytes=%d", job, rank, step, slot,
-                     data_bytes)
+        logger.debug("sealed slot %d, %d bytes", slot, data_bytes,
+                     extra={"job": job, "rank": rank, "step": step})
         if node_sealed and not whole_job_here and self.on_node_sealed is not None:
             self.on_node_sealed(job, step)
         return restorable
@@ -395,8 +402,8 @@ class Store:
                 old.state = SlotState.RESTORABLE
             if cur is not None:
                 _free(cur)
-        logger.warning("job=%s rolled back from step %s to step %d, the step every rank agreed on",
-                       rec.job, rec.restorable_step, step)
+        logger.warning("rolled back from step %s to step %d, the step every rank agreed on",
+                       rec.restorable_step, step, extra={"job": rec.job, "step": step})
         rec.restorable_step, rec.previous_step = step, None
         self._persist(rec)
         for rr in rec.ranks.values():
@@ -538,8 +545,8 @@ class Store:
             with self._lock:
                 self._jobs[rec.job] = rec
             adopted += 1
-            logger.info("adopted job=%s ranks=%s restorable_step=%s", rec.job,
-                        sorted(rec.ranks), rec.restorable_step)
+            logger.info("adopted: ranks %s, restorable step %s", sorted(rec.ranks),
+                        rec.restorable_step, extra={"job": rec.job, "step": rec.restorable_step})
         return adopted
 
     def _adopt_job(self, meta_path: str) -> JobRecord:
@@ -570,7 +577,7 @@ class Store:
             except (OSError, ArenaFormatError) as exc:
                 # The header is only a mirror: rebuild it from the meta when the file is sound.
                 logger.warning("job=%s rank=%d arena header unusable (%s); rewriting it",
-                               job, rank, exc)
+                               job, rank, exc, extra={"job": job, "rank": rank})
                 arena = _remap(path, int(rm["slot_bytes"]))
                 header = None
             slots = [SlotRecord(SlotState(d["state"]), *[int(d[k]) for k in (
@@ -646,7 +653,8 @@ class Store:
         self._persist(rec)
         for rr in rec.ranks.values():
             self._write_header(rec, rr)
-        logger.debug("restorable job=%s step=%d", rec.job, step)
+        self.metrics.restorable(rec.job, step)
+        logger.debug("step %d restorable", step, extra={"job": rec.job, "step": step})
 
     def _verify(self, job: str, rank: int, view: memoryview, s: SlotRecord) -> None:
         m = view[s.manifest_offset:s.manifest_offset + s.manifest_bytes]
@@ -687,8 +695,8 @@ class Store:
         os.rename(tmp, rr.arena.path)
         arena.path = rr.arena.path
         rr.arena.close()
-        logger.info("grew arena job=%s rank=%d slot_bytes %d -> %d", rec.job, rr.rank,
-                    rr.slot_bytes, slot_bytes)
+        logger.info("grew arena: slot_bytes %d -> %d", rr.slot_bytes, slot_bytes,
+                    extra={"job": rec.job, "rank": rr.rank})
         return RankRecord(rr.rank, arena, slot_bytes, slots)
 
     def _write_header(self, rec: JobRecord, rr: RankRecord) -> None:

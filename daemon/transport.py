@@ -1,7 +1,8 @@
 """Bulk bytes between daemons over ZeroMQ: pieces in 4 MiB frames, never through gRPC.
 
-Every daemon binds one ROUTER socket. A message is ``[kind, header, payload?]``
-with a JSON header. Kinds: ``data`` and ``parity`` (pieces pushed to their
+Every daemon binds one ROUTER socket. A message is ``[kind, header, token,
+payload?]`` with a JSON header; the token authenticates kind and header with
+the job's secret (daemon/auth.py; empty without a secret), replies included. Kinds: ``data`` and ``parity`` (pieces pushed to their
 encoder or holder), ``fetch`` (ask for a stored piece; answered with ``chunk``
 messages, or ``error``). Incoming messages are handed to one handler on the
 receiving thread, which owns the ROUTER socket; frames are received and sent
@@ -20,7 +21,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import zmq
 
-from shardguard.daemon.errors import PeerUnavailableError
+from shardguard.daemon.auth import Authenticator
+from shardguard.daemon.errors import AuthenticationError, PeerUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ def chunks(buffers: Iterable[memoryview], frame_bytes: int = FRAME_BYTES
 class DataPlane:
     """The daemon's ZeroMQ endpoint: a receiving thread and senders made per call."""
 
-    def __init__(self, host: str, port: int, handler: Handler, timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, handler: Handler, timeout_s: float,
+                 auth: Authenticator | None = None) -> None:
+        self.auth = auth or Authenticator(None)
         self.ctx = zmq.Context()
         self.timeout_s = timeout_s
         self._handler = handler
@@ -83,19 +87,25 @@ class DataPlane:
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
         try:
-            if len(frames) not in (3, 4):
+            if len(frames) not in (4, 5):
                 raise ValueError(f"{len(frames) - 1} frames")
-            kind = frames[1].bytes
-            header = json.loads(frames[2].bytes)
+            kind, raw = frames[1].bytes, frames[2].bytes
+            self.auth.check(frames[3].bytes, _context(kind, raw))
+            header = json.loads(raw)
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
-            payload = frames[3].buffer if len(frames) == 4 else None
+            payload = frames[4].buffer if len(frames) == 5 else None
             replies = self._handler(kind, header, payload)
         except Exception as exc:  # noqa: BLE001 - a bad message must not stop the plane
             logger.warning("data plane: refused a message: %s: %s", type(exc).__name__, exc)
             replies = [[b"error", json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()]]
         for msg in replies or ():
-            self._router.send_multipart([ident, *msg], copy=False)
+            self._router.send_multipart([ident, *self._signed(msg)], copy=False)
+
+    def _signed(self, msg: list[Any]) -> list[Any]:
+        """``[kind, header, payload?]`` -> ``[kind, header, token, payload?]``."""
+        token = self.auth.sign(_context(msg[0], msg[1])).encode()
+        return [msg[0], msg[1], token, *msg[2:]]
 
     def push(self, address: str, kind: bytes, header: dict[str, Any],
              buffers: Iterable[memoryview]) -> None:
@@ -109,11 +119,11 @@ class DataPlane:
             sent = False
             for off, part in chunks(buffers):
                 hdr = json.dumps({**header, "off": off, "n": len(part)}).encode()
-                self._send(sock, [kind, hdr, part], address, timeout_ms)
+                self._send(sock, self._signed([kind, hdr, part]), address, timeout_ms)
                 sent = True
             if not sent:
-                self._send(sock, [kind, json.dumps({**header, "off": 0, "n": 0}).encode(), b""],
-                           address, timeout_ms)
+                hdr = json.dumps({**header, "off": 0, "n": 0}).encode()
+                self._send(sock, self._signed([kind, hdr, b""]), address, timeout_ms)
         finally:
             # At most a window of frames is still queued: they get the timeout to drain.
             sock.close(linger=timeout_ms)
@@ -133,21 +143,28 @@ class DataPlane:
         """
         sock = self._dealer(address)
         try:
-            sock.send_multipart([b"fetch", json.dumps(header).encode()])
+            sock.send_multipart(self._signed([b"fetch", json.dumps(header).encode()]))
             got, total = 0, None
             while total is None or got < total:
                 if not sock.poll(int(self.timeout_s * 1000)):
                     raise PeerUnavailableError(f"peer {address} did not answer a fetch in "
                                                f"{self.timeout_s}s ({header})")
                 frames = sock.recv_multipart(copy=False)
-                kind, hdr = frames[0].bytes, json.loads(frames[1].bytes)
+                if len(frames) not in (3, 4):
+                    raise PeerUnavailableError(f"peer {address} answered {len(frames)} frames")
+                kind, raw = frames[0].bytes, frames[1].bytes
+                try:
+                    self.auth.check(frames[2].bytes, _context(kind, raw))
+                except AuthenticationError as exc:
+                    raise PeerUnavailableError(f"peer {address}: {exc}") from None
+                hdr = json.loads(raw)
                 if kind == b"error":
                     raise PeerUnavailableError(f"peer {address} refused fetch: {hdr['error']}")
                 total = hdr["total"]
                 n, off = hdr["n"], hdr["off"]
                 if off + n > len(out):
                     raise PeerUnavailableError(f"peer {address} sent bytes past the piece")
-                out[off:off + n] = np.frombuffer(frames[2].buffer, dtype=np.uint8)
+                out[off:off + n] = np.frombuffer(frames[3].buffer, dtype=np.uint8)
                 got += n
             return got
         finally:
@@ -168,6 +185,10 @@ class DataPlane:
         self._router.close(linger=0)
         self._stop_rx.close(linger=0)
         self.ctx.term()
+
+
+def _context(kind: bytes, header: bytes) -> bytes:
+    return b"zmq\n" + kind + b"\n" + header
 
 
 def reply_chunks(req: Any, buffers: list[memoryview], total: int) -> Iterator[list[Any]]:

@@ -21,13 +21,16 @@ TRAINER = str(Path(__file__).with_name("trainer.py"))
 
 def run_trainer(out: Path, job: str, socket: str, world: int, steps: int, *,
                 no_snapshot: bool = False, env: dict[str, str] | None = None,
-                expect_restore_error: bool = False) -> subprocess.Popen[bytes]:
+                expect_restore_error: bool = False,
+                step_sleep: float = 0.0) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, TRAINER, "--out", str(out), "--job", job, "--world", str(world),
            "--steps", str(steps), "--socket", socket]
     if no_snapshot:
         cmd.append("--no-snapshot")
     if expect_restore_error:
         cmd.append("--expect-restore-error")
+    if step_sleep:
+        cmd += ["--step-sleep", str(step_sleep)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "trainer.log", "ab") as log:
         return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,

@@ -64,9 +64,10 @@ def status(root: Path, node: int):
 
 
 def restorable(root: Path, node: int, job: str = "job") -> int:
+    """The node's restorable step of ``job``; -1 for none (or the job not registered yet)."""
     st = status(root, node)
-    j = next(j for j in st.jobs if j.job == job)
-    return j.restorable_step if j.HasField("restorable_step") else -1
+    j = next((j for j in st.jobs if j.job == job), None)
+    return j.restorable_step if j is not None and j.HasField("restorable_step") else -1
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,65 @@ def test_ranks_that_land_on_other_nodes_still_restore(local_cluster, reference4,
     assert_matches_reference(out, reference4, 4)
     restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
     assert len(restored) == 1 and restored != {"None"}, restored
+
+
+def free_base_port(count: int) -> int:
+    """A base port with ``count`` free consecutive ports above it."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randrange(20000, 40000, 2)
+        try:
+            socks = []
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+@pytest.mark.parametrize("crashed", [0, 2], ids=["coordinator", "node2"])
+def test_a_daemon_crash_mid_run_is_taken_over_by_its_restart(local_cluster, reference4,
+                                                             tmp_path: Path,
+                                                             crashed: int) -> None:
+    """A daemon alone dies mid-run (its node, ranks and memory live on) and systemd restarts it.
+
+    With fixed ports the restarted daemon is where the job's node list says: it
+    adopts its arenas and metadata, the trainers re-register by themselves, and
+    protection goes on within the same run, for the coordinator's node too.
+    """
+    root = tmp_path / "c"
+    cluster.up(str(root), 4, 4, 1, base_port=free_base_port(8))
+    out = tmp_path / "run"
+    proc = run_trainer(out, "job", sockets(root), 4, STEPS, step_sleep=0.5,
+                       env={"SHARDGUARD_PROTECT_TIMEOUT_S": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            if restorable(root, crashed) >= 3:
+                break
+            time.sleep(0.01)
+        at_crash = restorable(root, crashed)
+        cluster.kill(str(root), crashed, keep_memory=True)
+        time.sleep(0.5)
+        cluster.start(str(root), crashed)
+        assert finish(proc) == 0, trainer_log(out)
+        assert "adopted 1 jobs" in (root / f"node-{crashed}" / "daemon.log").read_text()
+        # Protection went on in the same run: later steps became restorable everywhere.
+        after = [restorable(root, i) for i in range(4)]
+        assert min(after) > at_crash, (at_crash, after)
+        assert_matches_reference(out, reference4, 4)
+        # And what it protected restores bit-exact.
+        assert train(root, out, 4, STEPS) == 0, trainer_log(out)
+        assert_matches_reference(out, reference4, 4)
+    finally:
+        if proc.poll() is None:
+            finish(proc, timeout=1)
+        cluster.down(str(root))

@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import sys
+import time
 
 import numpy as np
 import torch
@@ -96,6 +97,8 @@ def worker(rank: int, args: argparse.Namespace) -> None:
         losses.flush()
         if client is not None:
             client.snapshot(step, state_of(model, opt, step))
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
     if client is not None:
         client.wait()
         client.close()
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", default=None)
     p.add_argument("--sockets", default=None, help="comma-separated, rank i uses i mod n")
     p.add_argument("--no-snapshot", action="store_true")
+    p.add_argument("--step-sleep", type=float, default=0.0,
+                   help="seconds to wait after each step (time for faults mid-run)")
     p.add_argument("--expect-restore-error", action="store_true",
                    help="a failed restore is written to OUT/error.<rank> instead of raised")
     args = p.parse_args(argv)
