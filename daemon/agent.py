@@ -62,12 +62,15 @@ def _opt(value: int | None) -> dict[str, int]:
 
 class AgentService(pb_grpc.AgentServicer):
     def __init__(self, store: Store, socket_path: str, protector: "Protector | None" = None,
-                 control_address: str = "", defaults: tuple[int, int] = (4, 1)) -> None:
+                 control_address: str = "", defaults: tuple[int, int] = (4, 1),
+                 metrics_address: str = "", probe: Any = None) -> None:
         self.store = store
         self.socket_path = socket_path
         self.protector = protector
         self.control_address = control_address
         self.defaults = defaults
+        self.metrics_address = metrics_address
+        self.probe = probe  # observe.PeerProbe: which peers answer
         self.started = time.monotonic()
         self._sync_lock = threading.Lock()
 
@@ -106,7 +109,8 @@ class AgentService(pb_grpc.AgentServicer):
                 known = self.store.job(req.job).topology
             except UnknownJobError:
                 pass
-            if known != topo.to_doc():
+            # A new node list, or a catch-up that failed (a peer was down): (re)build.
+            if known != topo.to_doc() or self.protector.failure(req.job) is not None:
                 self.protector.sync(req.job, topo, req.world_size, list(req.local_ranks))
         return topo.to_doc()
 
@@ -177,7 +181,8 @@ class AgentService(pb_grpc.AgentServicer):
         reply = pb.StatusReply(version=_version(), pid=os.getpid(), socket=self.socket_path,
                                memory_budget_bytes=self.store.budget_bytes,
                                memory_used_bytes=self.store.used_bytes(),
-                               uptime_s=time.monotonic() - self.started)
+                               uptime_s=time.monotonic() - self.started,
+                               metrics_address=self.metrics_address)
         if self.protector is not None:
             reply.address.control = self.control_address
             reply.address.data = self.protector.plane.address
@@ -191,6 +196,7 @@ class AgentService(pb_grpc.AgentServicer):
                 js.node_index = rec.topology["node_index"]
                 js.group_size = rec.topology["group_size"]
                 js.parity = rec.topology["parity"]
+                self._parity_status(js, rec)
             for rank in sorted(rec.ranks):
                 rr = rec.ranks[rank]
                 rs = js.ranks.add(rank=rank, arena_path=rr.arena.path, arena_bytes=rr.arena.size,
@@ -200,6 +206,27 @@ class AgentService(pb_grpc.AgentServicer):
                                  data_bytes=s.data_bytes)
         return reply
 
+
+    def _parity_status(self, js: pb.JobStatus, rec: Any) -> None:
+        """Group, parity pieces held, step in flight and peers reachable of a multi-node job."""
+        topo = Topology.from_doc(rec.topology)
+        grp = topo.placement.group_of(topo.node_index)
+        js.group = grp.group
+        js.group_nodes.extend(grp.nodes)
+        steps = [s.step for rr in rec.ranks.values() for s in rr.slots
+                 if s.state.name in ("WRITING", "SEALED")]
+        newer = [s for s in steps if rec.restorable_step is None or s > rec.restorable_step]
+        if newer:
+            js.in_flight_step = max(newer)
+        meta = self.protector.meta(rec.job) if self.protector is not None else None
+        if meta is not None and meta["step"] == rec.restorable_step:
+            js.parity_pieces = sum(
+                1 for where, st in meta["stripes"].items()
+                for idx, piece in st["pieces"].items()
+                if int(piece["node"]) == topo.node_index
+                and int(idx) >= topo.placement.groups[int(where.split("/")[0])].k)
+        if self.probe is not None:
+            js.peers, js.peers_up = self.probe.counts(rec.topology)
 
     def _raise_failure(self, job: str) -> None:
         failure = self.protector.failure(job) if self.protector is not None else None

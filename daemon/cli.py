@@ -54,16 +54,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(json_format.MessageToDict(st, always_print_fields_with_no_presence=True),
                          indent=2))
         return EXIT_OK
-    print(f"daemon pid {st.pid}  version {st.version}  socket {st.socket}  "
-          f"up {st.uptime_s:.0f}s")
+    print(f"daemon pid {st.pid}  version {st.version}  up {st.uptime_s:.0f}s  socket {st.socket}")
+    if st.address.control:
+        print(f"peers: control {st.address.control}  data {st.address.data}")
+    if st.metrics_address:
+        print(f"metrics: http://{st.metrics_address}/metrics")
     print(f"memory {_gib(st.memory_used_bytes)} used of {_gib(st.memory_budget_bytes)} budget")
-    print(f"{'job':<24} {'world':>5} {'local ranks':<16} {'restorable':>10}  slots (rank: state@step)")
+    if not st.jobs:
+        print("no jobs")
     for j in st.jobs:
         step = str(j.restorable_step) if j.HasField("restorable_step") else "-"
-        slots = "  ".join(f"{r.rank}:" + ",".join(f"{s.state}@{s.step}" for s in r.slots)
-                          for r in j.ranks)
+        flight = str(j.in_flight_step) if j.HasField("in_flight_step") else "-"
         local = ",".join(map(str, j.local_ranks))
-        print(f"{j.job:<24} {j.world_size:>5} {local:<16} {step:>10}  {slots}")
+        held = sum(r.arena_bytes for r in j.ranks)
+        print(f"\njob {j.job}: world {j.world_size}, local ranks [{local}], restorable step "
+              f"{step}, in flight {flight}, arenas {_gib(held)}")
+        if j.nodes:
+            k = len(j.group_nodes) - j.parity
+            print(f"  node {j.node_index} of {j.nodes}; group {j.group} = nodes "
+                  f"{list(j.group_nodes)} (k={k}, m={j.parity}); parity pieces of step {step} "
+                  f"here: {j.parity_pieces}; peers up {j.peers_up}/{j.peers}")
+        for r in j.ranks:
+            slots = "  ".join(f"slot {s.index}: {s.state}@{s.step}" for s in r.slots)
+            who = f"pid {r.pid}" if r.claimed else "unclaimed"
+            print(f"  rank {r.rank:<5} {who:<12} {slots}")
     return EXIT_OK
 
 

@@ -31,12 +31,14 @@ from typing import Any, Iterable
 
 import grpc
 import numpy as np
+import zmq
 
-from shardguard.daemon import placement
+from shardguard.daemon import faults, placement
 from shardguard.daemon.auth import Authenticator, ClientInterceptor, read_secret
 from shardguard.daemon.codec import Codec, crc32c
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import (
+    ConfigError,
     CorruptionError,
     InvalidRequestError,
     NotRestorableError,
@@ -145,8 +147,12 @@ class Protector:
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
         self.auth = Authenticator(read_secret(config.secret_file) if config.secret_file
                                   else None)
-        self.plane = DataPlane(config.host, config.data_port, self._on_message,
-                               config.peer_timeout_s, self.auth)
+        try:
+            self.plane = DataPlane(config.host, config.data_port, self._on_message,
+                                   config.peer_timeout_s, self.auth)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot listen on {config.host}:{config.data_port} "
+                              f"(host, data_port): {exc}") from None
         self._load_metas()
 
     # ------------------------------------------------------------ lifecycle
@@ -176,6 +182,7 @@ class Protector:
         try:
             topo = self.topology(job)
             assert topo is not None
+            faults.point("sealed", step, topo.node_index)
             grp = topo.placement.group_of(topo.node_index)
             pos = grp.position(topo.node_index)
             segs, layout = self._payload(job, step)
@@ -216,7 +223,8 @@ class Protector:
             piece_bytes=plen, real_bytes=real, crc=crc_of(bufs), layout=layout),
             timeout=self.config.peer_timeout_s)
         self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
-                                         "stripe": stripe, "index": q}, bufs)
+                                         "stripe": stripe, "index": q}, bufs,
+                        on_frame=lambda: faults.point("mid-transfer", step, topo.node_index))
         self.store.metrics.bytes_sent(job, "data", real)
 
     # -------------------------------------------------------------- encoder
@@ -255,7 +263,8 @@ class Protector:
         if enc is None or not enc.ready.is_set():
             raise InvalidRequestError(f"no encoding in progress for {key}")
         q, off, n = int(h["index"]), int(h["off"]), int(h["n"])
-        fault_point("mid-encode", key[1], self.topology(key[0]))
+        topo = self.topology(key[0])
+        faults.point("mid-encode", key[1], topo.node_index if topo else None)
         offer = enc.offers[q]
         if n != len(payload) or off < 0 or off + n > offer.real_bytes:
             raise InvalidRequestError(f"frame [{off}, +{n}) outside piece {q} of {key}")
@@ -279,6 +288,7 @@ class Protector:
             pieces: dict[str, Any] = {
                 str(q): {"node": o.node, "len": o.real_bytes, "crc": o.crc}
                 for q, o in enc.offers.items()}
+            faults.point("partial-parity", step, topo.node_index)
             for j, par in enumerate(enc.parity):
                 holder = grp.nodes[grp.parity_holders(stripe)[j]]
                 crc = crc32c(par)
@@ -381,6 +391,10 @@ class Protector:
                     self._peer(control).Announce,
                     ppb.AnnounceRequest(job=job, step=step, meta=raw),
                     timeout=self.config.peer_timeout_s))
+            if len(futs) == 1 and len(topo.nodes) > 1:
+                # Test fault point: announced to one node, not yet to the others.
+                concurrent.futures.wait(futs)
+                faults.point("announce", step, topo.node_index)
         for f in futs:
             try:
                 f.result()
@@ -649,6 +663,7 @@ class Protector:
 
         self._failures.pop(job, None)
         try:
+            faults.point("sync", 0, topo.node_index)
             Rebuilder(self, topo).run(job, world_size, local_ranks)
         except ShardguardError as exc:
             logger.error("rebuild failed: %s", exc, extra={"job": job, "node": topo.node_index})
@@ -675,24 +690,6 @@ class Protector:
     def verify_piece(self, bufs: list[memoryview], want: dict[str, Any], what: str) -> None:
         if crc_of(bufs) != int(want["crc"]):
             raise CorruptionError(f"{what}: checksum fails")
-
-
-DAEMON_FAULT_ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
-
-
-def fault_point(point: str, step: int, topo: Topology | None) -> None:
-    """Test-only: SIGKILL this daemon at ``point`` of ``step`` on one node.
-
-    Enabled only by ``SHARDGUARD_TEST_DAEMON_FAULT=point@step@node``; it fires at the
-    first such point of a step >= ``step`` (a step may be skipped by the trainers).
-    """
-    spec = os.environ.get(DAEMON_FAULT_ENV)
-    if not spec or topo is None:
-        return
-    want_point, want_step, want_node = spec.split("@")
-    if point == want_point and step >= int(want_step) and topo.node_index == int(want_node):
-        logger.error("test fault %s: killing this daemon", spec)
-        os.kill(os.getpid(), 9)
 
 
 class _Translating:

@@ -26,6 +26,7 @@ from shardguard.daemon.errors import (
     PeerUnavailableError,
     UnknownJobError,
 )
+from shardguard.daemon import faults
 from shardguard.daemon.protect import Topology
 from shardguard.daemon.store import SlotRecord
 from shardguard.proto import peer_pb2 as ppb
@@ -206,6 +207,7 @@ class Rebuilder:
             out[pos - off:pos - off + take] = piece[lo:lo + take]
             self._bufs.give(piece)
             pos += take
+            faults.point("mid-rebuild", int(meta["step"]), self.topo.node_index)
 
     # --------------------------------------------------------------- pieces
 

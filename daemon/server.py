@@ -10,6 +10,7 @@ from concurrent import futures
 
 import grpc
 
+from shardguard.daemon import sdnotify
 from shardguard.daemon.agent import AgentService
 from shardguard.daemon.auth import ServerInterceptor
 from shardguard.daemon.config import Config
@@ -74,7 +75,8 @@ class Daemon:
         control = self._start_peers()
         pb_grpc.add_AgentServicer_to_server(
             AgentService(self.store, sock, self.protector, control,
-                         (self.config.group_size, self.config.parity)), server)
+                         (self.config.group_size, self.config.parity),
+                         metrics_address=self.metrics_address, probe=self._probe), server)
         health = Health(server, AGENT_SERVICE)
         old_umask = os.umask(0o177)
         try:
@@ -88,6 +90,7 @@ class Daemon:
         self.log.info("serving on %s (shm %s/%s.*, budget %d bytes, adopted %d jobs)", sock,
                       self.config.shm_dir, self.config.shm_prefix, self.store.budget_bytes,
                       adopted)
+        sdnotify.ready(f"serving on {sock}, peers on {control}")
 
     def _start_peers(self) -> str:
         """The peer gRPC service on TCP and the ZeroMQ data plane; returns the control address."""
@@ -102,9 +105,13 @@ class Daemon:
                      ("grpc.max_send_message_length", 64 << 20)])
         ppb_grpc.add_PeerServicer_to_server(PeerService(self.protector), server)
         health = Health(server, PEER_SERVICE)
-        port = server.add_insecure_port(f"{self.config.host}:{self.config.control_port}")
+        where = f"{self.config.host}:{self.config.control_port}"
+        try:
+            port = server.add_insecure_port(where)
+        except RuntimeError as exc:  # grpc raises on a busy or foreign address
+            raise ConfigError(f"cannot listen on {where} (host, control_port): {exc}") from None
         if port == 0:
-            raise ConfigError(f"cannot listen on {self.config.host}:{self.config.control_port}")
+            raise ConfigError(f"cannot listen on {where} (host, control_port)")
         server.start()
         self._peer_server = server
         self._serving(health)
@@ -154,6 +161,7 @@ class Daemon:
         if self._shut_down:
             return
         self._shut_down = True
+        sdnotify.stopping()
         for health in self._health:
             health.stopping()  # NOT_SERVING while the calls in flight finish
         self._health.clear()

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 import psutil
 
+from shardguard.daemon import faults
 from shardguard.daemon.arena import Arena
 from shardguard.daemon.codec import crc32c
 from shardguard.daemon.metrics import Metrics
@@ -323,6 +324,7 @@ class Store:
             raise mf.ManifestError(f"manifest is for step {doc['step']}, sealed as step {step}")
         manifest_crc = crc32c(raw_manifest)
         data_crc = crc32c(view[:data_bytes])
+        faults.point("seal", step, (rec.topology or {}).get("node_index", 0))
         with self._lock:
             if rr.slots[slot] is not s or s.generation != generation \
                     or s.state != SlotState.WRITING:

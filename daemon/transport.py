@@ -108,7 +108,7 @@ class DataPlane:
         return [msg[0], msg[1], token, *msg[2:]]
 
     def push(self, address: str, kind: bytes, header: dict[str, Any],
-             buffers: Iterable[memoryview]) -> None:
+             buffers: Iterable[memoryview], on_frame: Callable[[], None] | None = None) -> None:
         """Send a piece as frames ``[kind, header+{off, n}, bytes]``; returns once handed to ZeroMQ.
 
         An empty piece is sent as one empty frame so the receiver sees it.
@@ -121,6 +121,8 @@ class DataPlane:
                 hdr = json.dumps({**header, "off": off, "n": len(part)}).encode()
                 self._send(sock, self._signed([kind, hdr, part]), address, timeout_ms)
                 sent = True
+                if on_frame is not None:
+                    on_frame()
             if not sent:
                 hdr = json.dumps({**header, "off": 0, "n": 0}).encode()
                 self._send(sock, self._signed([kind, hdr, b""]), address, timeout_ms)
