@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools test test-slow demo bench clean
+.PHONY: install tools test test-slow faults demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,17 @@ test: install tools
 # The long fault-injection runs; CI runs them after `make test`.
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Every fault and every class of bad input, slow runs included; prints the table the
+# README shows (trials and outcome per category) and keeps it in .faults.md.
+FAULT_TESTS := tests/integration/test_daemon_faults.py tests/integration/test_fuzz.py \
+	tests/integration/test_crash_recovery.py tests/integration/test_cluster.py \
+	tests/integration/test_bad_input.py tests/integration/test_peer_auth.py \
+	tests/integration/test_verify.py
+faults: install
+	rm -f .faults.jsonl
+	SHARDGUARD_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/python -m pytest -q $(FAULT_TESTS) $(PYTEST_ARGS)
+	$(BIN)/python tests/fault_table.py .faults.jsonl | tee .faults.md
 
 demo: install
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[demo]'

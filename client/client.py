@@ -219,7 +219,8 @@ class Client:
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         verdict, error = self._local_verdict()
         manifest = leaves = None
-        if verdict == "ready":
+        # "pending" plans too: a failed or given-up step elsewhere makes every rank take.
+        if verdict in ("ready", "pending"):
             try:
                 tree, leaves = flatten(state, pickle_ok)
                 manifest = self._ensure_plan(leaves, step, tree)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -125,3 +126,28 @@ def no_leaks() -> Iterator[None]:
         for pid in procs:
             os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the suite left behind shm {shm} and daemon pids {procs}")
+
+
+# ----------------------------------------------------------------- fault report
+# ``make faults`` sets SHARDGUARD_FAULT_REPORT: every passing test of a module that
+# names a FAULT_CATEGORY adds one trial to it (tests that count their own trials call
+# record() and leave FAULT_CATEGORY unset). tests/fault_table.py makes the README table.
+
+FAULT_REPORT_ENV = "SHARDGUARD_FAULT_REPORT"
+
+
+def record(category: str, trials: int, outcome: str) -> None:
+    path = os.environ.get(FAULT_REPORT_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"category": category, "trials": trials,
+                                 "outcome": outcome}) + "\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    category = getattr(item.module, "FAULT_CATEGORY", None)
+    if category and report.when == "call" and report.passed:
+        record(category, 1, getattr(item.module, "FAULT_OUTCOME", "survived"))

@@ -23,6 +23,9 @@ from shardguard.proto.paths import grpc_target
 
 STATE = {"w": torch.arange(200_000, dtype=torch.float32), "n": 7}
 
+FAULT_CATEGORY = 'bad or hostile request from a local process (one case per test)'
+FAULT_OUTCOME = 'typed error naming the fault; daemon kept serving; stored snapshots untouched'
+
 
 @pytest.fixture
 def stored(daemon):

@@ -29,6 +29,9 @@ from _support import (
 
 STEPS = 12
 
+FAULT_CATEGORY = 'node lost (daemon + ranks SIGKILLed, memory wiped), daemon crash mid-run, >m lost, flipped bytes'
+FAULT_OUTCOME = 'bit-exact resume; >m lost: InsufficientPiecesError on every rank'
+
 
 @pytest.fixture
 def local_cluster(tmp_path: Path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record
 from _support import assert_same_state, finish, read_losses, run_trainer, trainer_log
 FAULT_POINTS = ["before-snapshot", "before-copy", "mid-copy", "before-seal", "after-seal",
                 "mid-restore"]
@@ -91,9 +92,13 @@ def crash_loop(tmp_path: Path, daemon, world: int, steps: int, kills: int, seed:
 @pytest.mark.timeout(600)
 def test_twenty_random_kills_resume_bit_exact(tmp_path: Path, daemon) -> None:
     crash_loop(tmp_path, daemon, world=2, steps=70, kills=20, seed=1)
+    record("trainer SIGKILL (random instants and named points), 2 ranks", 20,
+           "bit-exact resume, every loss and the final state")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_four_ranks_random_kills_resume_bit_exact(tmp_path: Path, daemon) -> None:
     crash_loop(tmp_path, daemon, world=4, steps=50, kills=10, seed=2)
+    record("trainer SIGKILL (random instants and named points), 4 ranks", 10,
+           "bit-exact resume, every loss and the final state")

@@ -26,6 +26,9 @@ from _support import finish, run_trainer, status_of_socket, trainer_log
 
 SHM = "/dev/shm"
 
+FAULT_CATEGORY = "rogue peer without the job's secret: gRPC calls, ZeroMQ frames, replayed tokens"
+FAULT_OUTCOME = 'refused (UNAUTHENTICATED / error frame); nothing changed'
+
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):

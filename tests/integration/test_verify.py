@@ -26,6 +26,9 @@ from _support import finish, run_trainer, status_of_socket, trainer_log
 
 SHM = "/dev/shm"
 
+FAULT_CATEGORY = 'bytes flipped in stored slots and parity, a node unreachable, verify during training'
+FAULT_OUTCOME = 'named by verify (degraded/lost), nothing touched; drop frees every node'
+
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", *args],

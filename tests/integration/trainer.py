@@ -83,6 +83,7 @@ def worker(rank: int, args: argparse.Namespace) -> None:
             assert state["meta"] == {"dim": DIM, "tag": "mlp", "lr": 1e-3}
             start = step + 1
     losses = open(os.path.join(args.out, f"losses.{rank}"), "a")
+    taken = open(os.path.join(args.out, f"snapshots.{rank}"), "a")
     target = torch.linspace(-1, 1, DIM)
     for step in range(start, args.steps):
         x = torch.randn(16, DIM)
@@ -96,7 +97,10 @@ def worker(rank: int, args: argparse.Namespace) -> None:
         losses.write(f"{step} {loss.item().hex()}\n")
         losses.flush()
         if client is not None:
-            client.snapshot(step, state_of(model, opt, step))
+            handle = client.snapshot(step, state_of(model, opt, step))
+            if not handle.skipped:
+                taken.write(f"{step}\n")
+                taken.flush()
         if args.step_sleep:
             time.sleep(args.step_sleep)
     if client is not None:
