@@ -5,9 +5,21 @@
     client.protect(optimizer)
     h = client.snapshot(step, state)
     step, state = client.restore()
+
+DCP (``torch.distributed.checkpoint``) into shardguard, resharding on load:
+``ShardguardWriter``/``ShardguardReader`` (``shardguard.client.dcp``).
 """
 
 from shardguard.client.client import Client, SnapshotHandle, connect
+from shardguard.client.dcp import (
+    ShardguardReader,
+    ShardguardWriter,
+    connect_dcp,
+    drop_job,
+    newest_job,
+    sharded_state_dict_from_local,
+    sharded_state_dict_to_local,
+)
 from shardguard.client.errors import (
     BudgetExceededError,
     CorruptionError,
@@ -24,6 +36,7 @@ from shardguard.client.rng import rng_state, set_rng_state
 __all__ = [
     "BudgetExceededError", "Client", "CorruptionError", "DaemonUnavailableError",
     "InsufficientPiecesError", "NotRestorableError", "RankClaimedError", "RestoreError",
-    "ShardguardError", "SnapshotHandle", "StepOrderError", "connect", "rng_state",
-    "set_rng_state",
+    "ShardguardError", "ShardguardReader", "ShardguardWriter", "SnapshotHandle",
+    "StepOrderError", "connect", "connect_dcp", "drop_job", "newest_job", "rng_state",
+    "set_rng_state", "sharded_state_dict_from_local", "sharded_state_dict_to_local",
 ]

@@ -52,6 +52,10 @@ def flatten(state: Any, allow_pickle: bool = False) -> tuple[dict[str, Any], lis
 def _encode(x: Any, path: str, leaves: list[Leaf], allow_pickle: bool, depth: int) -> dict:
     if depth > mf.MAX_DEPTH:
         raise TypeError(f"state nested deeper than {mf.MAX_DEPTH} at {path}")
+    if isinstance(x, torch.Tensor) and type(x).__name__ == "DTensor":
+        raise TypeError(f"{path}: a DTensor; snapshot its local shard with "
+                        "shardguard.client.sharded_state_dict_to_local(state), or save "
+                        "through torch.distributed.checkpoint with ShardguardWriter")
     if isinstance(x, torch.Tensor):
         if x.is_quantized or x.is_sparse or x.layout != torch.strided:
             raise TypeError(f"{path}: only dense strided tensors are supported, got {x.layout}")

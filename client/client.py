@@ -252,7 +252,11 @@ class Client:
             return self._last
         handle = SnapshotHandle(step)
         self._last = handle
-        self._start_copy(handle, slot, manifest, leaves)
+        try:
+            self._start_copy(handle, slot, manifest, leaves)
+        except BaseException as exc:
+            handle._fail(exc)  # never sealed: the next snapshot and close() must not wait
+            raise
         return handle
 
     def wait(self, restorable: bool = False, timeout: float | None = None) -> None:
@@ -291,10 +295,13 @@ class Client:
             error, code = exc, _failure_code(exc)
         worst, neg_oldest = self._reduce_max([code, -step])
         if worst:
-            if error is not None:
+            # The same class on every rank; the rank that failed says why.
+            cls = _RESTORE_FAILURES[worst - 1]
+            if error is not None and type(error) is cls:
                 raise error
-            raise _RESTORE_FAILURES[worst - 1](
-                f"job {self.job}: another rank could not find the restorable step")
+            why = (f"{type(error).__name__}: {error}" if error is not None
+                   else "another rank could not find the restorable step")
+            raise cls(f"job {self.job}: {why}") from error
         return -neg_oldest
 
     def restore(self, step: int | None = None, into: Any = None, *,

@@ -109,8 +109,10 @@ class AgentService(pb_grpc.AgentServicer):
                 known = self.store.job(req.job).topology
             except UnknownJobError:
                 pass
-            # A new node list, or a catch-up that failed (a peer was down): (re)build.
-            if known != topo.to_doc() or self.protector.failure(req.job) is not None:
+            # A new node list, a catch-up that failed (a peer was down), or nothing
+            # restorable here (a node restarted before it had caught up): (re)build.
+            if (known != topo.to_doc() or self.protector.failure(req.job) is not None
+                    or self.store.latest(req.job) is None):
                 self.protector.sync(req.job, topo, req.world_size, list(req.local_ranks))
         return topo.to_doc()
 

@@ -89,8 +89,12 @@ def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0) 
     return spec
 
 
-def start(root: str, node: int, spec: ClusterSpec | None = None) -> int:
-    """Start a fresh daemon in node slot ``node`` (a replacement node); returns its pid."""
+def start(root: str, node: int, spec: ClusterSpec | None = None,
+          extra_args: list[str] | None = None) -> int:
+    """Start a fresh daemon in node slot ``node`` (a replacement node); returns its pid.
+
+    ``extra_args`` are more daemon flags (they win over the cluster's).
+    """
     root = os.path.abspath(root)
     spec = spec or load_spec(root)
     _check_node(spec, node)
@@ -109,6 +113,7 @@ def start(root: str, node: int, spec: ClusterSpec | None = None) -> int:
             os.environ.get("SHARDGUARD_LOG_LEVEL", "INFO")]
     if os.path.exists(_secret_path(root)):
         argv += ["--secret-file", _secret_path(root)]
+    argv += extra_args or []
     # A detached daemon in its own session, as systemd or a prolog would start it;
     # no Popen object, since the daemon is meant to outlive whoever started it.
     log = os.path.join(d, "daemon.log")

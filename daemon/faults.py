@@ -21,7 +21,8 @@ Points, one per protocol step (DESIGN.md §3-§5):
 
 Actions: ``kill`` (SIGKILL, the default: a crash), ``stop`` (SIGSTOP: a hung
 daemon, until someone sends SIGCONT or SIGKILL), ``drop`` (the operation at
-hand fails as a dropped connection would: :class:`PeerUnavailableError`).
+hand fails as a dropped connection would: :class:`PeerUnavailableError`),
+``slow`` (the operation at hand stalls for ``SLOW_S`` seconds: a slow peer).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from shardguard.daemon.errors import PeerUnavailableError
 
@@ -38,7 +40,9 @@ logger = logging.getLogger(__name__)
 ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
 POINTS = ("seal", "sealed", "mid-transfer", "mid-encode", "partial-parity", "announce", "sync",
           "mid-rebuild")
-ACTIONS = ("kill", "stop", "drop")
+ACTIONS = ("kill", "stop", "drop", "slow")
+#: How long ``slow`` holds the operation at hand (a slow peer).
+SLOW_S = 3.0
 
 
 def _parse(spec: str) -> list[tuple[str, int, int, str]]:
@@ -76,5 +80,7 @@ def point(name: str, step: int, node: int | None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
+        elif action == "slow":
+            time.sleep(SLOW_S)
         else:
             raise PeerUnavailableError(f"test fault {p}: connection dropped")

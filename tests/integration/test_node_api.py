@@ -205,3 +205,43 @@ def test_arena_files_are_private(daemon) -> None:
     for path in daemon.shm_files():
         assert os.stat(path).st_mode & 0o777 == 0o600, path
     assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+
+
+def test_a_failed_copy_fails_the_handle_and_the_client_goes_on(daemon) -> None:
+    """A leaf that cannot be copied raises from snapshot(); nothing waits on it afterwards."""
+
+    class Exploding(torch.Tensor):
+        """Copying it out fails (as a DTensor's redistribution or a bad device might)."""
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if getattr(func, "__name__", "") == "copy_":
+                raise RuntimeError("this tensor cannot be copied")
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    with sg.connect(daemon.socket, "boom") as c:
+        c.snapshot(0, {"w": torch.ones(10)}).wait()
+        bad = torch.ones(10).as_subclass(Exploding)
+        with pytest.raises(RuntimeError, match="cannot be copied"):
+            c.snapshot(1, {"w": bad})
+        c.snapshot(2, {"w": torch.full((10,), 2.0)}).wait()
+        step, state = c.restore()
+        assert step == 2 and torch.equal(state["w"], torch.full((10,), 2.0))
+
+
+def test_a_dtensor_is_refused_with_a_pointer_to_the_helpers(daemon) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        dt = distribute_tensor(torch.ones(4), mesh, [Replicate()])
+        with sg.connect(daemon.socket, "dt") as c:
+            with pytest.raises(TypeError, match="sharded_state_dict_to_local"):
+                c.snapshot(0, {"w": dt})
+            c.snapshot(1, {"w": torch.ones(4)}).wait()
+    finally:
+        dist.destroy_process_group()
