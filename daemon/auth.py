@@ -183,3 +183,49 @@ class ServerInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             checked, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+
+
+# Peers that come back (a restarted daemon) are reached again within seconds, not after
+# gRPC's default reconnect backoff of up to two minutes.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 1000),
+                     ("grpc.min_reconnect_backoff_ms", 1000),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+
+
+def tls_files(config: Any) -> tuple[bytes, bytes, bytes] | None:
+    """(cert, key, ca) PEM bytes when TLS is configured, else None."""
+    if not config.tls_cert_file:
+        return None
+    return (_read(config.tls_cert_file, "tls_cert_file"), _read(config.tls_key_file, "tls_key_file"),
+            _read(config.tls_ca_file, "tls_ca_file"))
+
+
+def peer_channel(address: str, tls: tuple[bytes, bytes, bytes] | None,
+                 options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+    """A channel to a peer daemon: mutual TLS when configured, else plain TCP."""
+    opts = list(options or RECONNECT_OPTIONS)
+    if tls is None:
+        return grpc.insecure_channel(address, options=opts)
+    cert, key, ca = tls
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                         certificate_chain=cert)
+    return grpc.secure_channel(address, creds, options=opts)
+
+
+def add_peer_port(server: grpc.Server, where: str,
+                  tls: tuple[bytes, bytes, bytes] | None) -> int:
+    """Listen for peers on ``where``; with TLS only clients with a certificate of our CA get in."""
+    if tls is None:
+        return server.add_insecure_port(where)
+    cert, key, ca = tls
+    creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                        require_client_auth=True)
+    return server.add_secure_port(where, creds)

@@ -67,6 +67,11 @@ class Config:
     # A per-job secret shared by the job's daemons: every peer call must carry an
     # HMAC made with it. Empty: peers are not authenticated (one trusted host).
     secret_file: str = ""
+    # TLS for the peer gRPC service (mutual: each daemon presents its certificate and
+    # checks the other's against the CA). All three or none; none: plain TCP.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
     # Observability. One log line per record: "text" (logfmt) or "json".
     log_format: str = "text"
     # Prometheus /metrics over HTTP: -1 off, 0 a free port (logged at start), else this port.
@@ -94,6 +99,14 @@ class Config:
             raise ConfigError("peer_timeout_s must be > 0")
         if self.secret_file and not os.path.isabs(self.secret_file):
             raise ConfigError(f"secret_file {self.secret_file!r} must be an absolute path")
+        tls = {"tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file,
+               "tls_ca_file": self.tls_ca_file}
+        if any(tls.values()) and not all(tls.values()):
+            raise ConfigError(f"TLS needs all of {sorted(tls)}; missing: "
+                              f"{sorted(k for k, v in tls.items() if not v)}")
+        for key, value in tls.items():
+            if value and not os.path.isabs(value):
+                raise ConfigError(f"{key} {value!r} must be an absolute path")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format {self.log_format!r} must be one of {LOG_FORMATS}")
         if not -1 <= self.metrics_port < 65536:

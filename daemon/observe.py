@@ -10,6 +10,7 @@ import threading
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shardguard.daemon.auth import peer_channel
 from shardguard.daemon.metrics import JobState, NodeState
 from shardguard.daemon.protect import Topology
 from shardguard.daemon.store import Store
@@ -70,8 +71,10 @@ class PeerProbe:
     round, the checks of a round in parallel.
     """
 
-    def __init__(self, store: Store, interval_s: float, peer_timeout_s: float) -> None:
+    def __init__(self, store: Store, interval_s: float, peer_timeout_s: float,
+                 tls: tuple[bytes, bytes, bytes] | None = None) -> None:
         self.store = store
+        self.tls = tls
         self.interval_s = interval_s
         self.timeout_s = min(peer_timeout_s, max(1.0, interval_s))
         self._up: dict[str, bool] = {}
@@ -134,7 +137,7 @@ class PeerProbe:
             # A peer that comes back is seen within a round, not after gRPC's default
             # reconnect backoff of up to two minutes.
             backoff_ms = int(max(1.0, self.interval_s) * 1000)
-            ch = self._channels[address] = grpc.insecure_channel(address, options=[
+            ch = self._channels[address] = peer_channel(address, self.tls, options=[
                 ("grpc.initial_reconnect_backoff_ms", backoff_ms),
                 ("grpc.min_reconnect_backoff_ms", backoff_ms),
                 ("grpc.max_reconnect_backoff_ms", backoff_ms)])

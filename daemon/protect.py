@@ -34,7 +34,13 @@ import numpy as np
 import zmq
 
 from shardguard.daemon import faults, placement
-from shardguard.daemon.auth import Authenticator, ClientInterceptor, read_secret
+from shardguard.daemon.auth import (
+    Authenticator,
+    ClientInterceptor,
+    peer_channel,
+    read_secret,
+    tls_files,
+)
 from shardguard.daemon.codec import Codec, crc32c
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import (
@@ -147,6 +153,7 @@ class Protector:
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
         self.auth = Authenticator(read_secret(config.secret_file) if config.secret_file
                                   else None)
+        self.tls = tls_files(config)
         try:
             self.plane = DataPlane(config.host, config.data_port, self._on_message,
                                    config.peer_timeout_s, self.auth)
@@ -645,7 +652,7 @@ class Protector:
             ch = self._channels.get(address)
             if ch is None:
                 ch = self._channels[address] = grpc.intercept_channel(
-                    grpc.insecure_channel(address), ClientInterceptor(self.auth))
+                    peer_channel(address, self.tls), ClientInterceptor(self.auth))
             return _Translating(ppb_grpc.PeerStub(ch))
 
     # -------------------------------------------------------------- rebuild

@@ -12,7 +12,7 @@ import grpc
 
 from shardguard.daemon import sdnotify
 from shardguard.daemon.agent import AgentService
-from shardguard.daemon.auth import ServerInterceptor
+from shardguard.daemon.auth import ServerInterceptor, add_peer_port
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import ConfigError
 from shardguard.daemon.metrics import Metrics, MetricsServer, StateCollector
@@ -107,7 +107,7 @@ class Daemon:
         health = Health(server, PEER_SERVICE)
         where = f"{self.config.host}:{self.config.control_port}"
         try:
-            port = server.add_insecure_port(where)
+            port = add_peer_port(server, where, self.protector.tls)
         except RuntimeError as exc:  # grpc raises on a busy or foreign address
             raise ConfigError(f"cannot listen on {where} (host, control_port): {exc}") from None
         if port == 0:
@@ -117,7 +117,7 @@ class Daemon:
         self._serving(health)
         if self.config.peer_probe_interval_s:
             self._probe = PeerProbe(self.store, self.config.peer_probe_interval_s,
-                                    self.config.peer_timeout_s)
+                                    self.config.peer_timeout_s, tls=self.protector.tls)
             self._probe.start()
         control = f"{self.config.host}:{port}"
         self.log.info("peers: control %s, data %s", control, self.protector.plane.address)
