@@ -117,7 +117,9 @@ def lose_node_while_training(root: Path, out: Path, node: int, world: int, after
     finish(proc)
 
 
-@pytest.mark.parametrize("lost", [0, 1, 2, 3], ids=lambda n: f"lose-node{n}")
+@pytest.mark.parametrize("lost", [0, pytest.param(1, marks=pytest.mark.slow),
+                                  pytest.param(2, marks=pytest.mark.slow), 3],
+                         ids=lambda n: f"lose-node{n}")
 def test_lost_node_is_rebuilt_and_the_run_resumes_bit_exact(local_cluster, reference4,
                                                              tmp_path: Path, lost: int) -> None:
     root = local_cluster(4, 4, 1)
@@ -246,7 +248,8 @@ def free_base_port(count: int) -> int:
     raise RuntimeError("no free port range")
 
 
-@pytest.mark.parametrize("crashed", [0, 2], ids=["coordinator", "node2"])
+@pytest.mark.parametrize("crashed", [0, pytest.param(2, marks=pytest.mark.slow)],
+                         ids=["coordinator", "node2"])
 def test_a_daemon_crash_mid_run_is_taken_over_by_its_restart(local_cluster, reference4,
                                                              tmp_path: Path,
                                                              crashed: int) -> None:

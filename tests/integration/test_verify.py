@@ -98,6 +98,17 @@ def test_a_sound_step_verifies_healthy_on_every_node(trained: Path) -> None:
     # Every node checked its slot, its 3 data pieces and its parity piece.
     assert all(len(n["ranks"]) == 1 and len(n["pieces"]) == 4 for n in report["nodes"])
     assert report["bytes"] > 0
+    # Only the restorable step has parity; an unknown job is named as such.
+    r = cli("verify", "--job", "job", "--socket", sock(trained, 0), "--step", str(step - 1))
+    assert r.returncode == 1 and "NotRestorableError" in r.stderr, r.stderr
+    r = cli("verify", "--job", "nosuchjob", "--socket", sock(trained, 0))
+    assert r.returncode == 1 and "UnknownJobError" in r.stderr, r.stderr
+    # drop asks first; without --yes and without a terminal it refuses and keeps the job.
+    r = subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", "drop", "--job", "job",
+                        "--socket", sock(trained, 0)], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--yes" in r.stderr
+    assert restorable(trained, 0) == step
 
 
 def test_damage_is_named_degraded_then_lost_and_left_untouched(trained: Path) -> None:
@@ -137,14 +148,6 @@ def test_an_unreachable_node_is_reported_and_its_pieces_count_as_missing(
     assert [s["good"] for s in report["stripes"]] == [3, 3, 3, 3]
 
 
-def test_a_step_other_than_the_restorable_one_is_refused(trained: Path) -> None:
-    step = restorable(trained, 0)
-    r = cli("verify", "--job", "job", "--socket", sock(trained, 0), "--step", str(step - 1))
-    assert r.returncode == 1 and "NotRestorableError" in r.stderr, r.stderr
-    r = cli("verify", "--job", "nosuchjob", "--socket", sock(trained, 0))
-    assert r.returncode == 1 and "UnknownJobError" in r.stderr, r.stderr
-
-
 def test_drop_frees_the_job_on_every_node(trained: Path) -> None:
     prefixes = [node_prefix(trained, i) for i in range(4)]
     assert all(glob.glob(os.path.join(SHM, f"{p}.job.*")) for p in prefixes)
@@ -170,14 +173,6 @@ def test_drop_local_frees_only_this_node(trained: Path) -> None:
     assert r.returncode == EXIT_OK and "on 1 node(s): 1 arenas" in r.stdout, r.stdout
     assert not glob.glob(os.path.join(SHM, f"{node_prefix(trained, 0)}.job.*"))
     assert glob.glob(os.path.join(SHM, f"{node_prefix(trained, 1)}.job.*"))
-
-
-def test_drop_without_yes_and_without_a_terminal_refuses(trained: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", "drop", "--job", "job",
-                        "--socket", sock(trained, 0)], stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "--yes" in r.stderr
-    assert restorable(trained, 0) >= 0
 
 
 def test_one_node_job_healthy_then_lost(daemon) -> None:
