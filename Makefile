@@ -48,7 +48,9 @@ test-slow: install
 FAULT_TESTS := tests/integration/test_daemon_faults.py tests/integration/test_fuzz.py \
 	tests/integration/test_crash_recovery.py tests/integration/test_cluster.py \
 	tests/integration/test_bad_input.py tests/integration/test_peer_auth.py \
-	tests/integration/test_verify.py
+	tests/integration/test_rogue.py tests/integration/test_peer_tls.py \
+	tests/integration/test_verify.py tests/integration/test_tier.py \
+	tests/integration/test_soak.py
 faults: install
 	rm -f .faults.jsonl
 	SHARDGUARD_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/python -m pytest -q $(FAULT_TESTS) $(PYTEST_ARGS)

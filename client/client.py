@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shardguard.client import _faults
+from shardguard.client import _faults, tier
 from shardguard.client._layout import Leaf, Plan, copy_leaf, flatten, rebuild
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
@@ -44,6 +44,7 @@ from shardguard.proto.errors import (
     error_from_rpc,
 )
 from shardguard.proto.paths import default_socket_path, grpc_target
+from shardguard.proto.tier import TIER_DIR_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,11 @@ _RESTORE_FAILURES: tuple[type[ShardguardError], ...] = (
     RestoreError, NotRestorableError, InsufficientPiecesError)
 
 
+# Failures that mean "memory holds nothing to restore": the persistent tier answers instead.
+_TIER_FALLBACK = (_RESTORE_FAILURES.index(NotRestorableError) + 1,
+                  _RESTORE_FAILURES.index(InsufficientPiecesError) + 1)
+
+
 def _failure_code(exc: BaseException) -> int:
     """1-based index of the most specific class in _RESTORE_FAILURES that ``exc`` is, else 1."""
     return max((i for i, cls in enumerate(_RESTORE_FAILURES, 1) if isinstance(exc, cls)),
@@ -168,8 +174,11 @@ class Client:
                  allow_pickle: bool = False, force: bool = False,
                  timeout_s: float = DEFAULT_TIMEOUT_S,
                  nodes: list[tuple[str, str]] | None = None, node_index: int = 0,
-                 group_size: int = 0, parity: int = 0) -> None:
+                 group_size: int = 0, parity: int = 0, tier_dir: str | None = None) -> None:
         self.socket_path = socket_path
+        # The persistent tier's directory ("": none), read when memory holds nothing.
+        self.tier_dir = os.environ.get(TIER_DIR_ENV, "") if tier_dir is None else tier_dir
+        self._from_tier = False
         self.nodes = nodes or []
         self.node_index = node_index
         self._code = (group_size, parity)
@@ -282,18 +291,33 @@ class Client:
         """The step every rank uses: ``wanted``, or the oldest of the ranks' daemons'
         restorable steps (-1: none), so that a step announced to some nodes and not yet
         to others is not chosen; an error on any rank is raised on every rank.
+
+        With a persistent tier, its step (the oldest the ranks see) is used instead when
+        memory holds nothing (whole-job loss, too many nodes lost) or only older steps;
+        ``self._from_tier`` then says so, on every rank.
         """
         self._reduce_max([0])  # every rank has drained its seals before anyone asks
         step, code, error = -1, 0, None
         try:
-            if wanted is not None:
+            if wanted is not None and not self.tier_dir:
                 step = wanted
             else:
                 reply = self._call("Latest", pb.LatestRequest(job=self.job))
                 step = reply.step if reply.HasField("step") else -1
         except ShardguardError as exc:
             error, code = exc, _failure_code(exc)
-        worst, neg_oldest = self._reduce_max([code, -step])
+        flushed = tier.latest(self.tier_dir, self.job, self.rank, self.world_size) \
+            if self.tier_dir else -1
+        worst, neg_oldest, neg_flushed = self._reduce_max([code, -step, -flushed])
+        flushed = -neg_flushed
+        self._from_tier = flushed >= 0 and wanted in (None, flushed) and (
+            worst in _TIER_FALLBACK or (not worst and -neg_oldest < flushed))
+        if self._from_tier:
+            if worst:
+                logger.warning("job=%s rank=%d: memory holds no restorable step (%s); using "
+                               "step %d of the persistent tier", self.job, self.rank,
+                               error or "on another rank", flushed)
+            return flushed
         if worst:
             # The same class on every rank; the rank that failed says why.
             cls = _RESTORE_FAILURES[worst - 1]
@@ -302,7 +326,7 @@ class Client:
             why = (f"{type(error).__name__}: {error}" if error is not None
                    else "another rank could not find the restorable step")
             raise cls(f"job {self.job}: {why}") from error
-        return -neg_oldest
+        return -neg_oldest if wanted is None else wanted
 
     def restore(self, step: int | None = None, into: Any = None, *,
                 map_location: str | torch.device | None = None,
@@ -327,9 +351,11 @@ class Client:
         if agreed < 0:
             raise NotRestorableError(f"job {self.job} has no restorable step")
         state, error = None, None
-        for _ in range(2):
+        for _ in range(1 if self._from_tier else 2):
             try:
-                state = self._restore_local(agreed, into, map_location, pickle_ok)
+                state = (self._restore_tier(agreed, into, map_location, pickle_ok)
+                         if self._from_tier else
+                         self._restore_local(agreed, into, map_location, pickle_ok))
                 error = None
                 break
             except CorruptionError as exc:
@@ -553,6 +579,12 @@ class Client:
             self._call("Release", pb.ReleaseRequest(job=self.job, rank=self.rank,
                                                     lease=self._lease, step=step))
 
+    def _restore_tier(self, step: int, into: Any, map_location: Any, allow_pickle: bool) -> Any:
+        logger.info("job=%s rank=%d: restoring step %d from the persistent tier in %s",
+                    self.job, self.rank, step, self.tier_dir)
+        return tier.restore(self.tier_dir, self.job, step, self.rank, self.world_size, into,
+                            allow_pickle, _device_resolver(map_location))
+
     # ------------------------------------------------------------- plumbing
 
     def _register(self, slot_bytes: int) -> None:
@@ -658,8 +690,8 @@ def _membership(group: Any, socket_path: str, rank: int, timeout_s: float
 
 def connect(socket: str | None = None, job: str | None = None, *, rank: int | None = None,
             world_size: int | None = None, allow_pickle: bool = False, force: bool = False,
-            timeout_s: float = DEFAULT_TIMEOUT_S, group_size: int = 0, parity: int = 0
-            ) -> Client:
+            timeout_s: float = DEFAULT_TIMEOUT_S, group_size: int = 0, parity: int = 0,
+            tier_dir: str | None = None) -> Client:
     """Connect this rank to its node daemon and claim (job, rank).
 
     The socket is ``$SHARDGUARD_SOCKET`` or the default path; the job is
@@ -670,6 +702,8 @@ def connect(socket: str | None = None, job: str | None = None, *, rank: int | No
     daemons (nodes), the node list goes to every daemon at register, and
     snapshots are protected by parity across nodes: ``group_size`` nodes per
     group tolerating ``parity`` lost nodes each (0: the daemons' defaults).
+    ``tier_dir`` (default ``$SHARDGUARD_TIER_DIR``) is the daemons' persistent tier:
+    ``latest()`` and ``restore()`` read it when memory holds nothing.
     """
     socket_path = socket or default_socket_path()
     job = job or _detect_job()
@@ -680,4 +714,5 @@ def connect(socket: str | None = None, job: str | None = None, *, rank: int | No
     local, nodes, node_index = _membership(group, socket_path, rank, timeout_s)
     return Client(socket_path, job, rank, world_size, group=group, local_ranks=local,
                   allow_pickle=allow_pickle, force=force, timeout_s=timeout_s, nodes=nodes,
-                  node_index=node_index, group_size=group_size, parity=parity)
+                  node_index=node_index, group_size=group_size, parity=parity,
+                  tier_dir=tier_dir)

@@ -98,6 +98,9 @@ class AgentService(pb_grpc.AgentServicer):
             raise InvalidRequestError(
                 f"node {req.node_index} of the list is {req.nodes[req.node_index].control}, "
                 f"not this daemon ({self.control_address})")
+        # Nothing is rebuilt for a request the store would refuse.
+        self.store.check_register(req.job, req.rank, req.world_size, req.slot_bytes, req.pid,
+                                  list(req.local_ranks), req.force)
         group_size = req.group_size or self.defaults[0]
         parity = req.parity or self.defaults[1]
         topo = Topology(tuple((n.control, n.data) for n in req.nodes), req.node_index,
@@ -241,3 +244,43 @@ def _version() -> str:
         return metadata.version("shardguard")
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+class _Undecodable:
+    """What a request that does not parse becomes, so that the handler can refuse it typed."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Requests that do not parse get InvalidRequestError (typed), not grpc's own error.
+
+    Outermost interceptor: it parses the request itself and answers before any
+    other interceptor or handler (authentication included) sees it.
+    """
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, inner, method = handler.request_deserializer, handler.unary_unary, details.method
+
+        def tolerant(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's fault
+                return _Undecodable(exc)
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                exc = InvalidRequestError(f"{method}: the request does not parse "
+                                          f"({type(request.exc).__name__})")
+                logger.warning("refused: %s", exc)
+                context.set_trailing_metadata(((ERROR_METADATA_KEY, type(exc).__name__),))
+                context.abort(status_of(exc), str(exc))
+            return inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=tolerant,
+            response_serializer=handler.response_serializer)

@@ -79,9 +79,18 @@ class Config:
     metrics_port: int = -1
     # Seconds between health checks of the peer nodes (the peers_up gauge); 0: none.
     peer_probe_interval_s: float = 5.0
+    # Persistent tier (daemon/tier.py): restorable steps written in DCP's format to this
+    # directory (a shared file system for multi-node jobs). Empty: off.
+    tier_dir: str = ""
+    # Flush the first restorable step of every window of this many steps.
+    tier_every: int = 100
+    # Flushed steps kept per job (the newest ones; older ones are deleted).
+    tier_keep: int = 2
+    # A flush not complete on every node after this long is given up.
+    tier_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.shm_prefix):
+        if not isinstance(self.shm_prefix, str) or not _NAME_RE.fullmatch(self.shm_prefix):
             raise ConfigError(f"shm_prefix {self.shm_prefix!r} must match {_NAME_RE.pattern}")
         if not os.path.isabs(self.shm_dir):
             raise ConfigError(f"shm_dir {self.shm_dir!r} must be an absolute path")
@@ -113,6 +122,15 @@ class Config:
             raise ConfigError("metrics_port must be -1 (off), 0 (a free port) or a port")
         if not 0 <= self.peer_probe_interval_s < float("inf"):
             raise ConfigError("peer_probe_interval_s must be >= 0 (0: no probe)")
+        if self.tier_dir and not os.path.isabs(self.tier_dir):
+            raise ConfigError(f"tier_dir {self.tier_dir!r} must be an absolute path "
+                              "(or empty: no persistent tier)")
+        if self.tier_every < 1:
+            raise ConfigError("tier_every must be >= 1 (steps between flushed steps)")
+        if self.tier_keep < 1:
+            raise ConfigError("tier_keep must be >= 1 (flushed steps kept per job)")
+        if not 0 < self.tier_timeout_s < float("inf"):
+            raise ConfigError("tier_timeout_s must be > 0")
 
     def budget_bytes(self) -> int:
         """The memory budget in force: the configured one, else a fraction of available memory."""

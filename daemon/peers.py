@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from shardguard.daemon.agent import handler
+from shardguard.daemon.errors import InvalidRequestError
 from shardguard.daemon.protect import Protector
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
@@ -25,7 +26,11 @@ class PeerService(ppb_grpc.PeerServicer):
 
     @handler
     def Report(self, req: ppb.ReportRequest, context: grpc.ServicerContext) -> ppb.ReportReply:
-        self.p.report(req.job, req.step, req.node, json.loads(req.report))
+        try:
+            report = json.loads(req.report)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequestError(f"report is not JSON: {exc}") from None
+        self.p.report(req.job, req.step, req.node, report)
         return ppb.ReportReply()
 
     @handler

@@ -27,7 +27,7 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import grpc
 import numpy as np
@@ -50,6 +50,7 @@ from shardguard.daemon.errors import (
     NotRestorableError,
     PeerUnavailableError,
     ShardguardError,
+    StepOrderError,
     UnknownJobError,
 )
 from shardguard.daemon.store import SlotRecord, Store
@@ -58,6 +59,9 @@ from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
 from shardguard.proto.arena import align_up
 from shardguard.proto.errors import error_from_rpc
+
+if TYPE_CHECKING:
+    from shardguard.daemon.tier import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +155,8 @@ class Protector:
         self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
+        # The persistent tier (the daemon sets it when tier_dir is configured).
+        self.tier: "Tier | None" = None
         self.auth = Authenticator(read_secret(config.secret_file) if config.secret_file
                                   else None)
         self.tls = tls_files(config)
@@ -241,7 +247,15 @@ class Protector:
         topo = self.topology(req.job)
         if topo is None:
             raise UnknownJobError(f"job {req.job} is not a multi-node job on this daemon")
-        grp = topo.placement.groups[req.group]
+        self._in_flight(req.job, req.step)
+        grp = self._group(topo, req.group, req.stripe, req.index)
+        if req.index >= grp.k:
+            raise InvalidRequestError(f"offer of piece {req.index}: data pieces are 0..{grp.k - 1}")
+        if req.node >= len(topo.nodes):
+            raise InvalidRequestError(f"offer from node {req.node} of a {len(topo.nodes)}-node job")
+        self._check_size(req.piece_bytes, "piece_bytes")
+        if req.real_bytes > req.piece_bytes:
+            raise InvalidRequestError(f"real_bytes {req.real_bytes} > piece_bytes {req.piece_bytes}")
         if grp.nodes[grp.encoder(req.stripe)] != topo.node_index:
             raise InvalidRequestError(f"node {topo.node_index} does not encode group "
                                       f"{req.group} stripe {req.stripe}")
@@ -267,6 +281,8 @@ class Protector:
     def _on_data(self, h: dict[str, Any], payload: memoryview) -> None:
         key = (h["job"], int(h["step"]), int(h["group"]), int(h["stripe"]))
         enc = self._encodings.get(key)
+        if enc is not None and enc.finished:
+            raise InvalidRequestError(f"stripe {key} is complete: no more data is taken")
         if enc is None or not enc.ready.is_set():
             raise InvalidRequestError(f"no encoding in progress for {key}")
         q, off, n = int(h["index"]), int(h["off"]), int(h["n"])
@@ -318,10 +334,19 @@ class Protector:
         job, step, group, stripe, index = (h["job"], int(h["step"]), int(h["group"]),
                                            int(h["stripe"]), int(h["index"]))
         key = (job, step, group, stripe, index)
+        topo = self.topology(job)  # UnknownJobError for a job this node does not hold
+        if topo is None:
+            raise UnknownJobError(f"job {job} is not a multi-node job on this daemon")
+        self._in_flight(job, step)
+        grp = self._group(topo, group, stripe, index)
+        if index < grp.k or grp.nodes[grp.holder(stripe, index)] != topo.node_index:
+            raise InvalidRequestError(f"node {topo.node_index} does not hold piece {index} of "
+                                      f"group {group} stripe {stripe}")
         with self._lock:
             held = self._holdings.get(key)
             if held is None:
                 plen = int(h["plen"])
+                self._check_size(plen, "plen")
                 held = _Holding(self._piece_file(job, step, group, stripe, index, plen),
                                 int(h["crc"]))
                 self._holdings[key] = held
@@ -360,6 +385,16 @@ class Protector:
         topo = self.topology(job)
         if topo is None or topo.node_index != 0:
             raise InvalidRequestError(f"this daemon does not coordinate job {job}")
+        if not isinstance(report, dict) or report.get("kind") not in ("stripe", "parity",
+                                                                       "flushed"):
+            raise InvalidRequestError("a report is an object whose kind is stripe, parity "
+                                      "or flushed")
+        if report["kind"] != "flushed":
+            _check_report(report, topo)
+        if report.get("kind") == "flushed":
+            if self.tier is not None:
+                self.tier.flushed(job, step, node, report)
+            return
         pl = topo.placement
         with self._lock:
             st = self._reports.setdefault((job, step), {"stripes": {}, "parity": set()})
@@ -376,6 +411,11 @@ class Protector:
                 st["announced"] = True
         if complete:
             meta = self._step_meta(job, step, topo, st["stripes"])
+            if self.tier is not None:
+                # Every node flushes the steps the coordinator claims: the claim travels
+                # with the announcement.
+                meta["tier"] = self.tier.claim(job, step, len(topo.nodes),
+                                               self.store.job(job).world_size)
             self._pool.submit(self._announce_all, job, step, topo, meta)
 
     def _step_meta(self, job: str, step: int, topo: Topology,
@@ -412,12 +452,35 @@ class Protector:
                 del self._reports[key]
 
     def announce(self, job: str, step: int, raw: bytes) -> None:
-        """``step`` is protected on every node: remember its metadata, make it restorable."""
-        meta = json.loads(raw)
+        """``step`` is protected on every node: remember its metadata, make it restorable.
+
+        Checked before anything is written: the job is held here, the metadata is
+        a step's metadata for this job and step, and every local rank sealed it.
+        """
+        rec = self.store.job(job)
+        try:
+            meta = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequestError(f"job {job} step {step}: metadata is not JSON: "
+                                      f"{exc}") from None
+        check_step_meta(meta, job, step)
+        if rec.restorable_step is not None and step <= rec.restorable_step:
+            if step == rec.restorable_step:
+                return  # announced again (a retry): nothing to do
+            raise StepOrderError(f"job {job}: step {step} is older than the restorable step "
+                                 f"{rec.restorable_step}")
+        self.store.check_sealed(job, step)
         self._save_meta(job, step, meta)
         self.store.mark_restorable(job, step)
         self._release_older(job, step, self.store.job(job).previous_step)
         logger.debug("restorable on every node", extra={"job": job, "step": step})
+        token = meta.get("tier")
+        topo = self.topology(job)
+        if self.tier is not None:
+            self.tier.prepare(job)  # its staging buffer, ahead of the first flush
+        if token and self.tier is not None and topo is not None:
+            self.tier.flush(job, step, token, topo.node_index, lambda doc: self._report(
+                job, step, topo, {"kind": "flushed", **doc}))
 
     # ------------------------------------------------------------- metadata
 
@@ -444,12 +507,15 @@ class Protector:
             if path.endswith(".tmp"):
                 continue
             try:
+                name = os.path.basename(path)[len(self.prefix) + 1:]
+                job, _, tail = name.rpartition(".x")
                 with open(path, encoding="utf-8") as fh:
                     meta = json.load(fh)
-                cur = self._metas.get(meta["job"])
+                check_step_meta(meta, job, int(tail))
+                cur = self._metas.get(job)
                 if cur is None or cur["step"] < meta["step"]:
-                    self._metas[meta["job"]] = meta
-            except (OSError, ValueError, KeyError) as exc:
+                    self._metas[job] = meta
+            except Exception as exc:  # noqa: BLE001 - a bad file must not stop the daemon
                 logger.error("cannot read step metadata %s: %s", path, exc)
 
     def _release_older(self, job: str, step: int, previous: int | None) -> None:
@@ -526,6 +592,8 @@ class Protector:
 
     def drop(self, job: str) -> tuple[int, int]:
         """Free a job's memory on this node: its arenas, parity and metadata."""
+        if self.tier is not None:
+            self.tier.forget(job)
         arenas, freed = self.store.drop(job)
         for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")
                                            + "[pqx]*")):
@@ -562,6 +630,36 @@ class Protector:
                 logger.warning("drop on %s failed: %s", control, exc, extra={"job": job})
                 unreachable.append(control)
         return arenas, freed, nodes, unreachable
+
+    def _in_flight(self, job: str, step: int) -> None:
+        """Pieces are taken only for a step in flight: after the restorable one (which is
+        never overwritten), and at most one past the newest step this node's ranks began
+        (every rank begins a step right after all agreed to take it, long before any
+        piece of it can arrive; a far-future step would never be released)."""
+        latest = self.store.latest(job)
+        if step < 0 or (latest is not None and step <= latest):
+            raise StepOrderError(f"job {job}: step {step} is not after the restorable step "
+                                 f"{latest}; its pieces are not taken")
+        newest = self.store.newest_step(job)
+        if self.store.job(job).local_ranks and newest is not None and step > newest + 1:
+            raise StepOrderError(f"job {job}: step {step} is not in flight here (the ranks of "
+                                 f"this node are at step {newest})")
+
+    @staticmethod
+    def _group(topo: Topology, group: int, stripe: int, index: int) -> placement.GroupLayout:
+        groups = topo.placement.groups
+        if not 0 <= group < len(groups):
+            raise InvalidRequestError(f"group {group}: the job has groups 0..{len(groups) - 1}")
+        grp = groups[group]
+        if not 0 <= stripe < grp.g or not 0 <= index < grp.k + grp.m:
+            raise InvalidRequestError(f"group {group} has stripes 0..{grp.g - 1} of pieces "
+                                      f"0..{grp.k + grp.m - 1}; got stripe {stripe} piece {index}")
+        return grp
+
+    def _check_size(self, nbytes: int, what: str) -> None:
+        if not 0 <= nbytes <= self.store.budget_bytes or nbytes % PIECE_ALIGN:
+            raise InvalidRequestError(f"{what} {nbytes}: a piece is 0..{self.store.budget_bytes} "
+                                      f"bytes (the memory budget), a multiple of {PIECE_ALIGN}")
 
     # --------------------------------------------------------------- pieces
 
@@ -697,6 +795,53 @@ class Protector:
     def verify_piece(self, bufs: list[memoryview], want: dict[str, Any], what: str) -> None:
         if crc_of(bufs) != int(want["crc"]):
             raise CorruptionError(f"{what}: checksum fails")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_step_meta(meta: Any, job: str, step: int) -> None:
+    """A step's metadata as the coordinator builds it (InvalidRequestError otherwise)."""
+    def bad(why: str) -> InvalidRequestError:
+        return InvalidRequestError(f"job {job} step {step}: step metadata {why}")
+
+    if not isinstance(meta, dict):
+        raise bad("is not an object")
+    if meta.get("job") != job or meta.get("step") != step:
+        raise bad(f"names job {meta.get('job')!r} step {meta.get('step')!r}")
+    topo = meta.get("topology")
+    if not (isinstance(topo, dict) and isinstance(topo.get("nodes"), list)
+            and all(isinstance(n, list) and len(n) == 2 and all(isinstance(a, str) for a in n)
+                    for n in topo["nodes"])
+            and all(_is_int(topo.get(k)) for k in ("node_index", "group_size", "parity"))):
+        raise bad("has no valid topology")
+    try:
+        Topology.from_doc(topo).placement  # noqa: B018 - raises for an impossible code
+    except ShardguardError as exc:
+        raise bad(f"has an impossible code: {exc}") from None
+    if not isinstance(meta.get("layouts"), dict) or not isinstance(meta.get("stripes"), dict):
+        raise bad("lacks layouts or stripes")
+    for where, st in meta["stripes"].items():
+        if not (isinstance(st, dict) and _is_int(st.get("plen"))
+                and isinstance(st.get("pieces"), dict)
+                and all(isinstance(p, dict) and all(_is_int(p.get(k)) for k in ("node", "len",
+                                                                                 "crc"))
+                        for p in st["pieces"].values())):
+            raise bad(f"stripe {where!r} is malformed")
+
+
+def _check_report(report: dict[str, Any], topo: Topology) -> None:
+    if not (_is_int(report.get("group")) and _is_int(report.get("stripe"))):
+        raise InvalidRequestError("a report names its group and stripe as integers")
+    index = report.get("index", 0) if report["kind"] == "parity" else 0
+    if not _is_int(index):
+        raise InvalidRequestError("a parity report names its piece index as an integer")
+    Protector._group(topo, report["group"], report["stripe"], index)
+    if report["kind"] == "stripe" and not (
+            _is_int(report.get("plen")) and isinstance(report.get("pieces"), dict)
+            and isinstance(report.get("layouts"), dict)):
+        raise InvalidRequestError("a stripe report carries plen, pieces and layouts")
 
 
 class _Translating:

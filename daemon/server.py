@@ -11,7 +11,7 @@ from concurrent import futures
 import grpc
 
 from shardguard.daemon import sdnotify
-from shardguard.daemon.agent import AgentService
+from shardguard.daemon.agent import AgentService, DecodeGuard
 from shardguard.daemon.auth import ServerInterceptor, add_peer_port
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import ConfigError
@@ -20,6 +20,7 @@ from shardguard.daemon.observe import AGENT_SERVICE, PEER_SERVICE, Health, PeerP
 from shardguard.daemon.peers import PeerService
 from shardguard.daemon.protect import Protector
 from shardguard.daemon.store import Store
+from shardguard.daemon.tier import Tier
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
 from shardguard.proto.paths import grpc_target
@@ -47,6 +48,9 @@ class Daemon:
         self.metrics = Metrics(process=True)
         self.store = Store(config.shm_dir, config.shm_prefix, config.budget_bytes(),
                            verify_on_restore=config.verify_on_restore, metrics=self.metrics)
+        self.tier = Tier(config, self.store)
+        if self.tier.enabled:
+            self.store.on_restorable = self.tier.on_restorable
         # "host:port" of the Prometheus endpoint once started; "" when metrics_port is -1.
         self.metrics_address = ""
         self._metrics_server: MetricsServer | None = None
@@ -69,7 +73,7 @@ class Daemon:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers,
                                        thread_name_prefix="sg-agent"),
-            interceptors=[self.metrics.interceptor(self._job_known)],
+            interceptors=[DecodeGuard(), self.metrics.interceptor(self._job_known)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", 64 << 20)])
         control = self._start_peers()
@@ -90,6 +94,9 @@ class Daemon:
         self.log.info("serving on %s (shm %s/%s.*, budget %d bytes, adopted %d jobs)", sock,
                       self.config.shm_dir, self.config.shm_prefix, self.store.budget_bytes,
                       adopted)
+        if self.tier.enabled:
+            self.log.info("persistent tier: every %d steps to %s, keeping %d",
+                          self.config.tier_every, self.config.tier_dir, self.config.tier_keep)
         sdnotify.ready(f"serving on {sock}, peers on {control}")
 
     def _start_peers(self) -> str:
@@ -97,9 +104,10 @@ class Daemon:
         self.protector = Protector(self.store, self.config)
         self.store.on_node_sealed = self.protector.on_node_sealed
         self.store.on_roll_back = self.protector.on_roll_back
+        self.protector.tier = self.tier if self.tier.enabled else None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sg-peer"),
-            interceptors=[self.metrics.interceptor(self._job_known),
+            interceptors=[DecodeGuard(), self.metrics.interceptor(self._job_known),
                           ServerInterceptor(self.protector.auth)],
             options=[("grpc.max_receive_message_length", 64 << 20),
                      ("grpc.max_send_message_length", 64 << 20)])
@@ -179,6 +187,7 @@ class Daemon:
             self._metrics_server = None
         if self.protector is not None:
             self.protector.close()
+        self.tier.close()
         self.store.close()
         try:
             os.unlink(self.config.socket)

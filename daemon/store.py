@@ -3,11 +3,13 @@
 Slot states run free -> writing -> sealed -> restorable -> free. A slot is
 handed out (``begin``) only if it does not hold the job's restorable step and
 is not pinned by a restore in progress, so a sealed snapshot is never written
-again until a newer step is restorable. Every change that must survive a
-daemon crash (arenas, seals, the restorable step) is written to a small meta
-file per job beside the arenas, replaced atomically; a restarted daemon
-re-adopts the arenas from it. This module holds no transport: the agent (gRPC)
-and the protection layer call it.
+again until a newer step is restorable. The persistent tier holds a step's
+slots too while it copies them out (``hold_for_flush``): a ``begin`` that needs
+one of them waits for that copy instead of failing. Every change that must
+survive a daemon crash (arenas, seals, the restorable step) is written to a
+small meta file per job beside the arenas, replaced atomically; a restarted
+daemon re-adopts the arenas from it. This module holds no transport: the agent
+(gRPC) and the protection layer call it.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class RankRecord:
     verifying: dict[int, "concurrent.futures.Future[None]"] = field(default_factory=dict)
     # Slots whose bytes failed their checksum: never served again.
     corrupt: set[int] = field(default_factory=set)
+    # Slots the persistent tier is copying out (not handed out meanwhile).
+    flushing: set[int] = field(default_factory=set)
 
     def claimed_by_live_process(self) -> bool:
         if self.lease is None or not self.pid:
@@ -125,6 +129,17 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class FlushHold:
+    """A slot held for the persistent tier: its bytes stay as ``record`` says until released."""
+
+    rank: int
+    slot: int
+    view: memoryview
+    record: SlotRecord
+    rr: RankRecord
+
+
+@dataclass(frozen=True)
 class OpenSlot:
     slot: int
     step: int
@@ -135,6 +150,9 @@ class OpenSlot:
 
 #: What a check reports when the bytes it read were rewritten meanwhile.
 SUPERSEDED = "superseded"
+#: Longest a ``begin`` waits for the persistent tier to finish copying out the slot it
+#: needs (a memcpy of the slot: far less, unless the node is starved).
+FLUSH_HOLD_WAIT_S = 60.0
 
 
 class Store:
@@ -161,9 +179,13 @@ class Store:
         self.verify_on_restore = verify_on_restore
         self.on_node_sealed = on_node_sealed
         self.on_roll_back: Callable[[str, int], None] | None = None
+        # Called (job, step) outside the lock when a seal made ``step`` restorable
+        # (jobs whose every rank is on this node; the protection layer reports the others).
+        self.on_restorable: Callable[[str, int], None] | None = None
         self.metrics = metrics or Metrics()
         self._verifier = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="sg-verify")
         self._lock = threading.RLock()
+        self._released = threading.Condition(self._lock)  # a flush hold was let go
         self._jobs: dict[str, JobRecord] = {}
 
     # ---------------------------------------------------------------- queries
@@ -186,22 +208,27 @@ class Store:
 
     # ------------------------------------------------------------- life cycle
 
+    def check_register(self, job: str, rank: int, world_size: int, slot_bytes: int, pid: int,
+                       local_ranks: Iterable[int], force: bool = False) -> None:
+        """Every check :meth:`register` makes, changing nothing (run before a rebuild)."""
+        _check_register_args(job, rank, world_size, slot_bytes, local_ranks)
+        _process_start(pid)
+        with self._lock:
+            rec = self._jobs.get(job)
+            if rec is not None and rec.world_size != world_size:
+                raise InvalidRequestError(
+                    f"job {job} holds snapshots of a world of size {rec.world_size}, not "
+                    f"{world_size}; drop the job to start it with another world size")
+            rr = rec.ranks.get(rank) if rec is not None else None
+            if rr is not None and rr.claimed_by_live_process() and rr.pid != pid and not force:
+                raise RankClaimedError(
+                    f"job {job} rank {rank} is held by live process {rr.pid}")
+
     def register(self, job: str, rank: int, world_size: int, slot_bytes: int, pid: int,
                  local_ranks: Iterable[int], force: bool = False,
                  topology: dict[str, Any] | None = None) -> Registration:
         """Claim (job, rank) for process ``pid``; create or grow its arena."""
-        _check_job(job)
-        local = tuple(local_ranks) or (rank,)
-        if not 1 <= world_size <= MAX_WORLD:
-            raise InvalidRequestError(f"world_size {world_size} out of range [1, {MAX_WORLD}]")
-        if not 0 <= rank < world_size:
-            raise InvalidRequestError(f"rank {rank} outside world of size {world_size}")
-        if len(set(local)) != len(local) or any(not 0 <= r < world_size for r in local) \
-                or rank not in local:
-            raise InvalidRequestError(
-                f"local_ranks {list(local)} must be distinct ranks of the world and include {rank}")
-        if slot_bytes <= 0:
-            raise InvalidRequestError("slot_bytes must be > 0")
+        local = _check_register_args(job, rank, world_size, slot_bytes, local_ranks)
         slot_bytes = fmt.align_up(slot_bytes)
         started = _process_start(pid)
         with self._lock:
@@ -275,16 +302,29 @@ class Store:
 
     def begin(self, job: str, rank: int, lease: str, step: int) -> int:
         """Hand out the slot for ``step`` (free -> writing)."""
+        started = time.monotonic()
+        deadline, waited = started + FLUSH_HOLD_WAIT_S, False
         with self._lock:
-            rec = self._job(job)
-            rr = self._claimed(job, rank, lease)
-            if step < 0:
-                raise InvalidRequestError(f"step {step} is negative")
-            if rec.restorable_step is not None and step <= rec.restorable_step:
-                raise StepOrderError(
-                    f"job {job} rank {rank}: step {step} is not after the restorable step "
-                    f"{rec.restorable_step} (restore it, or drop the job to start over)")
-            index = self._writable_slot(rec, rr)
+            while True:
+                rec = self._job(job)
+                rr = self._claimed(job, rank, lease)
+                if step < 0:
+                    raise InvalidRequestError(f"step {step} is negative")
+                if rec.restorable_step is not None and step <= rec.restorable_step:
+                    raise StepOrderError(
+                        f"job {job} rank {rank}: step {step} is not after the restorable step "
+                        f"{rec.restorable_step} (restore it, or drop the job to start over)")
+                index = self._writable_slot(rec, rr)
+                left = deadline - time.monotonic()
+                if index is not None or not rr.flushing or left <= 0:
+                    break
+                # The persistent tier is copying the slot out (a memcpy): wait for it.
+                self._released.wait(left)
+                waited = True
+            if waited:
+                logger.debug("begin waited %.3fs for the persistent tier's copy",
+                             time.monotonic() - started,
+                             extra={"job": job, "rank": rank, "step": step})
             if index is None:
                 raise SlotStateError(
                     f"job {job} rank {rank}: no free slot for step {step} (slots: "
@@ -338,16 +378,39 @@ class Store:
                 for q in rec.local_ranks)
             whole_job_here = len(rec.local_ranks) == rec.world_size
             self.metrics.rank_sealed(job, step, node_sealed)
-            if node_sealed and (whole_job_here or self.on_node_sealed is None):
+            decides_here = node_sealed and (whole_job_here or self.on_node_sealed is None)
+            if decides_here:
                 self._make_restorable(rec, step)
             else:
                 self._sync(rec, rr)
             restorable = rec.restorable_step
+        if decides_here and restorable == step and self.on_restorable is not None:
+            self.on_restorable(job, step)
         logger.debug("sealed slot %d, %d bytes", slot, data_bytes,
                      extra={"job": job, "rank": rank, "step": step})
         if node_sealed and not whole_job_here and self.on_node_sealed is not None:
             self.on_node_sealed(job, step)
         return restorable
+
+    def newest_step(self, job: str) -> int | None:
+        """The newest step any local rank of ``job`` has begun, sealed or holds (None: none)."""
+        with self._lock:
+            rec = self._job(job)
+            steps = [s.step for rr in rec.ranks.values() for s in rr.slots
+                     if s.state != SlotState.FREE]
+            if rec.restorable_step is not None:
+                steps.append(rec.restorable_step)
+            return max(steps) if steps else None
+
+    def check_sealed(self, job: str, step: int) -> None:
+        """Every local rank of ``job`` has sealed ``step`` (else SlotStateError); changes nothing."""
+        with self._lock:
+            rec = self._job(job)
+            for q in rec.local_ranks:
+                rr = rec.ranks.get(q)
+                if rr is None or not any(s.state == SlotState.SEALED and s.step == step
+                                         for s in rr.slots):
+                    raise SlotStateError(f"job {job}: rank {q} has not sealed step {step}")
 
     def mark_restorable(self, job: str, step: int) -> None:
         """The protection layer's verdict: ``step`` is protected on every node."""
@@ -438,6 +501,41 @@ class Store:
                 rr.pinned.pop(i, None)
         if failure is not None:
             raise failure
+
+    def hold_for_flush(self, job: str, step: int) -> list[FlushHold]:
+        """Hold every local rank's slot of ``step`` against reuse while the tier copies it.
+
+        The slot may already be free (a newer step is restorable) as long as nothing
+        was written over it. Release with :meth:`release_flush`.
+
+        Raises:
+            NotRestorableError: some local rank no longer holds ``step``.
+        """
+        with self._lock:
+            rec = self._job(job)
+            holds = []
+            for rank in sorted(rec.local_ranks):
+                rr = rec.ranks.get(rank)
+                index = next((i for i, s in enumerate(rr.slots) if s.step == step
+                              and s.state != SlotState.WRITING and i not in rr.corrupt),
+                             None) if rr is not None else None
+                if index is None:
+                    self._let_go(holds)
+                    raise NotRestorableError(
+                        f"job {job} rank {rank}: step {step} is no longer held on this node")
+                rr.flushing.add(index)
+                holds.append(FlushHold(rank, index, rr.arena.slot(index, rr.slot_bytes),
+                                       dataclasses.replace(rr.slots[index]), rr))
+            return holds
+
+    def release_flush(self, holds: list[FlushHold]) -> None:
+        with self._lock:
+            self._let_go(holds)
+
+    def _let_go(self, holds: list[FlushHold]) -> None:
+        for h in holds:
+            h.rr.flushing.discard(h.slot)
+        self._released.notify_all()
 
     def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotRecord, int]:
         """The bytes and record of ``rank``'s sealed or restorable slot of ``step``, and slot_bytes."""
@@ -554,10 +652,14 @@ class Store:
     def _adopt_job(self, meta_path: str) -> JobRecord:
         with open(meta_path, encoding="utf-8") as fh:
             meta = json.load(fh)
-        if meta.get("version") != META_VERSION:
-            raise ValueError(f"meta version {meta.get('version')!r}")
+        if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+            raise ValueError(f"not a version {META_VERSION} meta file")
         job = meta["job"]
         _check_job(job)
+        named = os.path.basename(meta_path)[len(self.prefix) + 1:-len(".meta")]
+        if job != named:
+            raise ValueError(f"the file of job {named!r} describes job {job!r}")
+        _check_meta_types(meta)
         rec = JobRecord(job, int(meta["world_size"]), tuple(meta["local_ranks"]),
                         restorable_step=meta["restorable_step"],
                         previous_step=meta.get("previous_step"), topology=meta.get("topology"))
@@ -609,7 +711,8 @@ class Store:
         rr = rec.ranks.get(rank)
         if rr is None:
             raise UnknownJobError(f"job {job} has no rank {rank} on this daemon")
-        if rr.lease is None or not secrets.compare_digest(rr.lease, lease):
+        if rr.lease is None or not secrets.compare_digest(
+                rr.lease.encode(), str(lease).encode("utf-8", "surrogatepass")):
             raise LeaseError(f"job {job} rank {rank}: lease does not match the rank's holder")
         return rr
 
@@ -626,7 +729,7 @@ class Store:
 
     def _writable_slot(self, rec: JobRecord, rr: RankRecord) -> int | None:
         for i, s in enumerate(rr.slots):
-            if i in rr.pinned:
+            if i in rr.pinned or i in rr.flushing:
                 continue
             if s.state == SlotState.RESTORABLE and s.step == rec.restorable_step:
                 continue
@@ -743,8 +846,48 @@ def _free(s: SlotRecord) -> None:
     s.state, s.step = SlotState.FREE, -1
 
 
+def _check_register_args(job: str, rank: int, world_size: int, slot_bytes: int,
+                         local_ranks: Iterable[int]) -> tuple[int, ...]:
+    """Validate a registration's fields; returns the local ranks."""
+    _check_job(job)
+    local = tuple(local_ranks) or (rank,)
+    if not 1 <= world_size <= MAX_WORLD:
+        raise InvalidRequestError(f"world_size {world_size} out of range [1, {MAX_WORLD}]")
+    if not 0 <= rank < world_size:
+        raise InvalidRequestError(f"rank {rank} outside world of size {world_size}")
+    if len(set(local)) != len(local) or any(not 0 <= r < world_size for r in local) \
+            or rank not in local:
+        raise InvalidRequestError(
+            f"local_ranks {list(local)} must be distinct ranks of the world and include {rank}")
+    if slot_bytes <= 0:
+        raise InvalidRequestError("slot_bytes must be > 0")
+    return local
+
+
+def _check_meta_types(meta: dict[str, Any]) -> None:
+    """A meta file's fields have the types the store relies on (else ValueError)."""
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(meta.get("world_size")) or not 1 <= meta["world_size"] <= MAX_WORLD:
+        raise ValueError("world_size is not a world size")
+    for key in ("restorable_step", "previous_step"):
+        if meta.get(key) is not None and not is_int(meta[key]):
+            raise ValueError(f"{key} is not an integer")
+    local = meta.get("local_ranks")
+    if not isinstance(local, list) or not all(is_int(r) for r in local):
+        raise ValueError("local_ranks is not a list of ranks")
+    topo = meta.get("topology")
+    if topo is not None and not (isinstance(topo, dict) and isinstance(topo.get("nodes"), list)
+                                 and is_int(topo.get("node_index"))
+                                 and is_int(topo.get("group_size")) and is_int(topo.get("parity"))):
+        raise ValueError("topology is malformed")
+    if not isinstance(meta.get("ranks"), dict):
+        raise ValueError("ranks is not a table")
+
+
 def _check_job(job: str) -> None:
-    if not isinstance(job, str) or not JOB_RE.match(job):
+    if not isinstance(job, str) or not JOB_RE.fullmatch(job):
         raise InvalidRequestError(
             f"job name {job!r} must be 1-64 characters of letters, digits, '_', '-' "
             "and not start with '-'")

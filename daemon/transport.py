@@ -95,12 +95,17 @@ class DataPlane:
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
             payload = frames[4].buffer if len(frames) == 5 else None
-            replies = self._handler(kind, header, payload)
+            # Built here, inside the try: a reply that cannot be made is an error answer.
+            replies = list(self._handler(kind, header, payload) or ())
         except Exception as exc:  # noqa: BLE001 - a bad message must not stop the plane
             logger.warning("data plane: refused a message: %s: %s", type(exc).__name__, exc)
-            replies = [[b"error", json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()]]
-        for msg in replies or ():
-            self._router.send_multipart([ident, *self._signed(msg)], copy=False)
+            replies = [[b"error", json.dumps({"error": f"{type(exc).__name__}: "
+                                                      f"{str(exc)[:500]}"}).encode()]]
+        try:
+            for msg in replies:
+                self._router.send_multipart([ident, *self._signed(msg)], copy=False)
+        except Exception as exc:  # noqa: BLE001 - nor a reply that cannot be sent
+            logger.warning("data plane: could not answer: %s: %s", type(exc).__name__, exc)
 
     def _signed(self, msg: list[Any]) -> list[Any]:
         """``[kind, header, payload?]`` -> ``[kind, header, token, payload?]``."""

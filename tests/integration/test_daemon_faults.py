@@ -50,7 +50,7 @@ FAULT_STEP = 5
 IN_RUN = ["seal", "sealed", "mid-transfer", "mid-encode", "partial-parity", "announce"]
 REBUILD = ["sync", "mid-rebuild"]
 ACTIONS = ["kill", "stop", "drop", "slow"]
-FAST = {("announce", "kill"), ("mid-encode", "stop"), ("sync", "drop")}
+FAST = {("announce", "kill"), ("mid-encode", "stop")}
 ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
 
 
@@ -268,6 +268,7 @@ def test_fault_while_a_replacement_node_rebuilds(reference4, tmp_path: Path, poi
         down_and_check_no_leaks(root)
 
 
+@pytest.mark.slow
 def test_a_replacement_node_without_memory_for_the_job(reference4, tmp_path: Path) -> None:
     """A full memory budget on the node that must rebuild: a typed error on every rank,
     nothing torn; with the memory back, the same step restores bit-exactly."""

@@ -17,9 +17,11 @@ proto/errors.py; never INTERNAL/UNKNOWN), every daemon is alive and answers, and
 snapshotted before the fuzzing still has the same restorable step. At the end of a test:
 that job restores bit-exact / ``shardguard verify`` says healthy, and no shm file is left
 beyond the expected ones. Known daemon bugs are reproduced by the ``test_bug_*`` tests
-(xfail, strict) and tolerated by the fuzzing (see _fuzz_support.KNOWN_BUGS; set
-SHARDGUARD_FUZZ_STRICT=1 to tolerate nothing). Each test appends (category, trials,
-outcome) to ``$SHARDGUARD_FAULT_REPORT`` when set.
+(xfail, strict) and tolerated by the fuzzing (_fuzz_support.KNOWN_BUGS), or, where they
+would damage the daemons the tests share, kept out of its strategies (each exclusion
+names its bug); SHARDGUARD_FUZZ_STRICT=1 tolerates and excludes nothing. Each test
+appends (category, trials, outcome) to ``$SHARDGUARD_FAULT_REPORT`` when set;
+SHARDGUARD_FUZZ_SCALE multiplies the examples.
 """
 
 from __future__ import annotations
@@ -288,6 +290,8 @@ def send_agent(node: Node, claim: Claim, method: str, fields: dict[str, Any]
             fields[key] = claim.writing[i] if claim.writing else 0
     if fields.get("step", 0) is None:
         del fields["step"]  # Verify: the optional step left unset
+    if method == "Register" and fields["job"] == "good" and fields["world_size"] == 1:
+        fields["world_size"] = 2  # refused: re-registering "good" as it is would be a claim
     req = agent_spec(method, node).cls(**fields)
     return req, agent_call(node.channel, method, req)
 
@@ -297,10 +301,18 @@ def agent_invariants(node: Node) -> None:
     assert restorable(node.d.socket, "good") == GOOD_STEP
 
 
-def after_success(node: Node, claim: Claim, method: str, req: Any, o: Any) -> None:
+JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def after_success(node: Node, claim: Claim, method: str, req: Any, o: Any,
+                  tally: Any) -> None:
     """What an accepted request must mean, and putting the fuzzer's claim back."""
     if method == "Register":
-        assert re.match(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z", req.job), req.job
+        if not JOB_NAME.fullmatch(req.job):
+            # N1: the daemon's pattern ends in "$", which also matches before a final "\n".
+            assert not STRICT and JOB_NAME.fullmatch(req.job[:-1]) and req.job[-1] == "\n", \
+                repr(req.job)
+            tally.known["N1-job-name-newline"] += 1
         assert os.path.exists(o.reply.arena_path)
         assert o.reply.arena_bytes <= 64 << 20  # the budget
         d = agent_call(node.channel, "Drop", pb.DropRequest(job=req.job))
@@ -348,7 +360,7 @@ def test_agent_requests_with_hostile_fields(node: Node, claim: Claim, method: st
             req, o = send_agent(node, claim, method, drawn)
             check_typed(method, o, tally)
             if o.ok:
-                after_success(node, claim, method, req, o)
+                after_success(node, claim, method, req, o, tally)
             agent_invariants(node)
 
         fuzz(25 * length, agent_requests(method, node), one)
@@ -478,9 +490,7 @@ def test_seal_with_a_hostile_manifest(node: Node, claim: Claim, length: int) -> 
 # ------------------------------------------------------------------ agent bugs
 
 
-@pytest.mark.xfail(strict=True, reason="BUG A1: a request that does not deserialize (garbage "
-                   "bytes, a string field that is not UTF-8) is answered INTERNAL 'Exception "
-                   "deserializing request!' with no sg-error, by grpc itself")
+# Regression test of BUG A1 (found by this fuzzing, fixed in the daemon).
 def test_bug_undecodable_request_is_untyped(node: Node) -> None:
     with recording("agent rpc: undecodable request", bug="A1") as tally:
         for method, data in [("Status", b"\xff"), ("Latest", b"\x0a\x02\xff\xfe"),
@@ -492,10 +502,7 @@ def test_bug_undecodable_request_is_untyped(node: Node) -> None:
         agent_invariants(node)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG A3: store._claimed compares leases with "
-                   "secrets.compare_digest on str: a lease with a non-ASCII character raises "
-                   "TypeError, answered INTERNAL (Begin, Seal, OpenForRestore, Release, "
-                   "Unregister)")
+# Regression test of BUG A3 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_non_ascii_lease_is_untyped(node: Node, claim: Claim) -> None:
     with recording("agent rpc: a lease that is not ASCII", bug="A3") as tally:
         for job in ("fz", "good"):
@@ -506,8 +513,22 @@ def test_bug_a_non_ascii_lease_is_untyped(node: Node, claim: Claim) -> None:
         agent_invariants(node)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG A2: proto/manifest.py parse() lets json.loads' "
-                   "ValueError for an integer over 4300 digits through: Seal answers INTERNAL")
+# Regression test of BUG N1 (found by this fuzzing, fixed in the daemon).
+def test_bug_a_job_name_with_a_trailing_newline_is_accepted(node: Node) -> None:
+    with recording("agent rpc: a job name ending in a newline", bug="N1"):
+        o = agent_call(node.channel, "Register", pb.RegisterRequest(
+            job="good\n", rank=0, world_size=1, slot_bytes=4096, pid=os.getpid()))
+        if o.ok:
+            agent_call(node.channel, "Drop", pb.DropRequest(job="good\n"))
+        assert o.error == "InvalidRequestError", o
+        for method, req in [("Latest", pb.LatestRequest(job="good\n")),
+                            ("Status", pb.StatusRequest(job="good\n"))]:
+            o = agent_call(node.channel, method, req)
+            assert o.error == "InvalidRequestError", o
+        agent_invariants(node)
+
+
+# Regression test of BUG A2 (found by this fuzzing, fixed in the daemon).
 def test_bug_manifest_with_a_huge_integer_is_untyped(node: Node, claim: Claim) -> None:
     with recording("agent rpc Seal: manifest with a 5000-digit integer", bug="A2"):
         step = claim.next_step
@@ -733,10 +754,11 @@ def test_peer_raw_bytes_and_forged_tokens(trained: Trained, length: int) -> None
             o = send(i, m, raw, how)
             check_typed(m, o, tally)
             if how != "signed":
-                # Refused before any handler; bytes that do not deserialize are refused
-                # even before authentication (known bug A1).
+                # Refused before any handler; bytes that do not parse are refused (typed)
+                # even before authentication, which needs the parsed request.
                 assert o.code == grpc.StatusCode.UNAUTHENTICATED or (
-                    o.code == grpc.StatusCode.INTERNAL and "deserializing" in o.details), o
+                    o.code == grpc.StatusCode.INVALID_ARGUMENT
+                    and o.error == "InvalidRequestError" and "does not parse" in o.details), o
             cluster_invariants(t)
 
         fuzz(60 * length, st.tuples(st.integers(0, 1), st.sampled_from(PEER_METHODS), data,
@@ -744,12 +766,7 @@ def test_peer_raw_bytes_and_forged_tokens(trained: Trained, length: int) -> None
              one)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG P1/P2/P3/P10: malformed signed peer requests "
-                   "answer INTERNAL: Offer group out of range (IndexError, protect.offer), a "
-                   "piece size the node cannot allocate (OSError/OverflowError in "
-                   "_piece_file), a Report that is not a JSON object with kind/group/stripe "
-                   "(peers.Report json.loads, protect.report), an Announce whose meta is not "
-                   "JSON or names a job that is not a valid name (protect.announce)")
+# Regression test of BUG P1/P2/P3/P10 (found by this fuzzing, fixed in the daemon).
 def test_bug_peer_malformed_requests_are_untyped(trained: Trained) -> None:
     t = trained
     with recording("peer rpc: malformed signed requests", bug="P1/P2/P3/P10") as tally:
@@ -763,6 +780,8 @@ def test_bug_peer_malformed_requests_are_untyped(trained: Trained) -> None:
             (0, "Report", ppb.ReportRequest(job="job", step=-5, node=1, report=b"{}")),
             (1, "Announce", ppb.AnnounceRequest(job="zzq", step=5, meta=b"garbage")),
             (1, "Announce", ppb.AnnounceRequest(job="a/b", step=5, meta=b"{}")),
+            # A step already restorable: accepted, then the meta is used as an object.
+            (1, "Announce", ppb.AnnounceRequest(job="job_1", step=-1, meta=b"null")),
         ]:
             tally.trials += 1
             track_peer_leaks(t, i, method, req)
@@ -773,12 +792,7 @@ def test_bug_peer_malformed_requests_are_untyped(trained: Trained) -> None:
         assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG P9: protect.announce saves the step metadata "
-                   "(file and memory) before the store accepts the step: a refused Announce "
-                   "(ranks have not sealed it) still replaces the node's metadata, so StepInfo "
-                   "names a step that is not restorable and verify fails; a refused Announce "
-                   "whose meta lacks 'step' makes every Status of the node fail INTERNAL "
-                   "(agent._parity_status)")
+# Regression test of BUG P9 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_refused_announce_still_replaces_the_step_metadata(trained: Trained) -> None:
     # On job_1 of the 2-node cluster (node 1): what it poisons is the fuzzers' playground.
     t = trained
@@ -845,8 +859,9 @@ def effective(h: Any, key: str) -> int | None:
 
 
 def protected_harm(t: Trained, kind: bytes, raw: bytes) -> bool:
-    """Would this signed message touch what ``job`` keeps? Those are known bugs (Z1, Z3),
-    reproduced on their own cluster by the test_bug_* tests below."""
+    """Would this signed message touch what ``job`` keeps? Through known bugs (Z2, Z3,
+    reproduced on their own cluster by the test_bug_* tests below), or by taking part in
+    the next steps (an authenticated peer's piece of them is trusted)."""
     try:
         h = json.loads(raw)
     except ValueError:
@@ -854,14 +869,17 @@ def protected_harm(t: Trained, kind: bytes, raw: bytes) -> bool:
     if not isinstance(h, dict) or h.get("job") != "job":
         return False
     step = effective(h, "step")
-    if kind in (b"data", b"parity"):
-        # Z3: frames for the restorable step land in its stored parity. Steps ahead
-        # belong to the training that follows the fuzzing.
-        if step is None or not spent(t, step):
-            return step is not None
-        coords = [effective(h, k) for k in ("group", "stripe", "index")]
-        return kind == b"parity" and coords not in ([0, 0, 1], [0, 1, 1])
-    return False
+    if kind not in (b"data", b"parity") or step is None:
+        return False
+    if t.step < step <= t.step + 1000:
+        return True  # the steps of the training that follows the fuzzing
+    if STRICT:
+        return False
+    if not spent(t, step):
+        return True  # Z3: frames for the restorable step land in its stored parity
+    # Z2: a parity piece at coordinates the job does not use stays forever.
+    coords = [effective(h, k) for k in ("group", "stripe", "index")]
+    return kind == b"parity" and coords not in ([0, 0, 1], [0, 1, 1])
 
 
 def track_parity_leak(t: Trained, i: int, raw: bytes) -> None:
@@ -1025,9 +1043,7 @@ def local_parity_ok(t: Trained, i: int) -> bool:
     return all(p["ok"] for p in parity)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG Z3a: a data frame for the restorable step (a "
-                   "duplicate or resent frame) is folded into that step's stored parity: "
-                   "protect._on_data does not check that the stripe is finished")
+# Regression test of BUG Z3 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_data_frame_for_the_restorable_step_corrupts_its_parity(victim: Trained) -> None:
     t = victim
     with recording("zeromq: data frame for the restorable step", bug="Z3a"):
@@ -1040,9 +1056,7 @@ def test_bug_a_data_frame_for_the_restorable_step_corrupts_its_parity(victim: Tr
         assert local_parity_ok(t, 0), f"stored parity changed (answers: {replies})"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG Z3b: a parity message for a piece the node "
-                   "already stores re-creates the file (O_TRUNC in protect._piece_file): the "
-                   "restorable step's parity is zeroed")
+# Regression test of BUG Z3 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_parity_message_for_a_stored_piece_overwrites_it(victim: Trained) -> None:
     t = victim
     with recording("zeromq: parity message for a stored piece", bug="Z3b"):
@@ -1055,11 +1069,7 @@ def test_bug_a_parity_message_for_a_stored_piece_overwrites_it(victim: Trained) 
         assert local_parity_ok(t, 1), f"stored parity changed (answers: {replies})"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG Z1: transport.DataPlane._dispatch iterates the "
-                   "handler's reply generator outside its try: a fetch whose 'req' is nested "
-                   "just deep enough for json.dumps (not json.loads) to hit the recursion "
-                   "limit raises RecursionError in the sg-data thread, which dies: the node "
-                   "never answers a data message again")
+# Regression test of BUG Z1 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_deeply_nested_fetch_kills_the_data_plane(victim: Trained) -> None:
     t = victim
     with recording("zeromq: fetch with a deeply nested req", bug="Z1") as tally:
@@ -1079,12 +1089,7 @@ def test_bug_a_deeply_nested_fetch_kills_the_data_plane(victim: Trained) -> None
                 break
 
 
-@pytest.mark.xfail(strict=True, reason="BUG P4/P6: an Announce for a job the node does not "
-                   "hold is refused (UnknownJobError) but protect.announce has already written "
-                   "{prefix}.{job}.x{step} and kept the meta in memory: the file is never freed "
-                   "(DropJob refuses the unknown job first), StepInfo serves the garbage (or "
-                   "fails INTERNAL on it), and a non-object meta stops the next daemon start "
-                   "(see test_bug_step_metadata_that_is_not_an_object_stops_the_daemon)")
+# Regression test of BUG P4/P6 (found by this fuzzing, fixed in the daemon).
 def test_bug_announce_for_an_unknown_job_leaks_and_poisons(victim: Trained) -> None:
     t = victim
     with recording("peer rpc: Announce for an unknown job", bug="P4/P6"):
@@ -1097,10 +1102,7 @@ def test_bug_announce_for_an_unknown_job_leaks_and_poisons(victim: Trained) -> N
         assert shm_files(t.c.prefixes[0]) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG Z2: protect._on_parity stores a parity piece for "
-                   "any job and step it is sent (no check that this node holds the job, nor "
-                   "that the step is in flight); the file is never freed, and a plen the node "
-                   "cannot allocate leaves the file behind too")
+# Regression test of BUG Z2 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_parity_message_for_an_unknown_job_leaves_a_file(victim: Trained) -> None:
     t = victim
     with recording("zeromq: parity for an unknown job", bug="Z2"):
@@ -1114,10 +1116,7 @@ def test_bug_a_parity_message_for_an_unknown_job_leaves_a_file(victim: Trained) 
         assert shm_files(t.c.prefixes[0]) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG R1: agent._topology syncs (rebuilds) a job before "
-                   "store.register validates the request: a refused Register (here a pid that "
-                   "is not alive) with a changed node list installs ranks it names into the "
-                   "node's store (a new arena, local_ranks changed)")
+# Regression test of BUG R1 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_refused_register_still_rebuilds_ranks_into_the_node(victim: Trained) -> None:
     t = victim
     with recording("agent rpc: refused Register with a node list", bug="R1"):
@@ -1276,10 +1275,7 @@ def test_restart_with_garbage_in_shm(daemon_factory: Any, length: int) -> None:
     assert_verify_healthy(d.socket, "good")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG M2: store._adopt_job takes restorable_step, "
-                   "previous_step, local_ranks and topology from a meta file without checking "
-                   "their types or ranges: a job whose meta says restorable_step \"7\" is "
-                   "adopted, and then Status fails INTERNAL for every job of the daemon")
+# Regression test of BUG M2 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_meta_file_with_wrongly_typed_fields_breaks_status(daemon_factory: Any) -> None:
     d = daemon_factory()
     with recording("daemon restart: meta fields of the wrong type", bug="M2"):
@@ -1298,11 +1294,7 @@ def test_bug_a_meta_file_with_wrongly_typed_fields_breaks_status(daemon_factory:
         assert restorable(d.socket, "good") == GOOD_STEP
 
 
-@pytest.mark.xfail(strict=True, reason="BUG P7: protect.Protector._load_metas catches only "
-                   "OSError/ValueError/KeyError: a step-metadata file {prefix}.{job}.x{step} "
-                   "holding JSON that is not an object (e.g. '[]', which a refused Announce "
-                   "writes, see P4) raises TypeError in Protector.__init__ and the daemon "
-                   "exits at every start")
+# Regression test of BUG P7 (found by this fuzzing, fixed in the daemon).
 def test_bug_step_metadata_that_is_not_an_object_stops_the_daemon(daemon_factory: Any) -> None:
     d = daemon_factory()
     with recording("daemon restart: step metadata that is not a JSON object", bug="P7"):
@@ -1318,10 +1310,7 @@ def test_bug_step_metadata_that_is_not_an_object_stops_the_daemon(daemon_factory
         assert restorable(d.socket, "good") == GOOD_STEP
 
 
-@pytest.mark.xfail(strict=True, reason="BUG M1: store.adopt takes a meta file's job from its "
-                   "content, not its name: a stale copy of job good's meta under another name "
-                   "({prefix}.zz-copy.meta, sorted after good's) is adopted as job good and "
-                   "rolls it back to the older step (the newer one is lost)")
+# Regression test of BUG M1 (found by this fuzzing, fixed in the daemon).
 def test_bug_a_meta_file_naming_another_job_replaces_it(daemon_factory: Any) -> None:
     d = daemon_factory()
     with recording("daemon restart: a meta file whose content names another job", bug="M1"):

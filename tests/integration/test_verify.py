@@ -186,6 +186,7 @@ def test_one_node_job_healthy_then_lost(daemon) -> None:
     assert "rank 0     slot    BAD: job solo rank 0 step 3: data checksum fails" in r.stdout
 
 
+@pytest.mark.slow
 def test_verify_while_training_never_reports_damage(tmp_path: Path) -> None:
     root = tmp_path / "cluster"
     cluster.up(str(root), 4, 4, 1)
