@@ -247,11 +247,12 @@ class Client:
                     "restorable everywhere): is a node or its daemon down?", self.job,
                     self.rank, self._skips, self._last.step if self._last else None)
             return SnapshotHandle(step, skipped=True)
-        self._skips = 0
+        skipped, self._skips = self._skips, 0
         assert manifest is not None and leaves is not None and self._plan is not None
         try:
             slot = self._call("Begin", pb.BeginRequest(job=self.job, rank=self.rank,
-                                                       lease=self._lease, step=step)).slot
+                                                       lease=self._lease, step=step,
+                                                       skipped=min(skipped, 2**32 - 1))).slot
         except (DaemonUnavailableError, LeaseError) as exc:
             # The daemon died or restarted since the agreement: this step is not protected
             # (it can't become restorable without this rank); the next one is taken.

@@ -121,7 +121,10 @@ class AgentService(pb_grpc.AgentServicer):
 
     @handler
     def Begin(self, req: pb.BeginRequest, context: grpc.ServicerContext) -> pb.BeginReply:
-        return pb.BeginReply(slot=self.store.begin(req.job, req.rank, req.lease, req.step))
+        slot = self.store.begin(req.job, req.rank, req.lease, req.step)
+        if req.skipped:
+            self.store.metrics.skipped(req.job, req.skipped)
+        return pb.BeginReply(slot=slot)
 
     @handler
     def Seal(self, req: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealReply:

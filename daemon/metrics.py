@@ -48,6 +48,11 @@ class Metrics:
         self.sealed = Counter(
             PREFIX + "snapshots_sealed", "Rank snapshots sealed (one per rank per step).",
             ["job"], registry=r)
+        self.skipped_snapshots = Counter(
+            PREFIX + "snapshots_skipped",
+            "Rank snapshots the trainers skipped (all ranks skip together while the previous "
+            "step is still copied or not yet protected), as each rank reports at its next "
+            "snapshot.", ["job"], registry=r)
         self.to_restorable = Histogram(
             PREFIX + "snapshot_to_restorable_seconds",
             "From the seal of a step by every local rank to the step being restorable here.",
@@ -102,6 +107,10 @@ class Metrics:
             with self._lock:
                 self._sealed_at[job] = (step, time.monotonic())
 
+    def skipped(self, job: str, count: int) -> None:
+        """A rank reported ``count`` snapshots skipped since its last one."""
+        self.skipped_snapshots.labels(job).inc(count)
+
     def restorable(self, job: str, step: int) -> None:
         """``step`` became restorable on this node."""
         with self._lock:
@@ -147,7 +156,7 @@ class Metrics:
             self._sealed_at.pop(job, None)
             for key in [k for k in self._opened_at if k[0] == job]:
                 del self._opened_at[key]
-        for metric in (self.sealed, self.to_restorable, self.restore, self.encode_bytes,
+        for metric in (self.sealed, self.skipped_snapshots, self.to_restorable, self.restore, self.encode_bytes,
                        self.encode_seconds, self.sent, self.received, self.rebuild_bytes,
                        self.rebuild, self.refused):
             metric.remove_by_labels({"job": job})

@@ -267,3 +267,20 @@ def test_cluster_metrics_show_protection_traffic_and_peers(observed_cluster: Pat
     wait_for(lambda: value(scrape(addresses[0]), "shardguard_peers_up", job="job") == 2,
              "node 0 to count node 3 down")
     assert value(scrape(addresses[0]), "shardguard_peers", job="job") == 3
+
+
+def test_skipped_snapshots_are_counted(daemon_factory) -> None:
+    """A snapshot asked for while the previous one is still copying is skipped; the rank
+    reports it at its next snapshot and the daemon counts it."""
+    d = daemon_factory(["--metrics-port", "0", "--memory-budget-bytes", "1GiB"])
+    address = metrics_address(d.log_path)
+    big = {"w": torch.ones(48 << 20, dtype=torch.uint8)}  # copied on the background thread
+    with sg.connect(d.socket, "skips") as c:
+        first = c.snapshot(0, big)
+        second = c.snapshot(1, big)  # the first is still being copied
+        assert not first.skipped and second.skipped
+        c.wait()
+        c.snapshot(2, big).wait()
+    samples = scrape(address)
+    assert value(samples, "shardguard_snapshots_skipped_total", job="skips") == 1
+    assert value(samples, "shardguard_snapshots_sealed_total", job="skips") == 2
