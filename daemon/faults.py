@@ -41,8 +41,8 @@ ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
 POINTS = ("seal", "sealed", "mid-transfer", "mid-encode", "partial-parity", "announce", "sync",
           "mid-rebuild")
 ACTIONS = ("kill", "stop", "drop", "slow")
-#: How long ``slow`` holds the operation at hand (a slow peer).
-SLOW_S = 3.0
+#: How long ``slow`` holds the operation at hand (a slow peer); tests may set it.
+SLOW_S = float(os.environ.get("SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S", "3.0"))
 
 
 def _parse(spec: str) -> list[tuple[str, int, int, str]]:

@@ -129,12 +129,13 @@ def verify_healthy(root: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def settle(root: Path, timeout: float = 60.0) -> list[int]:
-    """Wait until every node reports the same restorable step."""
+def settle(root: Path, after: int, timeout: float = 60.0) -> list[int]:
+    """Wait until every node reports the same restorable step, newer than ``after``
+    (the last snapshots of a run may still be under protection when it ends)."""
     deadline = time.monotonic() + timeout
     while True:
         steps = [restorable(root, i) for i in range(4)]
-        if len(set(steps)) == 1 or time.monotonic() > deadline:
+        if (len(set(steps)) == 1 and steps[0] > after) or time.monotonic() > deadline:
             return steps
         time.sleep(0.1)
 
@@ -146,7 +147,13 @@ def node_of(point: str) -> int:
 @pytest.mark.parametrize("point,action", list(_cases(IN_RUN)))
 def test_fault_during_a_run(reference4, tmp_path: Path, point: str, action: str) -> None:
     node = node_of(point)
-    root = up(tmp_path, f"{point}@{FAULT_STEP}@{node}:{action}")
+    # A slow peer stalls for 1 s: long against a step, short enough that protection
+    # resumes within the run.
+    os.environ["SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S"] = "1"
+    try:
+        root = up(tmp_path, f"{point}@{FAULT_STEP}@{node}:{action}")
+    finally:
+        os.environ.pop("SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S", None)
     out = tmp_path / "run"
     proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 4, STEPS,
                        step_sleep=0.3, env={"SHARDGUARD_PROTECT_TIMEOUT_S": "1"})
@@ -184,7 +191,7 @@ def test_fault_during_a_run(reference4, tmp_path: Path, point: str, action: str)
         assert_matches_reference(out, reference4, 4)
         # The restorable step never went backwards, and protection resumed in the run.
         assert seen == sorted(seen), seen
-        steps = settle(root)
+        steps = settle(root, FAULT_STEP)
         assert len(set(steps)) == 1 and steps[0] > FAULT_STEP, steps
         verify_healthy(root)
         # A restart restores what was protected, bit-exactly, on every rank.
