@@ -54,6 +54,19 @@ FAST = {("announce", "kill"), ("mid-encode", "stop")}
 ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
 
 
+# In-run faults train longer than test_cluster's reference: after a fault at step 5 there
+# must be steps left to show protection resuming within the run, even on a busy machine.
+RUN_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def reference_long(tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("ref-long")
+    proc = run_trainer(ref, "ref", "/nonexistent", 4, RUN_STEPS, no_snapshot=True)
+    assert finish(proc) == 0, trainer_log(ref)
+    return ref
+
+
 def _cases(points: list[str]):
     for point in points:
         for action in ACTIONS:
@@ -145,7 +158,7 @@ def node_of(point: str) -> int:
 
 
 @pytest.mark.parametrize("point,action", list(_cases(IN_RUN)))
-def test_fault_during_a_run(reference4, tmp_path: Path, point: str, action: str) -> None:
+def test_fault_during_a_run(reference_long, tmp_path: Path, point: str, action: str) -> None:
     node = node_of(point)
     # A slow peer stalls for 1 s: long against a step, short enough that protection
     # resumes within the run.
@@ -155,7 +168,7 @@ def test_fault_during_a_run(reference4, tmp_path: Path, point: str, action: str)
     finally:
         os.environ.pop("SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S", None)
     out = tmp_path / "run"
-    proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 4, STEPS,
+    proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 4, RUN_STEPS,
                        step_sleep=0.3, env={"SHARDGUARD_PROTECT_TIMEOUT_S": "1"})
     seen: list[int] = []
     fired = False
@@ -188,7 +201,7 @@ def test_fault_during_a_run(reference4, tmp_path: Path, point: str, action: str)
         log = (root / f"node-{node}" / "daemon.log").read_text()
         assert f"test fault {point}@{FAULT_STEP}@{node}:{action} fires" in log
         assert action in ("drop", "slow") or fired, "the fault never showed"
-        assert_matches_reference(out, reference4, 4)
+        assert_matches_reference(out, reference_long, 4)
         # The restorable step never went backwards, and protection resumed in the run.
         assert seen == sorted(seen), seen
         steps = settle(root, FAULT_STEP)
@@ -196,12 +209,12 @@ def test_fault_during_a_run(reference4, tmp_path: Path, point: str, action: str)
         verify_healthy(root)
         # A restart restores what was protected, bit-exactly, on every rank.
         again = tmp_path / "again"
-        proc = run_trainer(again, "job", ",".join(cluster.sockets(str(root))), 4, STEPS)
+        proc = run_trainer(again, "job", ",".join(cluster.sockets(str(root))), 4, RUN_STEPS)
         assert finish(proc) == 0, trainer_log(again)
         restored = {(again / f"restored.{r}").read_text().split()[-1] for r in range(4)}
         assert restored == {str(steps[0])}, restored
         for rank in range(4):
-            a = torch.load(reference4 / f"final.{rank}.pt", weights_only=False)
+            a = torch.load(reference_long / f"final.{rank}.pt", weights_only=False)
             b = torch.load(again / f"final.{rank}.pt", weights_only=False)
             assert_same_state(a, b)
         record(f"daemon fault: {point} / {action}", 1, "survived: bit-exact, nothing lost")
