@@ -41,7 +41,7 @@ test: install tools
 
 # The long fault-injection runs; CI runs them after `make test`.
 test-slow: install
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "slow and not soak" $(PYTEST_ARGS)
 
 # Every fault and every class of bad input, slow runs included; prints the table the
 # README shows (trials and outcome per category) and keeps it in .faults.md.

@@ -49,6 +49,7 @@ def progress(out: Path, rank: int = 0) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(3000)
 def test_soak_a_thousand_snapshots_with_random_faults(tmp_path: Path) -> None:
     rng = random.Random(11)
