@@ -632,18 +632,17 @@ class Protector:
         return arenas, freed, nodes, unreachable
 
     def _in_flight(self, job: str, step: int) -> None:
-        """Pieces are taken only for a step in flight: after the restorable one (which is
-        never overwritten), and at most one past the newest step this node's ranks began
-        (every rank begins a step right after all agreed to take it, long before any
-        piece of it can arrive; a far-future step would never be released)."""
+        """Pieces are taken only for a step after the restorable one (never overwrite it).
+
+        No upper bound: a source may offer a step before this node's own ranks have
+        begun it (a small state seals fast), and steps between snapshots are the
+        trainer's choice. A far-future step from an authenticated peer keeps its file
+        until the job is dropped.
+        """
         latest = self.store.latest(job)
         if step < 0 or (latest is not None and step <= latest):
             raise StepOrderError(f"job {job}: step {step} is not after the restorable step "
                                  f"{latest}; its pieces are not taken")
-        newest = self.store.newest_step(job)
-        if self.store.job(job).local_ranks and newest is not None and step > newest + 1:
-            raise StepOrderError(f"job {job}: step {step} is not in flight here (the ranks of "
-                                 f"this node are at step {newest})")
 
     @staticmethod
     def _group(topo: Topology, group: int, stripe: int, index: int) -> placement.GroupLayout:

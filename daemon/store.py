@@ -392,16 +392,6 @@ class Store:
             self.on_node_sealed(job, step)
         return restorable
 
-    def newest_step(self, job: str) -> int | None:
-        """The newest step any local rank of ``job`` has begun, sealed or holds (None: none)."""
-        with self._lock:
-            rec = self._job(job)
-            steps = [s.step for rr in rec.ranks.values() for s in rr.slots
-                     if s.state != SlotState.FREE]
-            if rec.restorable_step is not None:
-                steps.append(rec.restorable_step)
-            return max(steps) if steps else None
-
     def check_sealed(self, job: str, step: int) -> None:
         """Every local rank of ``job`` has sealed ``step`` (else SlotStateError); changes nothing."""
         with self._lock:
