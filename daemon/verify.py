@@ -39,18 +39,10 @@ def check_node(p: "Protector", job: str, step: int) -> dict[str, Any]:
 
     topo = p.topology(job)
     me = topo.node_index if topo is not None else 0
-    out: dict[str, Any] = {"node": me, "step": step, "superseded": False, "ranks": [],
-                           "pieces": [], "bytes": 0}
     rec = p.store.job(job)
     gens = {r: p.store.slot_generation(job, r, step) for r in rec.local_ranks}
-    for rank in sorted(rec.local_ranks):
-        problem, nbytes = p.store.check_slot(job, rank, step)
-        if problem == SUPERSEDED:
-            out["superseded"] = True
-            return out
-        out["ranks"].append({"rank": rank, "ok": problem is None, "error": problem or ""})
-        out["bytes"] += nbytes
-    if topo is None:
+    out = _check_ranks(p.store, job, step, me)
+    if out["superseded"] or topo is None:
         return out
     meta = p.meta(job)
     if meta is None or int(meta["step"]) != step:
@@ -123,7 +115,7 @@ def verify_job(p: "Protector | None", store: Any, job: str, step: int | None) ->
         if p is not None:
             node = check_node(p, job, step)
         else:
-            node = _check_ranks_only(store, job, step)
+            node = _check_ranks(store, job, step)
         return {"job": job, "step": step, "superseded": node["superseded"], "nodes": [node],
                 "unreachable": [], "stripes": [], "bytes": node["bytes"]}
     meta = p.meta(job)
@@ -159,8 +151,9 @@ def verify_job(p: "Protector | None", store: Any, job: str, step: int | None) ->
             "stripes": stripes, "bytes": sum(n["bytes"] for n in nodes)}
 
 
-def _check_ranks_only(store: Any, job: str, step: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"node": 0, "step": step, "superseded": False, "ranks": [],
+def _check_ranks(store: Any, job: str, step: int, node: int = 0) -> dict[str, Any]:
+    """The slot checks of this node's ranks (a node report without pieces yet)."""
+    out: dict[str, Any] = {"node": node, "step": step, "superseded": False, "ranks": [],
                            "pieces": [], "bytes": 0}
     for rank in sorted(store.job(job).local_ranks):
         problem, nbytes = store.check_slot(job, rank, step)

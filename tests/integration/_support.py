@@ -91,3 +91,8 @@ def assert_same_state(a: object, b: object, path: str = "state") -> None:
 def status_of_socket(socket: str) -> pb.StatusReply:
     with grpc.insecure_channel(grpc_target(socket)) as ch:
         return pb_grpc.AgentStub(ch).Status(pb.StatusRequest(), timeout=10)
+
+
+def restored_steps(out: Path, world: int) -> set[str]:
+    """The step each rank's last incarnation restored (as the trainer wrote it)."""
+    return {(out / f"restored.{r}").read_text().split()[-1] for r in range(world)}

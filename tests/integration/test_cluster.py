@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from shardguard.daemon import cluster
+from _support import restored_steps
 from _support import (
     assert_same_state,
     finish,
@@ -129,7 +130,7 @@ def test_lost_node_is_rebuilt_and_the_run_resumes_bit_exact(local_cluster, refer
     cluster.start(str(root), lost)
     assert train(root, out, 4, STEPS) == 0, trainer_log(out)
     assert_matches_reference(out, reference4, 4)
-    restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+    restored = restored_steps(out, 4)
     assert len(restored) == 1 and restored != {"None"}, restored
     assert "rebuilt ranks [%d]" % lost in (root / f"node-{lost}" / "daemon.log").read_text()
 
@@ -182,7 +183,7 @@ def test_node_lost_while_encoding_restores_the_previous_step(local_cluster, refe
     cluster.kill(str(root), 2)
     cluster.start(str(root), 2)
     assert train(root, out, 4, STEPS) == 0, trainer_log(out)
-    restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+    restored = restored_steps(out, 4)
     assert restored == {str(before)}, restored
     assert_matches_reference(out, reference4, 4)
 
@@ -222,7 +223,7 @@ def test_ranks_that_land_on_other_nodes_still_restore(local_cluster, reference4,
     proc = run_trainer(out, "job", moved, 4, STEPS)
     assert finish(proc) == 0, trainer_log(out)
     assert_matches_reference(out, reference4, 4)
-    restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+    restored = restored_steps(out, 4)
     assert len(restored) == 1 and restored != {"None"}, restored
 
 

@@ -37,6 +37,7 @@ import torch
 
 from shardguard.daemon import cluster
 from conftest import record
+from _support import restored_steps
 from _support import assert_same_state, finish, run_trainer, status_of_socket, trainer_log
 from test_cluster import (  # noqa: F401 - reference4 is a fixture
     STEPS,
@@ -211,7 +212,7 @@ def test_fault_during_a_run(reference_long, tmp_path: Path, point: str, action: 
         again = tmp_path / "again"
         proc = run_trainer(again, "job", ",".join(cluster.sockets(str(root))), 4, RUN_STEPS)
         assert finish(proc) == 0, trainer_log(again)
-        restored = {(again / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+        restored = restored_steps(again, 4)
         assert restored == {str(steps[0])}, restored
         for rank in range(4):
             a = torch.load(reference_long / f"final.{rank}.pt", weights_only=False)
@@ -269,7 +270,7 @@ def test_fault_while_a_replacement_node_rebuilds(reference4, tmp_path: Path, poi
         else:
             # A slow replacement only takes longer: the first restart goes through.
             assert code == 0, trainer_log(first)
-            restored = {(first / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+            restored = restored_steps(first, 4)
             assert restored == {str(step)}, restored
             assert_matches_reference(first, reference4, 4)
             verify_healthy(root)
@@ -278,7 +279,7 @@ def test_fault_while_a_replacement_node_rebuilds(reference4, tmp_path: Path, poi
             return
         proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 4, STEPS)
         assert finish(proc) == 0, trainer_log(out)
-        restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+        restored = restored_steps(out, 4)
         assert restored == {str(step)}, restored
         assert_matches_reference(out, reference4, 4)
         verify_healthy(root)
@@ -311,7 +312,7 @@ def test_a_replacement_node_without_memory_for_the_job(reference4, tmp_path: Pat
         start_clean(root, 2)
         proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 4, STEPS)
         assert finish(proc) == 0, trainer_log(out)
-        restored = {(out / f"restored.{r}").read_text().split()[-1] for r in range(4)}
+        restored = restored_steps(out, 4)
         assert restored == {str(step)}, restored
         assert_matches_reference(out, reference4, 4)
         record("full memory budget on the rebuilding node", 1,

@@ -27,6 +27,7 @@ from shardguard.daemon.store import Store
 from shardguard.daemon.tier import Tier
 from shardguard.proto import tier as layout
 from conftest import record
+from _support import restored_steps
 from _support import assert_same_state, finish, read_losses, run_trainer, trainer_log
 from test_cluster import local_cluster, sockets  # noqa: F401 (local_cluster: a fixture)
 from test_node_api import assert_equal, rich_state
@@ -105,10 +106,6 @@ def flushing(root: Path, job: str) -> bool:
 def pointer(root: Path, job: str) -> int:
     step = layout.read_pointer(str(root), job)
     return -1 if step is None else step
-
-
-def restored_steps(out: Path, world: int) -> set[str]:
-    return {(out / f"restored.{r}").read_text().split()[-1] for r in range(world)}
 
 
 def kill_group(proc) -> None:  # type: ignore[no-untyped-def]
