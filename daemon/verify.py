@@ -20,6 +20,7 @@ import json
 import logging
 import mmap
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from shardguard.daemon.codec import crc32c
@@ -44,13 +45,9 @@ def check_node(p: "Protector", job: str, step: int) -> dict[str, Any]:
     out = _check_ranks(p.store, job, step, me)
     if out["superseded"] or topo is None:
         return out
-    meta = p.meta(job)
-    if meta is None or int(meta["step"]) != step:
-        out["superseded"] = meta is not None and int(meta["step"]) > step
-        if not out["superseded"]:
-            raise NotRestorableError(
-                f"job {job}: node {me} has no metadata of step {step} "
-                f"(its restorable step is {None if meta is None else meta['step']})")
+    meta = _meta_of(p, job, step)
+    if meta is None:
+        out["superseded"] = True
         return out
     old = Topology.from_doc(meta["topology"])
     for where, stripe in sorted(meta["stripes"].items()):
@@ -74,13 +71,44 @@ def check_node(p: "Protector", job: str, step: int) -> dict[str, Any]:
                 check["error"] = "" if check["ok"] else "checksum fails"
                 out["bytes"] += int(piece["len"])
             except FileNotFoundError:
+                if _moved_on(p, job, step):  # released: a newer step became restorable
+                    out["superseded"] = True
+                    return out
                 check["error"] = "parity piece missing"
             except ShardguardError as exc:
                 check["error"] = str(exc)
             out["pieces"].append(check)
     if any(p.store.slot_generation(job, r, step) != g for r, g in gens.items()):
         out["superseded"] = True
+    elif any(not c["ok"] for c in out["pieces"]) and _moved_on(p, job, step):
+        out["superseded"] = True  # what failed may have been replaced while it was read
     return out
+
+
+def _meta_of(p: "Protector", job: str, step: int) -> dict[str, Any] | None:
+    """This node's metadata of ``step``; None when a newer step replaced it.
+
+    The announcement that ``step`` is restorable reaches the nodes one by one,
+    so a node may not have it yet: it is waited for (up to ``peer_timeout_s``),
+    then the node is reported as not knowing the step.
+    """
+    deadline = time.monotonic() + p.config.peer_timeout_s
+    while True:
+        meta = p.meta(job)
+        have = None if meta is None else int(meta["step"])
+        if have == step:
+            return meta
+        if have is not None and have > step:
+            return None
+        if time.monotonic() >= deadline:
+            raise NotRestorableError(f"job {job}: node {p.topology(job).node_index} has no "
+                                     f"metadata of step {step} (its restorable step is {have})")
+        time.sleep(0.05)
+
+
+def _moved_on(p: "Protector", job: str, step: int) -> bool:
+    meta = p.meta(job)
+    return meta is not None and int(meta["step"]) > step
 
 
 def _parity_crc(path: str) -> tuple[int, bool]:
@@ -118,9 +146,10 @@ def verify_job(p: "Protector | None", store: Any, job: str, step: int | None) ->
             node = _check_ranks(store, job, step)
         return {"job": job, "step": step, "superseded": node["superseded"], "nodes": [node],
                 "unreachable": [], "stripes": [], "bytes": node["bytes"]}
-    meta = p.meta(job)
-    if meta is None or int(meta["step"]) != step:
-        raise NotRestorableError(f"job {job}: no metadata of step {step} on this node")
+    meta = _meta_of(p, job, step)
+    if meta is None:  # replaced while this began: the caller checks the new step
+        return {"job": job, "step": step, "superseded": True, "nodes": [], "unreachable": [],
+                "stripes": [], "bytes": 0}
     old = Topology.from_doc(meta["topology"])
     addresses = topo.nodes if len(topo.nodes) == len(old.nodes) else old.nodes
     futs: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
