@@ -37,11 +37,11 @@ tools:
 
 # The whole suite but the long fault-injection runs (marked slow): under 10 minutes on 2 cores.
 test: install tools
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 # The long fault-injection runs; CI runs them after `make test`.
 test-slow: install
-	$(BIN)/python -m pytest -m "slow and not soak" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "slow and not soak" --durations=15 $(PYTEST_ARGS)
 
 # Every fault and every class of bad input, slow runs included; prints the table the
 # README shows (trials and outcome per category) and keeps it in .faults.md.

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,25 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], object]], rounds: int = 5,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each of ``fns`` over ``rounds`` rounds that run each once in turn.
+
+    For ratios between ways of doing the same thing on a shared machine: a noisy
+    neighbour then slows every way of a round alike, instead of one way's whole run.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, rounds)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -146,3 +166,15 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_interrupt(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: unwind like Ctrl-C, so daemons and shared memory are cleaned up."""
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -64,7 +64,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import zmq
-from _common import base_parser, gbps, load_average, median_time, print_rows, write_results
+from _common import (base_parser, gbps, load_average, median_time, print_rows, raise_interrupt,
+                     write_results)
 from bench_node import fs_type
 
 import shardguard.client as sg
@@ -604,10 +605,6 @@ def memory_needed(gib: float) -> tuple[int, int]:
     return int(shm), int(shm + per_rank * (1 + 1 + 3))
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=None, help="state per rank (default 1, quick 0.125)")
@@ -634,7 +631,7 @@ def main() -> None:
     if kind in ("tmpfs", "ramfs"):
         print(f"warning: --disk-dir {args.disk_dir} is on {kind}; torch.load will not read a disk")
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     t_start = time.monotonic()
     load: dict[str, Any] = {"start": load_average()}
     bench = Bench(gib)

@@ -25,18 +25,13 @@ Usage: ``python bench/bench_dcp.py [--quick] [--gib G] [--ranks N] [--repeat N] 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from _common import base_parser, load_average, print_table, write_results
-from bench_node import fs_type, llm_shapes
+from _common import base_parser, free_port, load_average, print_table, raise_interrupt, write_results
+from bench_node import bench_daemon, fs_type, llm_shapes
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -55,8 +50,6 @@ import shardguard.client as sg
 
 MiB = 1 << 20
 GiB = 1 << 30
-SHM_DIR = "/dev/shm"
-DAEMON_START_S = 60.0
 BASELINE = "FileSystemWriter dcp.save"
 METHODS = ("shardguard dcp.save", "shardguard dcp.async_save", "FileSystemWriter dcp.save",
            "FileSystemWriter dcp.async_save")
@@ -260,38 +253,6 @@ def _sum(group: Any, x: int) -> int:
     return int(t.item())
 
 
-# ------------------------------------------------------------------- the daemon
-
-
-@contextlib.contextmanager
-def bench_daemon(tmpdir: str) -> Iterator[str]:
-    """A node daemon for this run, with a shared-memory prefix of its own; terminated, and
-    its shared memory removed, whatever happens."""
-    prefix = f"shardguard-bench-dcp{os.getpid()}"
-    sock = os.path.join(tmpdir, "agent.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "shardguard.daemon", "--socket", sock,
-                             "--shm-prefix", prefix, "--log-level", "WARNING"])
-    try:
-        deadline = time.monotonic() + DAEMON_START_S
-        while not os.path.exists(sock):
-            if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {proc.returncode} before listening")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not listen on {sock} in {DAEMON_START_S:.0f}s")
-            time.sleep(0.05)
-        yield sock
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for p in Path(SHM_DIR).glob(f"{prefix}.*"):
-            p.unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------- report
 
 
@@ -314,16 +275,6 @@ def report(raw: dict[str, Any], conf: Config) -> list[dict[str, Any]]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=None,
@@ -332,7 +283,7 @@ def main() -> None:
     parser.add_argument("--disk-dir", default=tempfile.gettempdir(),
                         help="where FileSystemWriter writes")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     kind = fs_type(args.disk_dir)
     if kind in ("tmpfs", "ramfs"):
         print(f"warning: --disk-dir {args.disk_dir} is on {kind}: FileSystemWriter will not "
@@ -340,11 +291,11 @@ def main() -> None:
     load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="shardguard-bench-dcp-") as tmp, \
             tempfile.TemporaryDirectory(prefix="shardguard-bench-dcp-", dir=args.disk_dir) as disk, \
-            bench_daemon(tmp) as sock:
+            bench_daemon(tmp, f"shardguard-bench-dcp{os.getpid()}") as (sock, _):
         conf = Config(socket=sock, job=f"bench-dcp-{os.getpid()}",
                       gib=args.gib or (0.125 if args.quick else 0.5), ranks=args.ranks,
                       repeat=args.repeat or (2 if args.quick else 5), disk_dir=disk,
-                      out=os.path.join(tmp, "result.json"), port=_free_port())
+                      out=os.path.join(tmp, "result.json"), port=free_port())
         print(f"bench_dcp: {conf.gib:g} GiB over {conf.ranks} ranks, {conf.repeat} rounds, "
               f"disk {args.disk_dir} ({kind})", flush=True)
         mp.start_processes(rank_main, args=(conf,), nprocs=conf.ranks, start_method="fork")

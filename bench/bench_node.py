@@ -38,7 +38,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from _common import base_parser, gbps, load_average, print_rows, write_results
+from _common import (base_parser, free_port, gbps, load_average, print_rows, raise_interrupt,
+                     write_results)
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -906,11 +906,11 @@ def report(res: dict[str, Any], conf: Config) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def bench_daemon(tmpdir: str) -> Iterator[tuple[str, int]]:
-    """A node daemon for this run (its socket and pid); terminated, and its shared memory
-    removed, whatever happens."""
+def bench_daemon(tmpdir: str, prefix: str = SHM_PREFIX) -> Iterator[tuple[str, int]]:
+    """A node daemon for this run (its socket and pid) with shared-memory prefix ``prefix``;
+    terminated, and its shared memory removed, whatever happens."""
     sock = os.path.join(tmpdir, "agent.sock")
-    cmd = [sys.executable, "-m", "shardguard.daemon", "--socket", sock, "--shm-prefix", SHM_PREFIX,
+    cmd = [sys.executable, "-m", "shardguard.daemon", "--socket", sock, "--shm-prefix", prefix,
            "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd)
     try:
@@ -930,25 +930,15 @@ def bench_daemon(tmpdir: str) -> Iterator[tuple[str, int]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        remove_shm()
+        remove_shm(prefix)
 
 
-def remove_shm() -> None:
-    for p in Path(SHM_DIR).glob(f"{SHM_PREFIX}.*"):
+def remove_shm(prefix: str = SHM_PREFIX) -> None:
+    for p in Path(SHM_DIR).glob(f"{prefix}.*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fs_type(path: str) -> str:
@@ -999,7 +989,7 @@ def main() -> None:
     if kind in ("tmpfs", "ramfs"):
         print(f"warning: --disk-dir {args.disk_dir} is on {kind}; the disk peers will not touch a disk")
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shardguard-bench-") as tmp, bench_daemon(tmp) as (sock, pid):
         conf = Config(socket=sock, job=f"bench-node-{os.getpid()}", daemon_pid=pid, **conf_args)
@@ -1009,7 +999,7 @@ def main() -> None:
         if conf.ranks == 1:
             rank_main(0, conf, 0, out)
         else:
-            mp.spawn(rank_main, args=(conf, _free_port(), out), nprocs=conf.ranks, join=True)
+            mp.spawn(rank_main, args=(conf, free_port(), out), nprocs=conf.ranks, join=True)
         res = torch.load(out, weights_only=False)
     summary = report(res, conf)
     elapsed = time.monotonic() - t_start

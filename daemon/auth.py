@@ -3,10 +3,12 @@
 DESIGN.md §6: peers authenticate every gRPC call and every ZeroMQ message
 with a shared secret (``secret_file``). A token is
 ``v1.<unix-ms>.<nonce>.<hmac>`` with ``hmac = HMAC-SHA256(key, "v1|ms|nonce|" +
-context)``, where the context names what is signed:
+context)``, where the context names what is signed and for whom (the audience):
 
-- gRPC: the full method name and the serialized request (metadata ``sg-auth``);
-- ZeroMQ: the message kind and its JSON header (an extra frame); the bulk
+- gRPC: the receiver's control address (as the job's node list names it), the
+  full method name and the serialized request (metadata ``sg-auth``);
+- ZeroMQ: the receiver's data address, the message kind and its JSON header
+  (an extra frame); a reply names the address it comes from instead. The bulk
   payload is not in the MAC, so that authentication costs nothing per byte.
   A piece's bytes are covered by its CRC32C, which the coordinator's
   (authenticated) metadata carries; an on-path attacker who rewrites bytes
@@ -14,7 +16,8 @@ context)``, where the context names what is signed:
 
 A token is accepted once (its nonce is remembered for the freshness window)
 and only within ``WINDOW_S`` of the receiver's clock, so a captured message
-cannot be replayed. Without a secret (tests, one trusted host) nothing is
+cannot be replayed, neither to the daemon it was for nor (the audience is in
+the MAC) to another daemon of the job. Without a secret (tests, one trusted host) nothing is
 signed and everything is accepted; a daemon with a secret refuses peers
 without one.
 """
@@ -127,20 +130,33 @@ class Authenticator:
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
 
 
-def grpc_context(method: str, request_bytes: bytes) -> bytes:
-    return method.encode() + b"\n" + request_bytes
+def grpc_context(audience: str, method: str, request_bytes: bytes) -> bytes:
+    """What a peer call's token signs: for ``audience`` (the callee's control address)."""
+    return b"grpc\n" + audience.encode() + b"\n" + method.encode() + b"\n" + request_bytes
+
+
+def zmq_context(audience: str, kind: bytes, header: bytes) -> bytes:
+    """What a ZeroMQ message's token signs: for ``audience`` (the receiver's data address,
+    or ``reply_from(address)`` for an answer)."""
+    return b"zmq\n" + audience.encode() + b"\n" + kind + b"\n" + header
+
+
+def reply_from(address: str) -> str:
+    return "reply from " + address
 
 
 class ClientInterceptor(grpc.UnaryUnaryClientInterceptor):
-    """Adds the ``sg-auth`` token to every peer call."""
+    """Adds the ``sg-auth`` token to every call to the peer at ``audience``."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, audience: str) -> None:
         self.auth = auth
+        self.audience = audience
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         if not self.auth.enabled:
             return continuation(details, request)
-        token = self.auth.sign(grpc_context(details.method, request.SerializeToString()))
+        token = self.auth.sign(grpc_context(self.audience, details.method,
+                                            request.SerializeToString()))
         metadata = list(details.metadata or ()) + [(METADATA_KEY, token)]
         return continuation(_Details(details, metadata), request)
 
@@ -156,10 +172,15 @@ class _Details(grpc.ClientCallDetails):
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
-    """Refuses every call without a valid token (UNAUTHENTICATED), before any handler runs."""
+    """Refuses every call without a valid token (UNAUTHENTICATED), before any handler runs.
 
-    def __init__(self, auth: Authenticator) -> None:
+    ``audience`` is this daemon's control address; it is known once the port is bound,
+    and set before the server starts.
+    """
+
+    def __init__(self, auth: Authenticator, audience: str = "") -> None:
         self.auth = auth
+        self.audience = audience
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
@@ -167,11 +188,11 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 or details.method.startswith(OPEN_METHODS)):
             return handler
         token = dict(details.invocation_metadata or ()).get(METADATA_KEY)
-        inner, method, auth = handler.unary_unary, details.method, self.auth
+        inner, method, auth, audience = handler.unary_unary, details.method, self.auth, self.audience
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                auth.check(token, grpc_context(method, request.SerializeToString()))
+                auth.check(token, grpc_context(audience, method, request.SerializeToString()))
             except AuthenticationError as exc:
                 from shardguard.proto.errors import ERROR_METADATA_KEY
 

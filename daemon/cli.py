@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import logging
 import sys
 from typing import Sequence
 

@@ -749,7 +749,7 @@ class Protector:
             ch = self._channels.get(address)
             if ch is None:
                 ch = self._channels[address] = grpc.intercept_channel(
-                    peer_channel(address, self.tls), ClientInterceptor(self.auth))
+                    peer_channel(address, self.tls), ClientInterceptor(self.auth, address))
             return _Translating(ppb_grpc.PeerStub(ch))
 
     # -------------------------------------------------------------- rebuild

@@ -105,10 +105,10 @@ class Daemon:
         self.store.on_node_sealed = self.protector.on_node_sealed
         self.store.on_roll_back = self.protector.on_roll_back
         self.protector.tier = self.tier if self.tier.enabled else None
+        auth = ServerInterceptor(self.protector.auth)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sg-peer"),
-            interceptors=[DecodeGuard(), self.metrics.interceptor(self._job_known),
-                          ServerInterceptor(self.protector.auth)],
+            interceptors=[DecodeGuard(), self.metrics.interceptor(self._job_known), auth],
             options=[("grpc.max_receive_message_length", 64 << 20),
                      ("grpc.max_send_message_length", 64 << 20)])
         ppb_grpc.add_PeerServicer_to_server(PeerService(self.protector), server)
@@ -120,6 +120,8 @@ class Daemon:
             raise ConfigError(f"cannot listen on {where} (host, control_port): {exc}") from None
         if port == 0:
             raise ConfigError(f"cannot listen on {where} (host, control_port)")
+        control = f"{self.config.host}:{port}"
+        auth.audience = control  # tokens must name this address: none made for another node
         server.start()
         self._peer_server = server
         self._serving(health)
@@ -127,7 +129,6 @@ class Daemon:
             self._probe = PeerProbe(self.store, self.config.peer_probe_interval_s,
                                     self.config.peer_timeout_s, tls=self.protector.tls)
             self._probe.start()
-        control = f"{self.config.host}:{port}"
         self.log.info("peers: control %s, data %s", control, self.protector.plane.address)
         return control
 

@@ -41,7 +41,6 @@ from shardguard.daemon.errors import (
     LeaseError,
     NotRestorableError,
     RankClaimedError,
-    ShardguardError,
     SlotStateError,
     StepOrderError,
     UnknownJobError,

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import zmq
 
-from shardguard.daemon.auth import Authenticator
+from shardguard.daemon.auth import Authenticator, reply_from, zmq_context
 from shardguard.daemon.errors import AuthenticationError, PeerUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class DataPlane:
             if len(frames) not in (4, 5):
                 raise ValueError(f"{len(frames) - 1} frames")
             kind, raw = frames[1].bytes, frames[2].bytes
-            self.auth.check(frames[3].bytes, _context(kind, raw))
+            self.auth.check(frames[3].bytes, zmq_context(self.address, kind, raw))
             header = json.loads(raw)
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
@@ -103,13 +103,14 @@ class DataPlane:
                                                       f"{str(exc)[:500]}"}).encode()]]
         try:
             for msg in replies:
-                self._router.send_multipart([ident, *self._signed(msg)], copy=False)
+                self._router.send_multipart([ident, *self._signed(msg, reply_from(self.address))],
+                                            copy=False)
         except Exception as exc:  # noqa: BLE001 - nor a reply that cannot be sent
             logger.warning("data plane: could not answer: %s: %s", type(exc).__name__, exc)
 
-    def _signed(self, msg: list[Any]) -> list[Any]:
+    def _signed(self, msg: list[Any], audience: str) -> list[Any]:
         """``[kind, header, payload?]`` -> ``[kind, header, token, payload?]``."""
-        token = self.auth.sign(_context(msg[0], msg[1])).encode()
+        token = self.auth.sign(zmq_context(audience, msg[0], msg[1])).encode()
         return [msg[0], msg[1], token, *msg[2:]]
 
     def push(self, address: str, kind: bytes, header: dict[str, Any],
@@ -124,13 +125,13 @@ class DataPlane:
             sent = False
             for off, part in chunks(buffers):
                 hdr = json.dumps({**header, "off": off, "n": len(part)}).encode()
-                self._send(sock, self._signed([kind, hdr, part]), address, timeout_ms)
+                self._send(sock, self._signed([kind, hdr, part], address), address, timeout_ms)
                 sent = True
                 if on_frame is not None:
                     on_frame()
             if not sent:
                 hdr = json.dumps({**header, "off": 0, "n": 0}).encode()
-                self._send(sock, self._signed([kind, hdr, b""]), address, timeout_ms)
+                self._send(sock, self._signed([kind, hdr, b""], address), address, timeout_ms)
         finally:
             # At most a window of frames is still queued: they get the timeout to drain.
             sock.close(linger=timeout_ms)
@@ -150,7 +151,7 @@ class DataPlane:
         """
         sock = self._dealer(address)
         try:
-            sock.send_multipart(self._signed([b"fetch", json.dumps(header).encode()]))
+            sock.send_multipart(self._signed([b"fetch", json.dumps(header).encode()], address))
             got, total = 0, None
             while total is None or got < total:
                 if not sock.poll(int(self.timeout_s * 1000)):
@@ -161,7 +162,7 @@ class DataPlane:
                     raise PeerUnavailableError(f"peer {address} answered {len(frames)} frames")
                 kind, raw = frames[0].bytes, frames[1].bytes
                 try:
-                    self.auth.check(frames[2].bytes, _context(kind, raw))
+                    self.auth.check(frames[2].bytes, zmq_context(reply_from(address), kind, raw))
                 except AuthenticationError as exc:
                     raise PeerUnavailableError(f"peer {address}: {exc}") from None
                 hdr = json.loads(raw)
@@ -192,10 +193,6 @@ class DataPlane:
         self._router.close(linger=0)
         self._stop_rx.close(linger=0)
         self.ctx.term()
-
-
-def _context(kind: bytes, header: bytes) -> bytes:
-    return b"zmq\n" + kind + b"\n" + header
 
 
 def reply_chunks(req: Any, buffers: list[memoryview], total: int) -> Iterator[list[Any]]:

@@ -1,15 +1,11 @@
 """Helpers for the hostile-input fuzzing (test_fuzz.py): calls that report what came back,
-the invariants checked after every example, the known daemon bugs the fuzzing tolerates,
-and the fault report (``conftest.record``).
+the invariants checked after every example, and the fault report (``conftest.record``).
 
 A call never raises: it returns an :class:`Outcome` (OK, or the gRPC code, the ``sg-error``
 class and the details). ``check_typed`` is the invariant every answer must meet: OK, or a
-typed error (a class of proto/errors.py in ``sg-error``), never INTERNAL/UNKNOWN. A known
-bug (see KNOWN_BUGS, each with the xfail test that reproduces it) is counted instead of
-failing the fuzz, so the fuzzing keeps covering the rest of the input space. Inputs
-through which a known bug would damage the daemons the fuzzing shares are kept out of
-the strategies instead (in test_fuzz.py, each exclusion names its bug). With
-``SHARDGUARD_FUZZ_STRICT=1`` nothing is tolerated or kept out (once the bugs are fixed).
+typed error (a class of proto/errors.py in ``sg-error``), never INTERNAL/UNKNOWN. Nothing
+is tolerated: every daemon bug the fuzzing found is fixed (test_fuzz.py's ``test_bug_*``
+tests keep each fixed).
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ import zmq
 from hypothesis import strategies as st
 
 from shardguard.daemon import cluster
-from shardguard.daemon.auth import METADATA_KEY, Authenticator, grpc_context
+from shardguard.daemon.auth import METADATA_KEY, Authenticator, grpc_context, zmq_context
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto import errors as E
@@ -40,9 +36,6 @@ from shardguard.proto.paths import grpc_target
 from conftest import record
 
 SHM = "/dev/shm"
-# Every bug the fuzzing found is fixed: nothing is tolerated or kept out unless asked
-# (SHARDGUARD_FUZZ_STRICT=0 brings back the exclusions, to fuzz around a new bug).
-STRICT = os.environ.get("SHARDGUARD_FUZZ_STRICT", "1") == "1"
 CALL_TIMEOUT_S = 30.0
 TYPED = frozenset(E._BY_NAME)  # every class the client can turn back into itself
 
@@ -52,10 +45,9 @@ TYPED = frozenset(E._BY_NAME)  # every class the client can turn back into itsel
 
 @dataclass
 class Tally:
-    """What one fuzz test saw: examples run and known bugs hit."""
+    """What one fuzz test saw: examples run, and the answers."""
 
     trials: int = 0
-    known: collections.Counter = field(default_factory=collections.Counter)
     # Answers seen ("OK" or the error class): printed, to see how deep the fuzzing reached.
     seen: collections.Counter = field(default_factory=collections.Counter)
 
@@ -63,8 +55,7 @@ class Tally:
 class recording:
     """``with recording("category") as t:`` records the trials and the outcome at exit.
 
-    ``bug`` names the daemon bug an xfail test reproduces: its failure is recorded
-    as that bug rather than as an unexplained failure.
+    ``bug`` names the fixed daemon bug a regression test keeps fixed (in the outcome).
     """
 
     def __init__(self, category: str, bug: str = "") -> None:
@@ -79,11 +70,8 @@ class recording:
             print(f"{self.category}: {dict(self.tally.seen.most_common())}")
         if exc is None:
             # No counts in the outcome: the table joins the distinct outcomes of a category.
-            known = ", ".join(k.split("-")[0] for k in sorted(self.tally.known))
             record(self.category, trials,
-                   "survived" + (f" (known bugs met: {known})" if known else ""))
-        elif self.bug:
-            record(self.category, trials, f"BUG {self.bug}")
+                   "survived" + (f" (bug {self.bug} stays fixed)" if self.bug else ""))
         else:
             record(self.category, trials, f"FAILED: {type(exc).__name__}: "
                                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''}")
@@ -116,52 +104,9 @@ def outcome_of(fn: Callable[[], Any]) -> Outcome:
         return Outcome(exc.code(), name, exc.details() or "")
 
 
-#: Known daemon bugs: id -> (the xfail test that reproduces it, does this outcome match).
-#: The fuzz tests count a match instead of failing; remove an entry once it is fixed.
-KNOWN_BUGS: dict[str, tuple[str, Callable[[str, Outcome], bool]]] = {
-    "A1-undecodable-request": (
-        "test_bug_undecodable_request_is_untyped",
-        lambda m, o: o.code == grpc.StatusCode.INTERNAL
-        and "Exception deserializing request" in o.details),
-    "A2-manifest-huge-int": (
-        "test_bug_manifest_with_a_huge_integer_is_untyped",
-        lambda m, o: m == "Seal" and o.code == grpc.StatusCode.INTERNAL
-        and "integer string conversion" in o.details),
-    "A3-non-ascii-lease": (
-        "test_bug_a_non_ascii_lease_is_untyped",
-        lambda m, o: o.code == grpc.StatusCode.INTERNAL
-        and "comparing strings with non-ASCII characters" in o.details),
-    "P1-offer-group-out-of-range": (
-        "test_bug_peer_malformed_requests_are_untyped",
-        lambda m, o: m == "Offer" and o.code == grpc.StatusCode.INTERNAL
-        and o.details.startswith("IndexError")),
-    "P2-report-malformed": (
-        "test_bug_peer_malformed_requests_are_untyped",
-        lambda m, o: m == "Report" and o.code == grpc.StatusCode.INTERNAL
-        and o.details.split(":")[0] in ("JSONDecodeError", "KeyError", "TypeError",
-                                        "ValueError", "AttributeError", "UnicodeDecodeError",
-                                        "RecursionError")),
-    "P3-announce-malformed": (
-        "test_bug_peer_malformed_requests_are_untyped",
-        lambda m, o: m == "Announce" and o.code == grpc.StatusCode.INTERNAL
-        and o.details.split(":")[0] in ("JSONDecodeError", "KeyError", "TypeError",
-                                        "UnicodeDecodeError", "ValueError", "AttributeError",
-                                        "FileNotFoundError", "RecursionError",
-                                        "IsADirectoryError", "OSError", "NotADirectoryError")),
-    "P6-poisoned-step-info": (
-        "test_bug_announce_for_an_unknown_job_leaks_and_poisons",
-        lambda m, o: m in ("StepInfo", "Announce") and o.code == grpc.StatusCode.INTERNAL
-        and o.details.split(":")[0] in ("KeyError", "TypeError", "ValueError")),
-    "P10-offer-unallocatable-piece": (
-        "test_bug_peer_malformed_requests_are_untyped",
-        lambda m, o: m == "Offer" and o.code == grpc.StatusCode.INTERNAL
-        and o.details.split(":")[0] in ("OSError", "OverflowError")),
-}
-
-
 def check_typed(method: str, o: Outcome, tally: Tally,
                 extra_ok: Callable[[Outcome], bool] | None = None) -> None:
-    """The invariant on every answer: OK or a typed error; a known bug is counted."""
+    """The invariant on every answer: OK or a typed error."""
     tally.seen[f"{method}:{'OK' if o.ok else o.error or o.code.name}"] += 1
     if o.ok:
         return
@@ -171,11 +116,6 @@ def check_typed(method: str, o: Outcome, tally: Tally,
         return  # typed, and INTERNAL by the one mapping (proto/errors.py)
     if extra_ok is not None and extra_ok(o):
         return
-    if not STRICT:
-        for bug, (_test, matches) in KNOWN_BUGS.items():
-            if matches(method, o):
-                tally.known[bug] += 1
-                return
     raise AssertionError(f"{method}: untyped answer {o}")
 
 
@@ -261,11 +201,11 @@ class Peer:
     def raw(self, full_method: str, data: bytes, token: str | None = None,
             parse: Callable[[bytes], Any] | None = None) -> Outcome:
         if token is None:
-            token = self.auth.sign(grpc_context(full_method, data))
+            token = self.auth.sign(grpc_context(self.control, full_method, data))
         return raw_call(self.channel, full_method, data, [(METADATA_KEY, token)], parse)
 
     def sign_zmq(self, kind: bytes, header: bytes) -> bytes:
-        return self.auth.sign(b"zmq\n" + kind + b"\n" + header).encode()
+        return self.auth.sign(zmq_context(self.data, kind, header)).encode()
 
     def exchange(self, frames: list[bytes], wait_ms: int = 3000) -> list[bytes] | None:
         """Send one ZeroMQ message to the node's data plane; its first answer, or None."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,20 @@ from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.paths import grpc_target
 
 TRAINER = str(Path(__file__).with_name("trainer.py"))
+
+
+@contextlib.contextmanager
+def environ(changes: Mapping[str, str | None]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` (None: unset) inside the block, as it was after it:
+    daemons started inside (``cluster.up``/``start``) inherit them, nothing else does."""
+    old = {k: os.environ.get(k) for k in changes}
+    try:
+        for k, v in changes.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def run_trainer(out: Path, job: str, socket: str, world: int, steps: int, *,

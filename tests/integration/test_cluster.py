@@ -21,6 +21,7 @@ from shardguard.daemon import cluster
 from _support import restored_steps
 from _support import (
     assert_same_state,
+    environ,
     finish,
     read_losses,
     run_trainer,
@@ -41,16 +42,8 @@ def local_cluster(tmp_path: Path):
     def make(nodes: int, group_size: int, parity: int, env: dict[str, str] | None = None):
         root = tmp_path / f"cluster{len(made)}"
         made.append(root)  # before up(): a cluster that half-started is brought down too
-        old = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})
-        try:
+        with environ(env or {}):
             cluster.up(str(root), nodes, group_size, parity)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         return root
 
     yield make

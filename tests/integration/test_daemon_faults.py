@@ -23,7 +23,6 @@ The fast cases run in ``make test``; the whole matrix is marked slow
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -38,7 +37,8 @@ import torch
 from shardguard.daemon import cluster
 from conftest import record
 from _support import restored_steps
-from _support import assert_same_state, finish, run_trainer, status_of_socket, trainer_log
+from _support import (assert_same_state, environ, finish, run_trainer, status_of_socket,
+                      trainer_log)
 from test_cluster import (  # noqa: F401 - reference4 is a fixture
     STEPS,
     assert_matches_reference,
@@ -100,25 +100,14 @@ def daemon_pid(root: Path, node: int) -> int:
 
 def start_clean(root: Path, node: int) -> None:
     """Start a daemon in slot ``node`` with no fault armed."""
-    armed = os.environ.pop(ENV, None)
-    try:
+    with environ({ENV: None}):
         cluster.start(str(root), node)
-    finally:
-        if armed is not None:
-            os.environ[ENV] = armed
 
 
 def up(tmp_path: Path, fault: str | None) -> Path:
     root = tmp_path / "c"
-    old = os.environ.get(ENV)
-    if fault:
-        os.environ[ENV] = fault
-    try:
+    with environ({ENV: fault}):
         cluster.up(str(root), 4, 4, 1, base_port=free_base_port(8))
-    finally:
-        os.environ.pop(ENV, None)
-        if old is not None:
-            os.environ[ENV] = old
     return root
 
 
@@ -163,11 +152,8 @@ def test_fault_during_a_run(reference_long, tmp_path: Path, point: str, action: 
     node = node_of(point)
     # A slow peer stalls for 1 s: long against a step, short enough that protection
     # resumes within the run.
-    os.environ["SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S"] = "1"
-    try:
+    with environ({"SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S": "1"}):
         root = up(tmp_path, f"{point}@{FAULT_STEP}@{node}:{action}")
-    finally:
-        os.environ.pop("SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S", None)
     out = tmp_path / "run"
     proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 4, RUN_STEPS,
                        step_sleep=0.3, env={"SHARDGUARD_PROTECT_TIMEOUT_S": "1"})
@@ -234,11 +220,8 @@ def test_fault_while_a_replacement_node_rebuilds(reference4, tmp_path: Path, poi
         assert finish(proc) == 0, trainer_log(out)
         step = restorable(root, 0)
         cluster.kill(str(root), 2)  # node 2 lost: daemon, and its memory
-        os.environ[ENV] = f"{point}@0@2:{action}"
-        try:
+        with environ({ENV: f"{point}@0@2:{action}"}):
             cluster.start(str(root), 2)  # its replacement, with the fault armed
-        finally:
-            os.environ.pop(ENV, None)
         first = tmp_path / "first"
         proc = run_trainer(first, "job", ",".join(cluster.sockets(str(root))), 4, STEPS)
         pid = daemon_pid(root, 2)

@@ -16,10 +16,8 @@ After every example: the answer is OK or a typed error (``sg-error`` names a cla
 proto/errors.py; never INTERNAL/UNKNOWN), every daemon is alive and answers, and the job
 snapshotted before the fuzzing still has the same restorable step. At the end of a test:
 that job restores bit-exact / ``shardguard verify`` says healthy, and no shm file is left
-beyond the expected ones. Known daemon bugs are reproduced by the ``test_bug_*`` tests
-(xfail, strict) and tolerated by the fuzzing (_fuzz_support.KNOWN_BUGS), or, where they
-would damage the daemons the tests share, kept out of its strategies (each exclusion
-names its bug); SHARDGUARD_FUZZ_STRICT=1 tolerates and excludes nothing. Each test
+beyond the expected ones. Nothing is tolerated and no input is kept out: every daemon bug
+this fuzzing found is fixed, and each has a ``test_bug_*`` regression test. Each test
 appends (category, trials, outcome) to ``$SHARDGUARD_FAULT_REPORT`` when set;
 SHARDGUARD_FUZZ_SCALE multiplies the examples.
 """
@@ -33,7 +31,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +54,6 @@ from _fuzz_support import (
     FORGED_LEASES,
     HOSTILE_JOBS,
     INT64,
-    STRICT,
     UINT32,
     UINT64,
     UNKNOWN_JOBS,
@@ -308,11 +305,7 @@ def after_success(node: Node, claim: Claim, method: str, req: Any, o: Any,
                   tally: Any) -> None:
     """What an accepted request must mean, and putting the fuzzer's claim back."""
     if method == "Register":
-        if not JOB_NAME.fullmatch(req.job):
-            # N1: the daemon's pattern ends in "$", which also matches before a final "\n".
-            assert not STRICT and JOB_NAME.fullmatch(req.job[:-1]) and req.job[-1] == "\n", \
-                repr(req.job)
-            tally.known["N1-job-name-newline"] += 1
+        assert JOB_NAME.fullmatch(req.job), repr(req.job)  # N1
         assert os.path.exists(o.reply.arena_path)
         assert o.reply.arena_bytes <= 64 << 20  # the budget
         d = agent_call(node.channel, "Drop", pb.DropRequest(job=req.job))
@@ -475,9 +468,8 @@ def test_seal_with_a_hostile_manifest(node: Node, claim: Claim, length: int) -> 
             o = agent_call(node.channel, "Seal", pb.SealRequest(
                 job="fz", rank=0, lease=claim.lease, step=step, slot=slot, data_bytes=data_bytes,
                 manifest_offset=8192, manifest_bytes=len(raw)))
-            known = sum(tally.known.values())
             check_typed("Seal", o, tally)
-            if not o.ok and sum(tally.known.values()) == known:
+            if not o.ok:
                 assert o.error in ("ManifestError", "InvalidRequestError"), o
             elif o.ok:
                 mf.parse(raw, data_bytes)  # what the daemon accepted is a valid manifest
@@ -568,8 +560,6 @@ class Trained:
     meta: dict[str, Any]
     step1: int = 0  # job_1's restorable step
     previous: frozenset[int | None] = frozenset()  # job's previous restorable step(s)
-    # Files that known bugs leave, per node: tolerated by the final leak check.
-    leaks: list[set[str]] = field(default_factory=lambda: [set(), set()])
 
 
 def train(c: Cluster, out: Path, job: str, steps: int) -> Any:
@@ -678,10 +668,6 @@ def peer_requests(t: Trained, method: str) -> st.SearchStrategy[tuple[int, Any]]
             ppb.AnnounceRequest, job=PEER_JOBS,
             step=st.one_of(st.sampled_from([t.step1, t.step1 + 1, 2**63 - 1]), INT64),
             meta=meta_documents(t))
-        if not STRICT:
-            # P9: an Announce of job_1 that the store refuses (a step its ranks have not
-            # sealed) still replaces job_1's metadata, and a garbage one breaks Status.
-            req = req.filter(lambda r: r.job != "job_1" or r.step <= t.step1)
         return st.tuples(nodes, req)
     if method == "StepInfo":
         return st.tuples(nodes, st.builds(ppb.StepInfoRequest,
@@ -696,12 +682,6 @@ def peer_requests(t: Trained, method: str) -> st.SearchStrategy[tuple[int, Any]]
     raise AssertionError(method)
 
 
-def track_peer_leaks(t: Trained, i: int, method: str, req: Any) -> None:
-    """Files the known bugs leave for this request (see the test_bug_* tests)."""
-    if method == "Announce":
-        t.leaks[i].add(f"{t.c.prefixes[i]}.{req.job}.x{req.step}")
-
-
 @pytest.mark.parametrize("method", PEER_METHODS)
 @pytest.mark.parametrize("length", LENGTHS)
 def test_peer_requests_with_hostile_fields(trained: Trained, method: str, length: int) -> None:
@@ -710,7 +690,6 @@ def test_peer_requests_with_hostile_fields(trained: Trained, method: str, length
         def one(drawn: tuple[int, Any]) -> None:
             tally.trials += 1
             i, req = drawn
-            track_peer_leaks(t, i, method, req)
             o = t.peers[i].call(method, req)
             check_typed(method, o, tally)
             if o.ok and method == "StepInfo" and req.job == "job":
@@ -735,11 +714,14 @@ def test_peer_raw_bytes_and_forged_tokens(trained: Trained, length: int) -> None
         full = f"/shardguard.v1.Peer/{m}"
         if how == "replayed" and seen:
             i, full, data, token = seen[-1]
+        elif how == "replayed elsewhere" and seen:
+            j, full, data, token = seen[-1]  # to the other node: signed for node j
+            i = 1 - j
         elif how == "signed":
-            token = t.peers[i].auth.sign(grpc_context(full, data))
+            token = t.peers[i].auth.sign(grpc_context(t.peers[i].control, full, data))
             seen.append((i, full, data, token))
         else:
-            token = {"garbage": "v1.123.abc.def", "empty": "", "replayed": "v1.1.2.3"}[how]
+            token = {"garbage": "v1.123.abc.def", "empty": ""}.get(how, "v1.1.2.3")
         return t.peers[i].raw(full, data, token)
 
     data = st.one_of(st.binary(max_size=200), invalid_utf8_field(1),
@@ -762,7 +744,8 @@ def test_peer_raw_bytes_and_forged_tokens(trained: Trained, length: int) -> None
             cluster_invariants(t)
 
         fuzz(60 * length, st.tuples(st.integers(0, 1), st.sampled_from(PEER_METHODS), data,
-                                    st.sampled_from(["signed", "garbage", "empty", "replayed"])),
+                                    st.sampled_from(["signed", "garbage", "empty", "replayed",
+                                                     "replayed elsewhere"])),
              one)
 
 
@@ -784,7 +767,6 @@ def test_bug_peer_malformed_requests_are_untyped(trained: Trained) -> None:
             (1, "Announce", ppb.AnnounceRequest(job="job_1", step=-1, meta=b"null")),
         ]:
             tally.trials += 1
-            track_peer_leaks(t, i, method, req)
             o = t.peers[i].call(method, req)
             if o.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) or not o.error:
                 bad.append(f"{method}: {o}")
@@ -843,7 +825,7 @@ def zmq_messages(t: Trained) -> st.SearchStrategy[dict[str, Any]]:
         "kind": KINDS,
         "header": raw_header,
         "token": st.sampled_from(["signed", "signed", "signed", "garbage", "empty", "replay",
-                                  "other-header"]),
+                                  "replay elsewhere", "other-header"]),
         "payload": st.one_of(st.none(), st.binary(max_size=9000)),
         "frames": st.one_of(st.none(), st.lists(st.binary(max_size=64), min_size=1,
                                                 max_size=6)),
@@ -859,9 +841,8 @@ def effective(h: Any, key: str) -> int | None:
 
 
 def protected_harm(t: Trained, kind: bytes, raw: bytes) -> bool:
-    """Would this signed message touch what ``job`` keeps? Through known bugs (Z2, Z3,
-    reproduced on their own cluster by the test_bug_* tests below), or by taking part in
-    the next steps (an authenticated peer's piece of them is trusted)."""
+    """Would this signed message touch what ``job`` keeps, by taking part in the next
+    steps (an authenticated peer's piece of them is trusted)?"""
     try:
         h = json.loads(raw)
     except ValueError:
@@ -871,27 +852,7 @@ def protected_harm(t: Trained, kind: bytes, raw: bytes) -> bool:
     step = effective(h, "step")
     if kind not in (b"data", b"parity") or step is None:
         return False
-    if t.step < step <= t.step + 1000:
-        return True  # the steps of the training that follows the fuzzing
-    if STRICT:
-        return False
-    if not spent(t, step):
-        return True  # Z3: frames for the restorable step land in its stored parity
-    # Z2: a parity piece at coordinates the job does not use stays forever.
-    coords = [effective(h, k) for k in ("group", "stripe", "index")]
-    return kind == b"parity" and coords not in ([0, 0, 1], [0, 1, 1])
-
-
-def track_parity_leak(t: Trained, i: int, raw: bytes) -> None:
-    """Z2: a parity message creates its file whatever job or step it names."""
-    try:
-        h = json.loads(raw)
-        job, step = h["job"], int(h["step"])
-        g, s, x = int(h["group"]), int(h["stripe"]), int(h["index"])
-    except Exception:  # noqa: BLE001
-        return
-    p = t.c.prefixes[i]
-    t.leaks[i].update({f"{p}.{job}.p{step}.g{g}.s{s}.i{x}", f"{p}.{job}.q.g{g}.s{s}.i{x}"})
+    return t.step < step <= t.step + 1000  # the steps of the training that follows
 
 
 def probe(peer: Peer, wait_ms: int = 10_000) -> None:
@@ -908,8 +869,8 @@ def test_data_plane_frames(trained: Trained, length: int) -> None:
     message over ZeroMQ's size limit, which drops the connection), or ``chunk`` answers
     to a signed fetch; the plane keeps serving after each."""
     t = trained
-    # Signed messages sent, to replay to the node that took them (a token is remembered by
-    # its receiver only: another node would take it once too, see auth.py).
+    # Signed messages sent, to replay to the node that took them (refused: its receiver
+    # remembers the token) or to another node (refused: the token names its receiver).
     last: list[tuple[int, list[bytes]]] = []
     with recording("zeromq data plane: hostile frames") as tally:
         def one(m: dict[str, Any]) -> None:
@@ -921,8 +882,12 @@ def test_data_plane_frames(trained: Trained, length: int) -> None:
             elif how == "replay" and last:
                 i, frames = last[-1]
                 peer = t.peers[i]
+            elif how == "replay elsewhere" and last:
+                i, frames = last[-1]
+                i = (i + 1) % len(t.peers)
+                peer = t.peers[i]
             else:
-                how = "empty" if how == "replay" else how
+                how = "empty" if how.startswith("replay") else how
                 assume(not (how == "signed" and protected_harm(t, kind, raw)))
                 token = {"signed": lambda: peer.sign_zmq(kind, raw),
                          "other-header": lambda: peer.sign_zmq(kind, raw + b" "),
@@ -931,8 +896,6 @@ def test_data_plane_frames(trained: Trained, length: int) -> None:
                                                else [])
                 if how == "signed":
                     last.append((i, frames))
-                    if kind == b"parity":
-                        track_parity_leak(t, i, raw)
             replies = peer.drain(frames, wait_ms=300)
             tally.seen[f"{how}:{kind[:8]!r}:" + (
                 "no answer" if not replies else replies[0][0].decode() + ":"
@@ -942,7 +905,7 @@ def test_data_plane_frames(trained: Trained, length: int) -> None:
                 assert r[0] == b"error" or (how == "signed" and kind == b"fetch"), r[:2]
                 json.loads(r[1])
             if sum(map(len, frames)) < 60 << 20:
-                if how in ("garbage", "empty", "other-header"):
+                if how in ("garbage", "empty", "other-header", "replay elsewhere"):
                     assert replies and b"AuthenticationError" in replies[0][1], replies
                 elif how == "replay":
                     assert replies and b"replayed" in replies[0][1], replies
@@ -973,7 +936,7 @@ def test_training_continues_after_the_fuzzing(trained: Trained, tmp_path: Path) 
 def test_dropping_a_job_with_an_overlapping_name_leaves_the_other(trained: Trained) -> None:
     """``job_1`` (the fuzzers' playground, whatever they left in it) is dropped on every
     node: all its files go, ``job``'s stay and verify; then nothing is left in shm but
-    ``job``'s files and what known bugs leak."""
+    ``job``'s files."""
     t = trained
     with recording("overlapping job names on a cluster (drop job_1, keep job)"):
         def files(i: int) -> set[str]:
@@ -1001,8 +964,7 @@ def test_dropping_a_job_with_an_overlapping_name_leaves_the_other(trained: Train
             allowed = re.compile(rf"\.job\.(meta|r\d+|x({step}|{prev})|p{step}\.g\d+\.s\d+\.i\d+"
                                  rf"|q\.g\d+\.s\d+\.i\d+)\Z")
             extra = sorted(f for f in files(i) if not allowed.search(f[len(t.c.prefixes[i]):]))
-            unexplained = [f for f in extra if STRICT or f not in t.leaks[i]]
-            assert not unexplained, unexplained
+            assert not extra, extra
 
 
 # =====================================================================================
@@ -1025,7 +987,7 @@ def victim(tmp_path_factory: pytest.TempPathFactory):
         assert len(steps) == 1 and None not in steps, steps
         peers = [c.peer(i) for i in range(3)]
         meta = json.loads(peers[0].call("StepInfo", ppb.StepInfoRequest(job="job")).reply.meta)
-        yield Trained(c, steps.pop(), peers, meta, leaks=[set(), set(), set()])
+        yield Trained(c, steps.pop(), peers, meta)
     finally:
         for p in peers:
             p.close()
@@ -1143,35 +1105,17 @@ def test_bug_a_refused_register_still_rebuilds_ranks_into_the_node(victim: Train
 VICTIM_STATE = {"v": torch.arange(30_000, dtype=torch.int64), "tag": "victim"}
 
 
-def stops_the_daemon(b: bytes) -> bool:
-    """Step metadata that the known bug P7 chokes on at start: JSON but not an object,
-    or an object whose job/step are of any type (unhashable, not comparable)."""
-    try:
-        doc = json.loads(b)
-    except ValueError:
-        return False
-    return not isinstance(doc, dict) or "job" in doc or "step" in doc
-
-
 def garbage_plans() -> st.SearchStrategy[dict[str, Any]]:
     """What is done to job ``victim``'s files (and which stray files appear) while the
     daemon is down. Covered elsewhere: a corrupt arena header (repaired) and garbage meta
     JSON (tests/unit/test_store.py, test_bad_input.py)."""
-    if STRICT:
-        step_values, rank_lists = json_values(3), json_values(3)
-    else:
-        # M2: values of the wrong type are adopted as they are, and break Status.
-        step_values = st.one_of(st.none(), INT64)
-        rank_lists = st.lists(UINT32, max_size=3)
+    step_values, rank_lists = json_values(3), json_values(3)
     stray = st.tuples(
         st.sampled_from(["victim", "good", "zzstray"]),
         st.sampled_from([".meta", ".x10", ".x3", ".x999", ".p3.g0.s0.i1", ".q.g0.s0.i1", ".r0",
                          ".r1", ".meta.tmp1"]),
         st.one_of(st.binary(max_size=200), json_bytes()),
     ).filter(lambda t: not (t[0] in ("victim", "good") and t[1] in (".meta", ".r0")))
-    if not STRICT:
-        # P7: some step metadata stops the daemon.
-        stray = stray.filter(lambda t: not (t[1].startswith(".x") and stops_the_daemon(t[2])))
     return st.fixed_dictionaries({
         "arena": st.one_of(
             st.just(("keep",)),
@@ -1186,7 +1130,7 @@ def garbage_plans() -> st.SearchStrategy[dict[str, Any]]:
             st.tuples(st.just("edit"), st.just("restorable_step"), step_values),
             st.tuples(st.just("edit"), st.just("local_ranks"), rank_lists),
             st.tuples(st.just("edit"), st.sampled_from(["world_size", "ranks", "job", "version"]),
-                      json_values(3).filter(lambda v: STRICT or v != "good")),  # M1
+                      json_values(3)),
             st.just(("delete",))),
         "strays": st.lists(stray, max_size=4),
     })

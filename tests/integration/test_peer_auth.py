@@ -19,7 +19,8 @@ import pytest
 import zmq
 
 from shardguard.daemon import cluster
-from shardguard.daemon.auth import METADATA_KEY, Authenticator, ClientInterceptor, grpc_context
+from shardguard.daemon.auth import (METADATA_KEY, Authenticator, ClientInterceptor, grpc_context,
+                                   zmq_context)
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
 from _support import finish, run_trainer, status_of_socket, trainer_log
@@ -52,7 +53,7 @@ def restorable(root: Path, i: int) -> int:
 def rogue(address: str, secret: bytes | None = None) -> ppb_grpc.PeerStub:
     ch = grpc.insecure_channel(address)
     if secret is not None:
-        ch = grpc.intercept_channel(ch, ClientInterceptor(Authenticator(secret)))
+        ch = grpc.intercept_channel(ch, ClientInterceptor(Authenticator(secret), address))
     return ppb_grpc.PeerStub(ch)
 
 
@@ -88,16 +89,27 @@ def test_the_job_secret_works_once_and_a_replayed_token_is_refused(node) -> None
     secret = (root / "secret").read_bytes()
     req = ppb.StepInfoRequest(job="job")
     method = "/shardguard.v1.Peer/StepInfo"
-    token = Authenticator(secret).sign(grpc_context(method, req.SerializeToString()))
-    stub = rogue(st.address.control)
+    to = st.address.control
+    token = Authenticator(secret).sign(grpc_context(to, method, req.SerializeToString()))
+    other = rogue(status_of_socket(cluster.sockets(str(root))[2]).address.control)
+
+    def refused_by_another_node() -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            other.StepInfo(req, metadata=[(METADATA_KEY, token)], timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "wrong secret or altered message" in info.value.details()
+
+    refused_by_another_node()  # the token names node 1: no other node of the job takes it
+    stub = rogue(to)
     reply = stub.StepInfo(req, metadata=[(METADATA_KEY, token)], timeout=10)
     assert reply.step == restorable(root, 1)
+    refused_by_another_node()  # nor after node 1 took it
     with pytest.raises(grpc.RpcError) as info:
         stub.StepInfo(req, metadata=[(METADATA_KEY, token)], timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "replayed" in info.value.details()
     # The same token for another request: the MAC covers the request.
-    token = Authenticator(secret).sign(grpc_context(method, req.SerializeToString()))
+    token = Authenticator(secret).sign(grpc_context(to, method, req.SerializeToString()))
     with pytest.raises(grpc.RpcError):
         stub.StepInfo(ppb.StepInfoRequest(job="other"), metadata=[(METADATA_KEY, token)],
                       timeout=10)
@@ -121,8 +133,13 @@ def test_data_plane_messages_without_the_secret_get_nothing(node) -> None:
     step = restorable(root, 1)
     header = json.dumps({"job": "job", "step": step, "group": 0, "stripe": 1, "index": 3,
                          "req": 1}).encode()
-    wrong = Authenticator(b"not-the-job-secret-at-all").sign(b"zmq\nfetch\n" + header).encode()
-    for token in (b"", wrong, b"v1.1.2.3"):
+    wrong = Authenticator(b"not-the-job-secret-at-all").sign(
+        zmq_context(st.address.data, b"fetch", header)).encode()
+    secret = (root / "secret").read_bytes()
+    # Signed with the secret, but for another node of the job.
+    elsewhere = Authenticator(secret).sign(zmq_context(
+        status_of_socket(cluster.sockets(str(root))[2]).address.data, b"fetch", header)).encode()
+    for token in (b"", wrong, b"v1.1.2.3", elsewhere):
         reply = zmq_exchange(st.address.data, [b"fetch", header, token])
         assert reply[0] == b"error" and b"AuthenticationError" in reply[1], reply[:2]
         assert len(reply) == 3  # kind, header, token: no piece bytes
@@ -136,8 +153,7 @@ def test_data_plane_messages_without_the_secret_get_nothing(node) -> None:
     assert sorted(glob.glob(os.path.join(SHM, cluster.load_spec(str(root)).node_prefix(1)
                                          + ".*"))) == files
     # With the secret, the same fetch is served: the refusals above were the secret's doing.
-    secret = (root / "secret").read_bytes()
-    good = Authenticator(secret).sign(b"zmq\nfetch\n" + header).encode()
+    good = Authenticator(secret).sign(zmq_context(st.address.data, b"fetch", header)).encode()
     reply = zmq_exchange(st.address.data, [b"fetch", header, good])
     assert reply[0] == b"chunk", reply[:2]
 

@@ -19,7 +19,7 @@ import pytest
 from shardguard.daemon import cluster
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
-from _support import finish, run_trainer, status_of_socket, trainer_log
+from _support import environ, finish, run_trainer, status_of_socket, trainer_log
 
 FAULT_CATEGORY = "peer without a certificate of the cluster's CA (mutual TLS on)"
 FAULT_OUTCOME = "handshake refused; nothing reached a handler"
@@ -51,13 +51,8 @@ def make_pki(d: Path, name: str) -> dict[str, str]:
 def test_a_tls_cluster_protects_and_strangers_cannot_connect(tmp_path: Path) -> None:
     env = make_pki(tmp_path / "pki", "good")
     root = tmp_path / "c"
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         cluster.up(str(root), 4, 4, 1)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     try:
         out = tmp_path / "run"
         proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 4, 5)

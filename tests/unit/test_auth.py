@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon.auth import WINDOW_S, Authenticator, read_secret
+from shardguard.daemon.auth import (WINDOW_S, Authenticator, grpc_context, read_secret, reply_from,
+                                   zmq_context)
 from shardguard.daemon.errors import ConfigError
 from shardguard.proto.errors import AuthenticationError
 
@@ -120,3 +121,14 @@ def test_a_symlink_is_not_followed(tmp_path: Path) -> None:
     link.symlink_to(real)
     with pytest.raises(ConfigError):
         read_secret(str(link))
+
+
+def test_a_token_names_its_receiver() -> None:
+    a, b = pair()
+    for make in (lambda to: grpc_context(to, "/shardguard.v1.Peer/StepInfo", b"\n\x03job"),
+                 lambda to: zmq_context(to, b"fetch", b"{}")):
+        token = a.sign(make("10.0.0.1:7000"))
+        with pytest.raises(AuthenticationError, match="wrong secret or altered message"):
+            b.check(token, make("10.0.0.2:7000"))  # replayed to another node of the job
+        b.check(token, make("10.0.0.1:7000"))
+    assert zmq_context(reply_from("h:1"), b"chunk", b"{}") != zmq_context("h:1", b"chunk", b"{}")
