@@ -89,8 +89,8 @@ def _meta_of(p: "Protector", job: str, step: int) -> dict[str, Any] | None:
     """This node's metadata of ``step``; None when a newer step replaced it.
 
     The announcement that ``step`` is restorable reaches the nodes one by one,
-    so a node may not have it yet: it is waited for (up to ``peer_timeout_s``),
-    then the node is reported as not knowing the step.
+    so a node whose ranks sealed ``step`` may not have it yet: it is waited for
+    (up to ``peer_timeout_s``), then the node is reported as not knowing the step.
     """
     deadline = time.monotonic() + p.config.peer_timeout_s
     while True:
@@ -100,7 +100,12 @@ def _meta_of(p: "Protector", job: str, step: int) -> dict[str, Any] | None:
             return meta
         if have is not None and have > step:
             return None
-        if time.monotonic() >= deadline:
+        try:
+            p.store.check_sealed(job, step)  # else no announcement of it can be on its way
+            waiting = True
+        except ShardguardError:
+            waiting = False
+        if not waiting or time.monotonic() >= deadline:
             raise NotRestorableError(f"job {job}: node {p.topology(job).node_index} has no "
                                      f"metadata of step {step} (its restorable step is {have})")
         time.sleep(0.05)
