@@ -11,6 +11,7 @@ the missing nodes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 3.0
+#: Nodes asked at once for their step (StepInfo) when a node catches up.
+PROBE_THREADS = 32
 
 
 class _Buffers:
@@ -128,18 +131,30 @@ class Rebuilder:
         except (UnknownJobError, NotRestorableError):
             return False
 
+    def _step_infos(self, job: str, controls: list[str]) -> dict[str, Any]:
+        """StepInfo of ``job`` from each control address, asked all at once (a dead
+        node costs one PROBE_TIMEOUT_S, not one each); unreachable ones are left out."""
+        def ask(control: str) -> Any:
+            return self.p._peer(control).StepInfo(ppb.StepInfoRequest(job=job),
+                                                  timeout=PROBE_TIMEOUT_S)
+
+        out: dict[str, Any] = {}
+        if not controls:
+            return out
+        with concurrent.futures.ThreadPoolExecutor(min(PROBE_THREADS, len(controls))) as pool:
+            futs = {c: pool.submit(ask, c) for c in dict.fromkeys(controls)}
+            for control, fut in futs.items():
+                try:
+                    out[control] = fut.result()
+                except Exception as exc:  # noqa: BLE001 - an unreachable peer has nothing
+                    logger.info("%s has no step info: %s", control, exc,
+                                extra={"job": job, "node": self.topo.node_index})
+        return out
+
     def _newest_meta(self, job: str) -> dict[str, Any] | None:
         best = self.p.meta(job)
-        for i, (control, _) in enumerate(self.topo.nodes):
-            if i == self.topo.node_index:
-                continue
-            try:
-                reply = self.p._peer(control).StepInfo(ppb.StepInfoRequest(job=job),
-                                                       timeout=PROBE_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - an unreachable peer simply has nothing
-                logger.info("node %d (%s) has no step info: %s", i, control, exc,
-                            extra={"job": job, "node": self.topo.node_index, "peer": i})
-                continue
+        others = [c for i, (c, _) in enumerate(self.topo.nodes) if i != self.topo.node_index]
+        for reply in self._step_infos(job, others).values():
             if reply.HasField("step") and (best is None or reply.step > best["step"]):
                 best = json.loads(reply.meta)
         return best
@@ -177,18 +192,16 @@ class Rebuilder:
         """
         old = Topology.from_doc(meta["topology"])
         same_shape = len(old.nodes) == len(self.topo.nodes)
+        me = self.topo.nodes[self.topo.node_index]  # holds nothing of the step yet
+        candidates = [[a for a in dict.fromkeys([addr] + ([self.topo.nodes[i]] if same_shape
+                                                          else [])) if a != me]
+                      for i, addr in enumerate(old.nodes)]
+        replies = self._step_infos(meta["job"], [c for cs in candidates for c, _ in cs])
         alive: dict[int, str] = {}
-        for i, addr in enumerate(old.nodes):
-            candidates = [addr] + ([self.topo.nodes[i]] if same_shape else [])
-            for control, data in dict.fromkeys(candidates):
-                if (control, data) == self.topo.nodes[self.topo.node_index]:
-                    continue  # this daemon holds nothing of the step yet
-                try:
-                    reply = self.p._peer(control).StepInfo(
-                        ppb.StepInfoRequest(job=meta["job"]), timeout=PROBE_TIMEOUT_S)
-                except Exception:  # noqa: BLE001 - gone
-                    continue
-                if reply.HasField("step") and reply.step == meta["step"]:
+        for i, cs in enumerate(candidates):
+            for control, data in cs:
+                reply = replies.get(control)
+                if reply is not None and reply.HasField("step") and reply.step == meta["step"]:
                     alive[i] = data
                     break
         return alive
