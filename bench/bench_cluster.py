@@ -17,9 +17,12 @@ own offset).
    transfer floor: the bytes each node must send per step,
    ``(k + m - 1) * P`` with ``P`` the group's piece size
    (``placement.GroupLayout.load``), over the bandwidth of ZeroMQ moving
-   1 MiB frames on 127.0.0.1, measured in this run two ways: one PUSH/PULL
-   pair alone, and 4 processes sending all-to-all at once (what 4 daemons do
-   during a step; on a machine whose cores they share it is the fair one).
+   the data plane's frames (``transport.FRAME_BYTES``) on 127.0.0.1, measured
+   in this run two ways: one PUSH/PULL pair alone, and 4 processes sending
+   all-to-all at once (what 4 daemons do during a step; on a machine whose
+   cores they share it is the fair one); each in rounds before and after the
+   snapshot steps (the median of both), so that the floor sees the machine
+   the steps saw.
 2. **Rebuild of one lost node.** With a step restorable: ``cluster.kill``
    (SIGKILL, shared memory wiped) and ``cluster.start`` of the node, then a
    4-rank relaunch. The replacement daemon rebuilds the lost rank inside the
@@ -410,9 +413,12 @@ def slot_payloads(sockets: list[str]) -> list[int]:
 # ---------------------------------------------------------------- the phases
 
 
-def measure_bandwidth(bench: Bench, nbytes: int, repeat: int) -> dict[str, Any]:
-    """Median per-node loopback bandwidth, pair and all-to-all, interleaved rounds."""
-    runs: dict[str, list[dict[str, Any]]] = {"pair": [], "all": []}
+def measure_bandwidth(bench: Bench, nbytes: int, repeat: int,
+                      runs: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Median per-node loopback bandwidth, pair and all-to-all, interleaved rounds; with
+    ``runs``, the rounds of an earlier call count too (the floor is measured before and
+    after the snapshot steps, so that it sees the machine they saw)."""
+    runs = runs if runs is not None else {"pair": [], "all": []}
     for _ in range(repeat):
         for pattern in runs:
             runs[pattern].append(bench.launch("zmq", pattern=pattern, nodes=NODES, bytes=nbytes))
@@ -540,7 +546,8 @@ def report(res: dict[str, Any]) -> None:
           f"{res['state']['largest'] / MiB:.0f} MiB")
     print(f"piece P = {fl['piece_bytes'] / MiB:.1f} MiB; each node sends (k+m-1)*P = {sent / MiB:.0f} MiB "
           f"per step and receives {fl['received_bytes_per_node'] / MiB:.0f} MiB")
-    print(f"ZeroMQ 1 MiB frames on 127.0.0.1, GB/s per node (median of {len(bw['pair']['runs_gbps'])}): "
+    print(f"ZeroMQ {FRAME_BYTES >> 20} MiB frames on 127.0.0.1, GB/s per node (median of "
+          f"{len(bw['pair']['runs_gbps'])}): "
           f"1 pair {bw['pair']['gbps_per_node']:.2f} {bw['pair']['runs_gbps']}, "
           f"{NODES} all-to-all {bw['all']['gbps_per_node']:.2f} {bw['all']['runs_gbps']}")
 
@@ -640,14 +647,17 @@ def main() -> None:
     leftovers: list[str] = []
     ok = False
     try:
-        bw = measure_bandwidth(bench, max(BANDWIDTH_MIN_BYTES, int(gib * GiB) // FRAME_BYTES * FRAME_BYTES),
-                               repeat)
+        bw_bytes = max(BANDWIDTH_MIN_BYTES, int(gib * GiB) // FRAME_BYTES * FRAME_BYTES)
+        bw_runs: dict[str, list[dict[str, Any]]] = {"pair": [], "all": []}
+        measure_bandwidth(bench, bw_bytes, repeat, bw_runs)
         load["after_bandwidth"] = load_average()
         print(f"  loopback measured (loadavg {load['after_bandwidth']})", flush=True)
         bench.up()
         snap = measure_snapshots(bench, steps, warmup=1)
         load["after_snapshots"] = load_average()
         print(f"  snapshots done (loadavg {load['after_snapshots']})", flush=True)
+        bw = measure_bandwidth(bench, bw_bytes, repeat, bw_runs)  # the daemons idle meanwhile
+        load["after_bandwidth_2"] = load_average()
         floor = transfer_floor(slot_payloads(bench.sockets()))
         last_step = snap["steps"][-1]["step"]
         rb = measure_rebuilds(bench, rebuilds, last_step)

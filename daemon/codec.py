@@ -117,6 +117,50 @@ def crc32c(buf: Buffer, init: int = 0) -> int:
     return state ^ _CRC_MASK
 
 
+def _crc_mulmod(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial, both in the reflected representation."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+def _crc_x2n_table() -> list[int]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)  # x^(2^n)
+        p = _crc_mulmod(p, p)
+    return table
+
+
+_CRC_X2N = _crc_x2n_table()
+
+
+def crc32c_shift(nbytes: int) -> int:
+    """The operator that :func:`crc32c_combine` applies for ``nbytes`` bytes (x^(8n) mod P)."""
+    if nbytes < 0:
+        raise InvalidRequestError(f"byte count {nbytes} is negative")
+    p, k = 1 << 31, 3  # x^0; x^(8n) = x^(n * 2^3)
+    while nbytes:
+        if nbytes & 1:
+            p = _crc_mulmod(_CRC_X2N[k & 31], p)
+        nbytes >>= 1
+        k += 1
+    return p
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int, shift: int | None = None) -> int:
+    """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the bytes.
+
+    ``shift`` may be ``crc32c_shift(len2)``, computed once for many combines of one length.
+    """
+    return _crc_mulmod(crc32c_shift(len2) if shift is None else shift, crc1) ^ crc2
+
+
 def _crc_byte_table() -> np.ndarray:
     table = np.arange(256, dtype=np.uint32)
     for _ in range(8):

@@ -27,7 +27,7 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -41,7 +41,7 @@ from shardguard.daemon.auth import (
     read_secret,
     tls_files,
 )
-from shardguard.daemon.codec import Codec, crc32c
+from shardguard.daemon.codec import Codec, crc32c, crc32c_combine
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import (
     ConfigError,
@@ -53,7 +53,7 @@ from shardguard.daemon.errors import (
     StepOrderError,
     UnknownJobError,
 )
-from shardguard.daemon.store import SlotRecord, Store
+from shardguard.daemon.store import _BLOCK_SHIFT, CRC_BLOCK_BYTES, SlotRecord, Store
 from shardguard.daemon.transport import DataPlane, reply_chunks
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
@@ -138,6 +138,51 @@ def crc_of(bufs: Iterable[memoryview]) -> int:
     return crc
 
 
+@dataclasses.dataclass(frozen=True)
+class SegmentCrcs:
+    """What a slot's seal checksummed: its data bytes, and the CRC of each block of them."""
+
+    data_bytes: int
+    blocks: list[int] | None  # None: unknown, read the bytes
+    block_bytes: int = CRC_BLOCK_BYTES
+
+
+def range_crc(segs: list[memoryview], infos: list[SegmentCrcs], start: int, end: int) -> int:
+    """CRC32C of bytes [start, end) of the concatenation of ``segs``.
+
+    Whole blocks of a slot's data use the CRCs its seal computed; only the
+    bytes at the edges (and past the data: padding, manifest) are read.
+    """
+    crc, pos = 0, 0
+    for seg, info in zip(segs, infos):
+        lo, hi = max(start, pos) - pos, min(end, pos + len(seg)) - pos
+        pos += len(seg)
+        if lo >= hi:
+            continue
+        for a, b, known in _spans(info, lo, hi):
+            c = known if known is not None else crc32c(seg[a:b])
+            crc = crc32c_combine(crc, c, b - a,
+                                 shift=_BLOCK_SHIFT if b - a == CRC_BLOCK_BYTES else None)
+    return crc
+
+
+def _spans(info: SegmentCrcs, lo: int, hi: int) -> Iterator[tuple[int, int, int | None]]:
+    """[lo, hi) cut at the block edges: (start, end, the block's CRC when it is whole)."""
+    if info.blocks is None:
+        yield lo, hi, None
+        return
+    bb, data_end = info.block_bytes, min(hi, info.data_bytes)
+    at = lo
+    while at < data_end:
+        i = at // bb
+        block_end = min((i + 1) * bb, info.data_bytes)
+        end = min(block_end, data_end)
+        yield at, end, info.blocks[i] if at == i * bb and end == block_end else None
+        at = end
+    if max(lo, info.data_bytes) < hi:
+        yield max(lo, info.data_bytes), hi, None
+
+
 class Protector:
     """This node's part in protecting and rebuilding multi-node jobs."""
 
@@ -198,42 +243,49 @@ class Protector:
             faults.point("sealed", step, topo.node_index)
             grp = topo.placement.group_of(topo.node_index)
             pos = grp.position(topo.node_index)
-            segs, layout = self._payload(job, step)
+            segs, layout, infos = self._payload(job, step)
             total = sum(len(s) for s in segs)
             plen = align_up(math.ceil(total / grp.k), PIECE_ALIGN) if total else 0
             doc = json.dumps({"bytes": total, "plen": plen, "ranks": layout}).encode()
             jobs = []
             for ref in grp.data_pieces(pos):
                 start = ref.index * plen
-                bufs = slice_segments(segs, start, min(total, start + plen))
+                end = min(total, start + plen)
+                bufs = slice_segments(segs, start, end)
                 jobs.append(self._pool.submit(
                     self._offer_and_send, job, step, topo, grp, ref.stripe, ref.index, plen,
-                    bufs, doc))
+                    bufs, doc, lambda a=start, b=end: range_crc(segs, infos, a, b)))
             for j in jobs:
                 j.result()
         except Exception:  # noqa: BLE001 - the step is simply never restorable
             logger.exception("sending pieces failed", extra={"job": job, "step": step})
 
-    def _payload(self, job: str, step: int) -> tuple[list[memoryview], list[dict[str, Any]]]:
-        segs, layout, off = [], [], 0
+    def _payload(self, job: str, step: int
+                 ) -> tuple[list[memoryview], list[dict[str, Any]], list[SegmentCrcs]]:
+        """This node's payload of ``step`` (its ranks' slots, in rank order), its layout,
+        and what the seals checksummed of each slot."""
+        segs, layout, infos, off = [], [], [], 0
         for rank in sorted(self.store.job(job).local_ranks):
             view, rec, slot_bytes = self.store.sealed_slot(job, rank, step)
             used = rec.manifest_offset + rec.manifest_bytes
             segs.append(view[:used])
             layout.append({"rank": rank, "off": off, "used": used, "slot_bytes": slot_bytes,
                            "record": _slot_doc(rec)})
+            infos.append(SegmentCrcs(rec.data_bytes, self.store.block_crcs(
+                job, rank, step, rec.generation)))
             off += used
-        return segs, layout
+        return segs, layout, infos
 
     def _offer_and_send(self, job: str, step: int, topo: Topology,
                         grp: placement.GroupLayout, stripe: int, q: int, plen: int,
-                        bufs: list[memoryview], layout: bytes) -> None:
+                        bufs: list[memoryview], layout: bytes,
+                        crc: Callable[[], int] | None = None) -> None:
         real = sum(len(b) for b in bufs)
         encoder = grp.nodes[grp.encoder(stripe)]
         control, data = topo.nodes[encoder]
         self._peer(control).Offer(ppb.OfferRequest(
             job=job, step=step, stripe=stripe, group=grp.group, index=q, node=topo.node_index,
-            piece_bytes=plen, real_bytes=real, crc=crc_of(bufs), layout=layout),
+            piece_bytes=plen, real_bytes=real, crc=crc() if crc else crc_of(bufs), layout=layout),
             timeout=self.config.peer_timeout_s)
         self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
                                          "stripe": stripe, "index": q}, bufs,
@@ -692,7 +744,10 @@ class Protector:
             if os.fstat(fd).st_size != nbytes:
                 os.ftruncate(fd, nbytes)
             os.posix_fallocate(fd, 0, nbytes)
-            piece = np.frombuffer(mmap.mmap(fd, nbytes), dtype=np.uint8)
+            # MAP_POPULATE maps every page in one call: clearing a reused file then runs at
+            # memset speed instead of taking a page fault per 4 KiB (133 -> 40 ms for 341 MiB).
+            piece = np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED | _POPULATE),
+                                  dtype=np.uint8)
             if reused:
                 piece[:] = 0
             return piece
@@ -863,6 +918,9 @@ class _Translating:
                 raise err from None
 
         return call
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _unlink(path: str) -> None:

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from pyeclib.ec_iface import ECDriver
 
 from shardguard.daemon import _isal
-from shardguard.daemon.codec import PYECLIB_HEADER_BYTES, Codec, crc32c
+from shardguard.daemon.codec import (PYECLIB_HEADER_BYTES, Codec, crc32c, crc32c_combine,
+                                     crc32c_shift)
 from shardguard.daemon.errors import CodecError, InsufficientPiecesError, InvalidRequestError
 
 CODES = [(3, 1), (4, 2), (6, 2), (10, 4)]
@@ -327,6 +328,26 @@ def test_crc32c_known_vectors(data: bytes, expected: int) -> None:
 def test_crc32c_matches_reference_and_chains(a: bytes, b: bytes) -> None:
     assert crc32c(a) == crc32c_reference(a)
     assert crc32c(b, crc32c(a)) == crc32c(a + b) == crc32c_reference(b, crc32c_reference(a))
+
+
+@settings(max_examples=100, deadline=None)
+@given(a=st.binary(max_size=300), b=st.binary(max_size=300))
+def test_crc32c_combine_equals_the_crc_of_the_concatenation(a: bytes, b: bytes) -> None:
+    assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b)
+    assert crc32c_combine(crc32c(a), crc32c(b), len(b), shift=crc32c_shift(len(b))) \
+        == crc32c(a + b)
+
+
+def test_crc32c_combine_over_a_gigabyte_of_zeros() -> None:
+    # Lengths far beyond what a test can hash byte by byte: 1 GiB of zeros is 256 4 MiB blocks.
+    block = bytes(4 << 20)
+    whole = 0
+    for _ in range(256):
+        whole = crc32c_combine(whole, crc32c(block), len(block))
+    assert whole == crc32c(bytes(4 << 20), crc32c_combine(0, crc32c(bytes(1020 << 20)),
+                                                           1020 << 20))
+    with pytest.raises(InvalidRequestError):
+        crc32c_shift(-1)
 
 
 def test_crc32c_reads_any_buffer_in_place() -> None:
