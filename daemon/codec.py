@@ -140,8 +140,10 @@ def _crc_x2n_table() -> list[int]:
 _CRC_X2N = _crc_x2n_table()
 
 
+@functools.lru_cache(maxsize=256)
 def crc32c_shift(nbytes: int) -> int:
-    """The operator that :func:`crc32c_combine` applies for ``nbytes`` bytes (x^(8n) mod P)."""
+    """The operator that :func:`crc32c_combine` applies for ``nbytes`` bytes (x^(8n) mod P);
+    cached, since pieces and blocks repeat a few lengths."""
     if nbytes < 0:
         raise InvalidRequestError(f"byte count {nbytes} is negative")
     p, k = 1 << 31, 3  # x^0; x^(8n) = x^(n * 2^3)
@@ -153,12 +155,19 @@ def crc32c_shift(nbytes: int) -> int:
     return p
 
 
-def crc32c_combine(crc1: int, crc2: int, len2: int, shift: int | None = None) -> int:
-    """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the bytes.
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the bytes."""
+    return _crc_mulmod(crc32c_shift(len2), crc1) ^ crc2
 
-    ``shift`` may be ``crc32c_shift(len2)``, computed once for many combines of one length.
-    """
-    return _crc_mulmod(crc32c_shift(len2) if shift is None else shift, crc1) ^ crc2
+
+def crc32c_blocks(buf: Buffer, block_bytes: int) -> tuple[int, list[int]]:
+    """The CRC32C of ``buf`` and of each of its ``block_bytes`` blocks, in one read."""
+    arr = _view(buf, writable=False, what="CRC input")
+    blocks = [crc32c(arr[o:o + block_bytes]) for o in range(0, arr.size, block_bytes)]
+    whole = 0
+    for i, c in enumerate(blocks):
+        whole = crc32c_combine(whole, c, min(block_bytes, arr.size - i * block_bytes))
+    return whole, blocks
 
 
 def _crc_byte_table() -> np.ndarray:

@@ -53,7 +53,7 @@ from shardguard.daemon.errors import (
     StepOrderError,
     UnknownJobError,
 )
-from shardguard.daemon.store import _BLOCK_SHIFT, CRC_BLOCK_BYTES, SlotRecord, Store
+from shardguard.daemon.store import CRC_BLOCK_BYTES, SlotRecord, Store
 from shardguard.daemon.transport import DataPlane, reply_chunks
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
@@ -161,8 +161,7 @@ def range_crc(segs: list[memoryview], infos: list[SegmentCrcs], start: int, end:
             continue
         for a, b, known in _spans(info, lo, hi):
             c = known if known is not None else crc32c(seg[a:b])
-            crc = crc32c_combine(crc, c, b - a,
-                                 shift=_BLOCK_SHIFT if b - a == CRC_BLOCK_BYTES else None)
+            crc = crc32c_combine(crc, c, b - a)
     return crc
 
 

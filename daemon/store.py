@@ -31,7 +31,7 @@ import psutil
 
 from shardguard.daemon import faults
 from shardguard.daemon.arena import Arena
-from shardguard.daemon.codec import crc32c, crc32c_combine, crc32c_shift
+from shardguard.daemon.codec import crc32c, crc32c_blocks
 from shardguard.daemon.metrics import Metrics
 from shardguard.daemon.errors import (
     ArenaFormatError,
@@ -52,7 +52,6 @@ from shardguard.proto.arena import ChecksumAlgo, SlotState
 logger = logging.getLogger(__name__)
 #: Blocks of a slot's data checksummed separately at seal (see Store.block_crcs).
 CRC_BLOCK_BYTES = 4 << 20
-_BLOCK_SHIFT = crc32c_shift(CRC_BLOCK_BYTES)
 
 JOB_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_WORLD = 1 << 20
@@ -189,10 +188,10 @@ class Store:
         self._lock = threading.RLock()
         self._released = threading.Condition(self._lock)  # a flush hold was let go
         self._jobs: dict[str, JobRecord] = {}
-        # CRC32C of each CRC_BLOCK_BYTES block of a sealed slot's data, by (job, rank, step,
+        # CRC32C of each CRC_BLOCK_BYTES block of a sealed slot's data, by (job, rank) then (step,
         # generation): the protection layer derives its pieces' CRCs from them instead of
         # reading the bytes a second time (memory only; a restarted daemon reads again).
-        self._blocks: dict[tuple[str, int, int, int], list[int]] = {}
+        self._blocks: dict[tuple[str, int], dict[tuple[int, int], list[int]]] = {}
 
     # ---------------------------------------------------------------- queries
 
@@ -290,7 +289,7 @@ class Store:
                 rr.arena.unlink()
             _unlink(self._meta_path(job))
             del self._jobs[job]
-            self._blocks = {k: v for k, v in self._blocks.items() if k[0] != job}
+            self._blocks = {k: v for k, v in self._blocks.items() if k[0] != job}  # per rank
             self.metrics.forget(job)
             logger.info("dropped: %d arenas, %d bytes", len(rec.ranks), freed,
                         extra={"job": job})
@@ -370,13 +369,7 @@ class Store:
         if doc["step"] != step:
             raise mf.ManifestError(f"manifest is for step {doc['step']}, sealed as step {step}")
         manifest_crc = crc32c(raw_manifest)
-        blocks = [crc32c(view[o:min(o + CRC_BLOCK_BYTES, data_bytes)])
-                  for o in range(0, data_bytes, CRC_BLOCK_BYTES)]
-        data_crc = 0
-        for i, c in enumerate(blocks):
-            n = min(CRC_BLOCK_BYTES, data_bytes - i * CRC_BLOCK_BYTES)
-            data_crc = crc32c_combine(data_crc, c, n,
-                                      shift=_BLOCK_SHIFT if n == CRC_BLOCK_BYTES else None)
+        data_crc, blocks = crc32c_blocks(view[:data_bytes], CRC_BLOCK_BYTES)
         faults.point("seal", step, (rec.topology or {}).get("node_index", 0))
         with self._lock:
             if rr.slots[slot] is not s or s.generation != generation \
@@ -386,10 +379,10 @@ class Store:
             s.data_bytes, s.manifest_offset, s.manifest_bytes = \
                 data_bytes, manifest_offset, manifest_bytes
             s.data_crc, s.manifest_crc = data_crc, manifest_crc
-            held = {(x.step, x.generation) for x in rr.slots}
-            self._blocks = {k: v for k, v in self._blocks.items()
-                            if k[:2] != (job, rank) or k[2:] in held}
-            self._blocks[(job, rank, step, generation)] = blocks
+            held = {(x.step, x.generation) for x in rr.slots}  # the other slot's stay
+            mine = self._blocks.get((job, rank), {})
+            self._blocks[(job, rank)] = {k: v for k, v in mine.items() if k in held}
+            self._blocks[(job, rank)][(step, generation)] = blocks
             node_sealed = all(q in rec.ranks and any(
                 x.state == SlotState.SEALED and x.step == step for x in rec.ranks[q].slots)
                 for q in rec.local_ranks)
@@ -548,7 +541,7 @@ class Store:
         """The CRC32C of each ``CRC_BLOCK_BYTES`` block of the slot's data, computed at its
         seal (None: not known here, e.g. a slot adopted after a restart)."""
         with self._lock:
-            return self._blocks.get((job, rank, step, generation))
+            return self._blocks.get((job, rank), {}).get((step, generation))
 
     def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotRecord, int]:
         """The bytes and record of ``rank``'s sealed or restorable slot of ``step``, and slot_bytes."""

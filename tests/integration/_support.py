@@ -112,3 +112,23 @@ def status_of_socket(socket: str) -> pb.StatusReply:
 def restored_steps(out: Path, world: int) -> set[str]:
     """The step each rank's last incarnation restored (as the trainer wrote it)."""
     return {(out / f"restored.{r}").read_text().split()[-1] for r in range(world)}
+
+
+def reference_run(out: Path, world: int, steps: int, timeout: float = 120) -> Path:
+    """The uninterrupted run, without snapshots, that a faulted run must equal; returns ``out``."""
+    proc = run_trainer(out, "ref", "/nonexistent", world, steps, no_snapshot=True)
+    assert finish(proc, timeout=timeout) == 0, trainer_log(out)
+    return out
+
+
+def assert_matches_reference(out: Path, ref: Path, world: int) -> None:
+    """Every loss the run computed (every incarnation) and its final state equal the reference's."""
+    for rank in range(world):
+        want = dict(read_losses(ref, rank))
+        got = read_losses(out, rank)
+        assert got, f"rank {rank} trained nothing"
+        for step, loss in got:
+            assert loss == want[step], f"rank {rank} step {step}: {loss} != {want[step]}"
+        a = torch.load(ref / f"final.{rank}.pt", weights_only=False)
+        b = torch.load(out / f"final.{rank}.pt", weights_only=False)
+        assert_same_state(a, b)

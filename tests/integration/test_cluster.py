@@ -20,6 +20,8 @@ import torch
 from shardguard.daemon import cluster
 from _support import restored_steps
 from _support import (
+    assert_matches_reference,
+    reference_run,
     assert_same_state,
     environ,
     finish,
@@ -69,27 +71,12 @@ def restorable(root: Path, node: int, job: str = "job") -> int:
 
 @pytest.fixture(scope="module")
 def reference4(tmp_path_factory) -> Path:
-    ref = tmp_path_factory.mktemp("ref4")
-    proc = run_trainer(ref, "ref", "/nonexistent", 4, STEPS, no_snapshot=True)
-    assert finish(proc) == 0, trainer_log(ref)
-    return ref
+    return reference_run(tmp_path_factory.mktemp("ref4"), 4, STEPS)
 
 
 def train(root: Path, out: Path, world: int, steps: int, **kw) -> int:
     proc = run_trainer(out, "job", sockets(root), world, steps, **kw)
     return finish(proc)
-
-
-def assert_matches_reference(out: Path, ref: Path, world: int) -> None:
-    for rank in range(world):
-        want = dict(read_losses(ref, rank))
-        got = read_losses(out, rank)
-        assert got, f"rank {rank} trained nothing"
-        for step, loss in got:
-            assert loss == want[step], f"rank {rank} step {step}: {loss} != {want[step]}"
-        a = torch.load(ref / f"final.{rank}.pt", weights_only=False)
-        b = torch.load(out / f"final.{rank}.pt", weights_only=False)
-        assert_same_state(a, b)
 
 
 def lose_node_while_training(root: Path, out: Path, node: int, world: int, after: int) -> None:
@@ -188,9 +175,7 @@ def test_every_pattern_of_up_to_two_lost_nodes_g6_m2(local_cluster, tmp_path: Pa
     out = tmp_path / "run"
     assert train(root, out, 6, 5) == 0, trainer_log(out)
     step = restorable(root, 0)
-    ref = tmp_path / "ref"
-    proc = run_trainer(ref, "ref", "/nonexistent", 6, step + 1, no_snapshot=True)
-    assert finish(proc) == 0, trainer_log(ref)
+    ref = reference_run(tmp_path / "ref", 6, step + 1)
     patterns = [c for r in (1, 2) for c in itertools.combinations(range(6), r)]
     for lost in patterns:
         for node in lost:

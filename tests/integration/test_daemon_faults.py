@@ -37,11 +37,10 @@ import torch
 from shardguard.daemon import cluster
 from conftest import record
 from _support import restored_steps
-from _support import (assert_same_state, environ, finish, run_trainer, status_of_socket,
+from _support import (assert_matches_reference, assert_same_state, environ, reference_run, finish, run_trainer, status_of_socket,
                       trainer_log)
 from test_cluster import (  # noqa: F401 - reference4 is a fixture
     STEPS,
-    assert_matches_reference,
     free_base_port,
     reference4,
 )
@@ -62,10 +61,7 @@ RUN_STEPS = 24
 
 @pytest.fixture(scope="module")
 def reference_long(tmp_path_factory) -> Path:
-    ref = tmp_path_factory.mktemp("ref-long")
-    proc = run_trainer(ref, "ref", "/nonexistent", 4, RUN_STEPS, no_snapshot=True)
-    assert finish(proc) == 0, trainer_log(ref)
-    return ref
+    return reference_run(tmp_path_factory.mktemp("ref-long"), 4, RUN_STEPS)
 
 
 def _cases(points: list[str]):

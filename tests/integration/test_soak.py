@@ -23,7 +23,8 @@ import torch
 
 from shardguard.daemon import cluster
 from conftest import record
-from _support import assert_same_state, finish, read_losses, run_trainer, trainer_log
+from _support import (assert_same_state, finish, read_losses, reference_run, run_trainer,
+                      trainer_log)
 from test_cluster import free_base_port
 
 STEPS = 1300
@@ -53,9 +54,7 @@ def progress(out: Path, rank: int = 0) -> int:
 @pytest.mark.timeout(3000)
 def test_soak_a_thousand_snapshots_with_random_faults(tmp_path: Path) -> None:
     rng = random.Random(11)
-    ref = tmp_path / "ref"
-    proc = run_trainer(ref, "ref", "/nonexistent", 4, STEPS, no_snapshot=True)
-    assert finish(proc, timeout=900) == 0, trainer_log(ref)
+    ref = reference_run(tmp_path / "ref", 4, STEPS, timeout=900)
     root = tmp_path / "c"
     cluster.up(str(root), 4, 4, 1, base_port=free_base_port(8))
     socks = ",".join(cluster.sockets(str(root)))

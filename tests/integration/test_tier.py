@@ -28,7 +28,8 @@ from shardguard.daemon.tier import Tier
 from shardguard.proto import tier as layout
 from conftest import record
 from _support import restored_steps
-from _support import assert_same_state, finish, read_losses, run_trainer, trainer_log
+from _support import (assert_matches_reference, assert_same_state, environ, finish, read_losses,
+                      reference_run, run_trainer, trainer_log)
 from test_cluster import local_cluster, sockets  # noqa: F401 (local_cluster: a fixture)
 from test_node_api import assert_equal, rich_state
 from trainer import build, state_of
@@ -114,13 +115,6 @@ def kill_group(proc) -> None:  # type: ignore[no-untyped-def]
     except ProcessLookupError:
         pass
     proc.wait(10)
-
-
-def reference(tmp_path: Path, world: int, steps: int) -> Path:
-    ref = tmp_path / "ref"
-    assert finish(run_trainer(ref, "ref", "/nonexistent", world, steps, no_snapshot=True)) == 0, \
-        trainer_log(ref)
-    return ref
 
 
 def tier_flags(tier: Path, every: int) -> list[str]:
@@ -222,15 +216,13 @@ def lose_the_job(proc, daemons) -> None:  # type: ignore[no-untyped-def]
 
 def assert_resumed_bit_exact(tmp_path: Path, out: Path, world: int, steps: int) -> None:
     """Every loss of both runs and the final state equal an uninterrupted run's."""
-    ref = reference(tmp_path, world, steps)
-    for rank in range(world):
-        want = dict(read_losses(ref, rank))
-        got = read_losses(out, rank)
-        assert got, f"rank {rank} trained nothing"
-        for step, loss in got:
-            assert loss == want[step], f"rank {rank} step {step}: {loss} != {want[step]}"
-        assert_same_state(torch.load(ref / f"final.{rank}.pt", weights_only=False),
-                          torch.load(out / f"final.{rank}.pt", weights_only=False))
+    assert_matches_reference(out, reference_run(tmp_path / "ref", world, steps), world)
+
+
+def tier_daemon_with_fault(daemon_factory, tier: Path, fault: str):  # type: ignore[no-untyped-def]
+    """A daemon flushing every 2nd step to ``tier`` with the tier fault ``fault`` armed."""
+    with environ({"SHARDGUARD_TEST_TIER_FAULT": fault}):
+        return daemon_factory(tier_flags(tier, 2))
 
 
 def resume_steps(out: Path, world: int, last: int) -> int:
@@ -239,15 +231,13 @@ def resume_steps(out: Path, world: int, last: int) -> int:
     return max(reached, last) + 4
 
 
-def test_crash_mid_flush_never_leaves_a_pointer_to_a_partial_step(daemon_factory, tmp_path: Path,
-                                                                 monkeypatch) -> None:
+def test_crash_mid_flush_never_leaves_a_pointer_to_a_partial_step(daemon_factory,
+                                                                 tmp_path: Path) -> None:
     """The flusher of the first step >= 4 is SIGKILLed half-way (one rank written): the
     pointer stays at a complete step, the next flush recovers, the wreck is cleaned up.
     Then the whole job is lost, and resumes bit-exact from the tier."""
     tier = tmp_path / "tier"
-    monkeypatch.setenv("SHARDGUARD_TEST_TIER_FAULT", "mid-write@4")
-    d = daemon_factory(tier_flags(tier, 2))
-    monkeypatch.delenv("SHARDGUARD_TEST_TIER_FAULT")
+    d = tier_daemon_with_fault(daemon_factory, tier, "mid-write@4")
     out = tmp_path / "run"
     env = {layout.TIER_DIR_ENV: str(tier)}
     with PointerWatch(str(tier), "mid", 2) as watch:
@@ -307,13 +297,11 @@ def test_whole_job_loss_on_three_nodes_resumes_bit_exact_from_the_tier(local_clu
 
 @pytest.mark.slow
 def test_crash_between_rename_and_pointer_resumes_from_the_previous_step(
-        daemon_factory, tmp_path: Path, monkeypatch) -> None:
+        daemon_factory, tmp_path: Path) -> None:
     """The daemon dies after renaming step >= 4 into place, before it moves ``latest``:
     the job resumes from the step ``latest`` names, and the unnamed one is deleted."""
     tier = tmp_path / "tier"
-    monkeypatch.setenv("SHARDGUARD_TEST_TIER_FAULT", "before-pointer@4")
-    d = daemon_factory(tier_flags(tier, 2))
-    monkeypatch.delenv("SHARDGUARD_TEST_TIER_FAULT")
+    d = tier_daemon_with_fault(daemon_factory, tier, "before-pointer@4")
     out = tmp_path / "run"
     env = {layout.TIER_DIR_ENV: str(tier)}
     proc = run_trainer(out, "rename", d.socket, 2, 1000, env=env, step_sleep=0.1)

@@ -35,7 +35,7 @@ def test_range_crc_equals_reading_the_bytes(layout) -> None:
     assert range_crc(segs, infos, start, end) == crc_of(slice_segments(segs, start, end))
 
 
-def test_whole_default_blocks_use_the_precomputed_shift() -> None:
+def test_whole_default_blocks() -> None:
     from shardguard.daemon.store import CRC_BLOCK_BYTES
 
     seg = memoryview(np.random.default_rng(1).integers(0, 256, 3 * CRC_BLOCK_BYTES + 12345,
