@@ -25,6 +25,7 @@ from shardguard.client.errors import (
     CorruptionError,
     DaemonUnavailableError,
     InsufficientPiecesError,
+    JobNameError,
     NotRestorableError,
     RankClaimedError,
     RestoreError,
@@ -35,7 +36,7 @@ from shardguard.client.rng import rng_state, set_rng_state
 
 __all__ = [
     "BudgetExceededError", "Client", "CorruptionError", "DaemonUnavailableError",
-    "InsufficientPiecesError", "NotRestorableError", "RankClaimedError", "RestoreError",
+    "InsufficientPiecesError", "JobNameError", "NotRestorableError", "RankClaimedError", "RestoreError",
     "ShardguardError", "ShardguardReader", "ShardguardWriter", "SnapshotHandle",
     "StepOrderError", "connect", "connect_dcp", "drop_job", "newest_job", "rng_state",
     "set_rng_state", "sharded_state_dict_from_local", "sharded_state_dict_to_local",

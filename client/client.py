@@ -37,6 +37,7 @@ from shardguard.proto.errors import (
     CorruptionError,
     DaemonUnavailableError,
     InsufficientPiecesError,
+    JobNameError,
     LeaseError,
     NotRestorableError,
     RestoreError,
@@ -158,12 +159,32 @@ def _detect_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+#: The run id torchrun uses when ``--rdzv-id`` is not given (c10d, etcd rendezvous): every
+#: such launch shares it, so two unrelated runs would share one job and the second would
+#: resume the first. It never names a job.
+TORCHRUN_DEFAULT_RUN_ID = "none"
+
+
 def _detect_job() -> str:
-    for key in (JOB_ENV, "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+    """The job name: ``$SHARDGUARD_JOB``, else ``$SLURM_JOB_ID``, else torchrun's run id
+    when it is one the user chose (``--rdzv-id``); anything ambiguous is refused."""
+    for key in (JOB_ENV, "SLURM_JOB_ID"):
         if os.environ.get(key):
             return os.environ[key]
-    raise ShardguardError(
-        f"no job name: pass job= or set {JOB_ENV} (or run under Slurm or torchrun)")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id == TORCHRUN_DEFAULT_RUN_ID:
+        raise JobNameError(
+            f"no job name: torchrun was started without --rdzv-id, so its run id is "
+            f"{TORCHRUN_DEFAULT_RUN_ID!r} for every run and would mix unrelated runs' "
+            f"snapshots; set {JOB_ENV}=<name> (the same on every node and every relaunch of "
+            f"this run) or pass --rdzv-id=<name> to torchrun")
+    if run_id:
+        logger.info("job name %r from TORCHELASTIC_RUN_ID (torchrun --standalone draws a new "
+                    "one per launch: set %s to resume across launches)", run_id, JOB_ENV)
+        return run_id
+    raise JobNameError(
+        f"no job name: pass job= or set {JOB_ENV} (or run under Slurm, or torchrun with "
+        f"--rdzv-id)")
 
 
 class Client:
@@ -201,6 +222,10 @@ class Client:
         self._map: _Mapped | None = None
         self._plan: Plan | None = None
         self._last: SnapshotHandle | None = None
+        # The last snapshot, when it was skipped: wait() and close() take it, so that the
+        # final step is protected. Forgotten at the next snapshot() and when the optimizer
+        # steps (the tensors it names change then).
+        self._pending: tuple[int, Any, bool] | None = None
         self._hooks: list[Any] = []
         self._side_stream: Any = None
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -213,7 +238,12 @@ class Client:
 
     def protect(self, optimizer: torch.optim.Optimizer) -> None:
         """Make ``optimizer.step()`` wait until an in-flight snapshot copy is done."""
-        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._wait_copy()))
+        self._hooks.append(optimizer.register_step_pre_hook(
+            lambda *_: self._before_optimizer_step()))
+
+    def _before_optimizer_step(self) -> None:
+        self._pending = None  # the state a skipped snapshot named is about to change
+        self._wait_copy()
 
     def snapshot(self, step: int, state: Any, *, allow_pickle: bool | None = None
                  ) -> SnapshotHandle:
@@ -224,6 +254,7 @@ class Client:
         yet restorable.
         """
         self._check_open()
+        self._pending = None
         _faults.fault_point("before-snapshot", step, self.rank)
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         verdict, error = self._local_verdict()
@@ -246,6 +277,7 @@ class Client:
                     "job=%s rank=%d: %d snapshots skipped in a row (step %s not yet "
                     "restorable everywhere): is a node or its daemon down?", self.job,
                     self.rank, self._skips, self._last.step if self._last else None)
+            self._pending = (step, state, pickle_ok)
             return SnapshotHandle(step, skipped=True)
         skipped, self._skips = self._skips, 0
         assert manifest is not None and leaves is not None and self._plan is not None
@@ -259,6 +291,7 @@ class Client:
             logger.warning("job=%s rank=%d: step %d not snapshotted: %s", self.job, self.rank,
                            step, exc)
             self._last = SnapshotHandle(step, skipped=True, error=exc)
+            self._pending = (step, state, pickle_ok)
             return self._last
         handle = SnapshotHandle(step)
         self._last = handle
@@ -270,7 +303,15 @@ class Client:
         return handle
 
     def wait(self, restorable: bool = False, timeout: float | None = None) -> None:
-        """Wait for every in-flight snapshot to be sealed (and, optionally, restorable)."""
+        """Wait for every in-flight snapshot to be sealed (and, optionally, restorable).
+
+        If the last ``snapshot()`` was skipped (the one before it was still in flight)
+        and the optimizer has not stepped since, it is taken now: after ``wait()`` the
+        newest snapshot is the last step snapshotted. That makes ``wait()`` collective
+        then: call it on every rank, as at the end of training.
+        """
+        if self._pending is not None:
+            self._take_pending(timeout)
         h = self._last
         if h is None or h.skipped:
             return
@@ -281,6 +322,24 @@ class Client:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"step {h.step} not restorable within {timeout}s")
                 time.sleep(0.005)
+
+    def _take_pending(self, timeout: float | None) -> None:
+        """Take the skipped last snapshot once the step in flight has settled here.
+
+        Each rank first waits until its own previous step is sealed and restorable
+        (or given up, after ``protect_timeout_s``), so that the agreement inside
+        ``snapshot()`` finds every rank ready; a rank that was still behind makes
+        everyone skip once more, and the loop agrees again.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._pending is not None:
+            step, state, pickle_ok = self._pending
+            while self._local_verdict()[0] in ("busy", "pending"):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"step {step}: the step before it did not settle "
+                                       f"within {timeout}s")
+                time.sleep(0.005)
+            self.snapshot(step, state, allow_pickle=pickle_ok)
 
     def latest(self) -> int | None:
         """The newest restorable step, the same on every rank (rank 0 asks, all agree)."""
@@ -375,13 +434,23 @@ class Client:
             raise cls(f"job {self.job} rank {self.rank}: restore of step {agreed} failed "
                       f"({why})") from error
         self._last = None
+        self._pending = None
+        logger.info("job=%s rank=%d: resumed from step %d (%s)", self.job, self.rank, agreed,
+                    "persistent tier" if self._from_tier else "memory")
         return agreed, state
 
-    def close(self) -> None:
-        """Wait for in-flight snapshots, give up the rank's claim; snapshots stay stored."""
+    def close(self, *, flush: bool = True) -> None:
+        """Seal in-flight snapshots, give up the rank's claim; snapshots stay stored.
+
+        With ``flush`` (the default), a skipped last snapshot is taken first, as
+        :meth:`wait` does (collective: every rank closes). Leaving a ``with`` block
+        on an exception does not flush.
+        """
         if self._closed:
             return
         try:
+            if flush and self._pending is not None:
+                self._take_pending(None)
             self._drain()
         finally:
             self._closed = True
@@ -402,8 +471,8 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(flush=exc_type is None)
 
     # --------------------------------------------------------------- snapshot
 

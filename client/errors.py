@@ -6,6 +6,7 @@ from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     DaemonUnavailableError,
     InsufficientPiecesError,
     InvalidRequestError,
+    JobNameError,
     LeaseError,
     ManifestError,
     NotRestorableError,

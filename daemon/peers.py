@@ -42,9 +42,13 @@ class PeerService(ppb_grpc.PeerServicer):
     @handler
     def StepInfo(self, req: ppb.StepInfoRequest,
                  context: grpc.ServicerContext) -> ppb.StepInfoReply:
-        step, meta = self.p.step_info(req.job)
-        return ppb.StepInfoReply(meta=meta) if step is None else \
-            ppb.StepInfoReply(step=step, meta=meta)
+        step, meta, holder = self.p.step_info(req.job)
+        reply = ppb.StepInfoReply(meta=meta)
+        if step is not None:
+            reply.step = step
+        if holder is not None:
+            reply.holder = holder
+        return reply
 
     @handler
     def DropJob(self, req: ppb.DropJobRequest, context: grpc.ServicerContext) -> ppb.DropJobReply:

@@ -194,6 +194,11 @@ class Protector:
         self._holdings: dict[tuple[str, int, int, int, int], _Holding] = {}
         self._reports: dict[tuple[str, int], dict[str, Any]] = {}
         self._metas: dict[str, dict[str, Any]] = {}
+        # Which node of its step's topology this daemon holds the pieces of (the step of
+        # ``_metas``): itself as it was numbered when the step was protected, or the lost
+        # node it stands in for after a rebuild. None: it holds no pieces of the step (it
+        # only rebuilt ranks). Node numbers change when a relaunch moves ranks; this does not.
+        self._holders: dict[str, int | None] = {}
         self._failures: dict[str, ShardguardError] = {}
         self._codecs: dict[tuple[int, int], Codec] = {}
         self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
@@ -521,7 +526,7 @@ class Protector:
             raise StepOrderError(f"job {job}: step {step} is older than the restorable step "
                                  f"{rec.restorable_step}")
         self.store.check_sealed(job, step)
-        self._save_meta(job, step, meta)
+        self._save_meta(job, step, meta, self._own_index(job, meta))
         self.store.mark_restorable(job, step)
         self._release_older(job, step, self.store.job(job).previous_step)
         logger.debug("restorable on every node", extra={"job": job, "step": step})
@@ -538,19 +543,34 @@ class Protector:
     def meta(self, job: str) -> dict[str, Any] | None:
         return self._metas.get(job)
 
+    def holder(self, job: str) -> int | None:
+        """The node of the current metadata's topology whose pieces this daemon holds."""
+        return self._holders.get(job)
+
+    def _own_index(self, job: str, meta: dict[str, Any]) -> int | None:
+        """This daemon's number in ``meta``'s topology (by its current address), if it is there."""
+        topo = self.topology(job)
+        if topo is None:
+            return None
+        me = list(topo.nodes[topo.node_index])
+        nodes = [list(n) for n in meta["topology"]["nodes"]]
+        return nodes.index(me) if me in nodes else None
+
     def _meta_path(self, job: str, step: int) -> str:
         return os.path.join(self.shm_dir, f"{self.prefix}.{job}.x{step}")
 
-    def _save_meta(self, job: str, step: int, meta: dict[str, Any]) -> None:
+    def _save_meta(self, job: str, step: int, meta: dict[str, Any], holder: int | None) -> None:
+        """Keep ``step``'s metadata (file and memory) and the node whose pieces are held here."""
         path = self._meta_path(job, step)
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump(meta, fh)
+            json.dump({**meta, HOLDER_KEY: holder}, fh)
         os.chmod(path + ".tmp", 0o600)
         os.rename(path + ".tmp", path)
         with self._lock:
             cur = self._metas.get(job)
-            if cur is None or cur["step"] < step:
+            if cur is None or cur["step"] <= step:
                 self._metas[job] = meta
+                self._holders[job] = holder
 
     def _load_metas(self) -> None:
         for path in sorted(glob.glob(os.path.join(self.shm_dir, glob.escape(self.prefix)
@@ -562,10 +582,12 @@ class Protector:
                 job, _, tail = name.rpartition(".x")
                 with open(path, encoding="utf-8") as fh:
                     meta = json.load(fh)
+                holder = _pop_holder(meta)
                 check_step_meta(meta, job, int(tail))
                 cur = self._metas.get(job)
                 if cur is None or cur["step"] < meta["step"]:
                     self._metas[job] = meta
+                    self._holders[job] = holder
             except Exception as exc:  # noqa: BLE001 - a bad file must not stop the daemon
                 logger.error("cannot read step metadata %s: %s", path, exc)
 
@@ -611,13 +633,16 @@ class Protector:
         try:
             with open(self._meta_path(job, step), encoding="utf-8") as fh:
                 meta = json.load(fh)
+            holder = _pop_holder(meta)
         except (OSError, ValueError):
             meta = None
         with self._lock:
             if meta is None:
                 self._metas.pop(job, None)
+                self._holders.pop(job, None)
             else:
                 self._metas[job] = meta
+                self._holders[job] = holder
         for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")
                                            + "x*")):
             try:
@@ -651,6 +676,7 @@ class Protector:
             _unlink(path)
         with self._lock:
             self._metas.pop(job, None)
+            self._holders.pop(job, None)
             self._failures.pop(job, None)
             for key in [k for k in self._scratches if k[0] == job]:
                 del self._scratches[key]
@@ -753,10 +779,11 @@ class Protector:
         finally:
             os.close(fd)
 
-    def local_piece(self, job: str, step: int, group: int, stripe: int, index: int
-                    ) -> list[memoryview]:
-        """The real bytes of a piece this node holds for a restorable step."""
-        meta = self._metas.get(job)
+    def local_piece(self, job: str, step: int, group: int, stripe: int, index: int,
+                    meta: dict[str, Any] | None = None) -> list[memoryview]:
+        """The real bytes of a piece this node holds for a restorable step (or for the
+        step of ``meta``, which a rebuild here is making restorable)."""
+        meta = self._metas.get(job) if meta is None else meta
         if meta is None or meta["step"] != step:
             raise NotRestorableError(f"job {job}: step {step} is not the restorable step here")
         piece = meta["stripes"][f"{group}/{stripe}"]["pieces"][str(index)]
@@ -835,19 +862,30 @@ class Protector:
         if meta is None or topo is None:
             raise NotRestorableError(f"job {job}: no step metadata to repair from")
         Rebuilder(self, topo).rebuild_rank(job, meta, rank, rec.world_size,
-                                           list(rec.local_ranks), distrust=topo.node_index)
+                                           list(rec.local_ranks), distrust_self=True)
         logger.warning("corrupt snapshot repaired from parity", extra={
             "job": job, "rank": rank, "step": meta["step"], "node": topo.node_index})
 
-    def step_info(self, job: str) -> tuple[int | None, bytes]:
-        meta = self._metas.get(job)
+    def step_info(self, job: str) -> tuple[int | None, bytes, int | None]:
+        """The restorable step here, its metadata, and the node whose pieces are held here."""
+        with self._lock:
+            meta, holder = self._metas.get(job), self._holders.get(job)
         if meta is None:
-            return None, b""
-        return int(meta["step"]), json.dumps(meta).encode()
+            return None, b"", None
+        return int(meta["step"]), json.dumps(meta).encode(), holder
 
     def verify_piece(self, bufs: list[memoryview], want: dict[str, Any], what: str) -> None:
         if crc_of(bufs) != int(want["crc"]):
             raise CorruptionError(f"{what}: checksum fails")
+
+
+#: Kept beside a step's metadata in this node's file only: see ``Protector._holders``.
+HOLDER_KEY = "holder"
+
+
+def _pop_holder(meta: Any) -> int | None:
+    holder = meta.pop(HOLDER_KEY, None) if isinstance(meta, dict) else None
+    return holder if _is_int(holder) and holder >= 0 else None
 
 
 def _is_int(x: Any) -> bool:

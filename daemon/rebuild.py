@@ -7,16 +7,30 @@ checksum holds; otherwise it is decoded from ``k`` surviving pieces of its
 stripe (checksums checked; a corrupt piece counts as lost). More than ``m``
 lost pieces of a stripe raise InsufficientPiecesError naming the group and
 the missing nodes.
+
+Who holds the pieces of an old node is asked, never inferred from node
+numbers: a relaunch numbers nodes as its launcher likes (torchrun's c10d
+rendezvous orders them by host name and pid), so a survivor may now run a
+lost node's ranks and a replacement a survivor's. Every daemon says which
+node of the step's topology it holds the pieces of (``StepInfo.holder``: itself
+as numbered when the step was protected, or the lost node it rebuilt); this
+daemon counts itself too, reading its own pieces in place. A new daemon that
+holds nothing stands in for one lost node and recreates that node's parity, so
+the group is protected again: new daemons and lost nodes are paired in a
+fixed order (a new daemon at a lost node's old address takes that node), so
+that the new daemons of one relaunch, each deciding alone, choose different
+lost nodes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -25,6 +39,7 @@ from shardguard.daemon.errors import (
     InsufficientPiecesError,
     NotRestorableError,
     PeerUnavailableError,
+    ShardguardError,
     UnknownJobError,
 )
 from shardguard.daemon import faults
@@ -37,6 +52,8 @@ if TYPE_CHECKING:
     from shardguard.daemon.protect import Protector
 
 logger = logging.getLogger(__name__)
+#: In ``Survey.alive``: the pieces are this daemon's own (read in place, not fetched).
+LOCAL = ""
 PROBE_TIMEOUT_S = 3.0
 #: Nodes asked at once for their step (StepInfo) when a node catches up.
 PROBE_THREADS = 32
@@ -66,6 +83,34 @@ class _Buffers:
             self._free.append(base)
 
 
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """Who holds the pieces of a step, as the daemons of the job answered.
+
+    ``alive`` maps a node of the step's topology to the data address of the daemon
+    holding its pieces (:data:`LOCAL`: this one). ``new`` lists the current nodes
+    (by current number) whose daemons hold no node's pieces, this one included if so.
+    """
+
+    alive: dict[int, str]
+    new: tuple[int, ...]
+    own: int | None  # the old node whose pieces this daemon holds
+
+    def stand_in(self, old_nodes: list[tuple[str, str]], cur_nodes: list[tuple[str, str]],
+                 me: int) -> int | None:
+        """The lost old node that current node ``me`` (a new daemon) stands in for, if any."""
+        lost = [i for i in range(len(old_nodes)) if i not in self.alive]
+        pairs: dict[int, int] = {}
+        for c in self.new:  # at a lost node's old address: that node
+            if cur_nodes[c] in old_nodes and old_nodes.index(cur_nodes[c]) in lost:
+                i = old_nodes.index(cur_nodes[c])
+                pairs[c] = i
+                lost.remove(i)
+        for c, i in zip([c for c in self.new if c not in pairs], lost):
+            pairs[c] = i
+        return pairs.get(me)
+
+
 class Rebuilder:
     """One rebuild pass for one job on this node."""
 
@@ -82,30 +127,24 @@ class Rebuilder:
             return
         step = int(meta["step"])
         need = [r for r in local_ranks if not self._holds(job, r, step)]
-        replaced = None
-        if need:
-            alive = self._alive(meta)
-            for rank in need:
-                self.rebuild_rank(job, meta, rank, world_size, local_ranks, alive)
-            replaced = self._replaced_node(meta, alive)
+        survey = self.survey(meta)
+        for rank in need:
+            self.rebuild_rank(job, meta, rank, world_size, local_ranks, survey.alive)
+        held, replaced = survey.own, None
+        if held is None:
+            old = Topology.from_doc(meta["topology"])
+            replaced = survey.stand_in(list(old.nodes), list(self.topo.nodes),
+                                       self.topo.node_index)
             if replaced is not None:
-                meta = self._recreate_parity(job, meta, replaced, alive)
-        self.p._save_meta(job, step, meta)
+                meta = self._recreate_parity(job, meta, replaced, survey.alive)
+                held = replaced
+        self.p._save_meta(job, step, meta, held)
         self.store.set_restorable(job, step)
-        if need:
+        if need or replaced is not None:
             self.store.metrics.rebuild_pass(job, time.monotonic() - started)
             logger.info("rebuilt ranks %s%s", need,
                         f" and the parity of node {replaced}" if replaced is not None else "",
                         extra={"job": job, "step": step, "node": self.topo.node_index})
-
-    def _replaced_node(self, meta: dict[str, Any], alive: dict[int, str]) -> int | None:
-        """The old node this daemon stands in for: same index, same node count, and gone."""
-        old = Topology.from_doc(meta["topology"])
-        me = self.topo.node_index
-        if len(old.nodes) != len(self.topo.nodes) or me in alive \
-                or old.nodes[me] == self.topo.nodes[me]:
-            return None
-        return me
 
     def _recreate_parity(self, job: str, meta: dict[str, Any], node: int,
                          alive: dict[int, str]) -> dict[str, Any]:
@@ -117,7 +156,8 @@ class Rebuilder:
             out = self.p._piece_file(job, int(meta["step"]), grp.group, ref.stripe, ref.index,
                                      plen)
             # Decoded straight into the parity file: no staging copy.
-            piece = self._decode(job, meta, old, grp, ref.stripe, ref.index, alive, into=out)
+            piece = self._decode(job, meta, old, grp, ref.stripe, ref.index,
+                                 {i: a for i, a in alive.items() if i != node}, into=out)
             self.store.metrics.rebuilt(job, len(piece))
         # This daemon now serves the lost node's pieces: point the metadata at it.
         nodes = [list(n) for n in meta["topology"]["nodes"]]
@@ -131,7 +171,7 @@ class Rebuilder:
         except (UnknownJobError, NotRestorableError):
             return False
 
-    def _step_infos(self, job: str, controls: list[str]) -> dict[str, Any]:
+    def _step_infos(self, job: str, controls: Iterable[str]) -> dict[str, Any]:
         """StepInfo of ``job`` from each control address, asked all at once (a dead
         node costs one PROBE_TIMEOUT_S, not one each); unreachable ones are left out."""
         def ask(control: str) -> Any:
@@ -139,10 +179,11 @@ class Rebuilder:
                                                   timeout=PROBE_TIMEOUT_S)
 
         out: dict[str, Any] = {}
+        controls = list(dict.fromkeys(controls))
         if not controls:
             return out
         with concurrent.futures.ThreadPoolExecutor(min(PROBE_THREADS, len(controls))) as pool:
-            futs = {c: pool.submit(ask, c) for c in dict.fromkeys(controls)}
+            futs = {c: pool.submit(ask, c) for c in controls}
             for control, fut in futs.items():
                 try:
                     out[control] = fut.result()
@@ -163,15 +204,16 @@ class Rebuilder:
 
     def rebuild_rank(self, job: str, meta: dict[str, Any], rank: int, world_size: int,
                      local_ranks: list[int], alive: dict[int, str] | None = None,
-                     distrust: int | None = None) -> None:
+                     distrust_self: bool = False) -> None:
         """Put ``rank``'s snapshot of the meta's step into this node's store.
 
-        ``distrust`` names a node whose pieces are not to be read (its bytes failed).
+        ``distrust_self``: this daemon's own pieces are not read (its bytes failed).
         """
         owner, entry = _find_rank(meta, rank)
         lay = meta["layouts"][str(owner)]
-        alive = dict(self._alive(meta) if alive is None else alive)
-        alive.pop(distrust, None)  # type: ignore[arg-type]
+        alive = dict(self.survey(meta).alive if alive is None else alive)
+        if distrust_self:
+            alive = {i: a for i, a in alive.items() if a != LOCAL}
         record = SlotRecord(**{**entry["record"], "state": SlotState(entry["record"]["state"])})
         used = int(entry["used"])
 
@@ -183,28 +225,51 @@ class Rebuilder:
         self.store.install(job, world_size, local_ranks, rank, entry["slot_bytes"], record, fill)
         self.store.metrics.rebuilt(job, used)
 
-    def _alive(self, meta: dict[str, Any]) -> dict[int, str]:
-        """Old nodes that answer and hold the meta's step, with their data address.
-
-        A node is looked for at its address in the metadata and, when the job kept
-        its node count, at the current address of the same node index (a node
-        that was rebuilt earlier serves the old node's pieces there).
-        """
+    def survey(self, meta: dict[str, Any]) -> Survey:
+        """Ask the job's daemons (current nodes and the step's old addresses) which old
+        node's pieces of the meta's step each holds; count this daemon too."""
+        step = int(meta["step"])
         old = Topology.from_doc(meta["topology"])
-        same_shape = len(old.nodes) == len(self.topo.nodes)
-        me = self.topo.nodes[self.topo.node_index]  # holds nothing of the step yet
-        candidates = [[a for a in dict.fromkeys([addr] + ([self.topo.nodes[i]] if same_shape
-                                                          else [])) if a != me]
-                      for i, addr in enumerate(old.nodes)]
-        replies = self._step_infos(meta["job"], [c for cs in candidates for c, _ in cs])
-        alive: dict[int, str] = {}
-        for i, cs in enumerate(candidates):
-            for control, data in cs:
-                reply = replies.get(control)
-                if reply is not None and reply.HasField("step") and reply.step == meta["step"]:
-                    alive[i] = data
-                    break
-        return alive
+        me = self.topo.node_index
+        own = self._own_holder(meta)
+        alive: dict[int, str] = {} if own is None else {own: LOCAL}
+        # Current addresses first: a daemon found at both keeps its current data address.
+        candidates = dict.fromkeys(a for i, a in enumerate(self.topo.nodes) if i != me)
+        candidates.update((a, None) for a in old.nodes
+                          if a != self.topo.nodes[me] and a not in candidates)
+        replies = self._step_infos(meta["job"], (c for c, _ in candidates))
+        holds: dict[tuple[str, str], int] = {}
+        for control, data in candidates:
+            reply = replies.get(control)
+            if (reply is not None and reply.HasField("step") and reply.step == step
+                    and reply.HasField("holder") and reply.holder < len(old.nodes)):
+                holds[(control, data)] = reply.holder
+                alive.setdefault(reply.holder, data)
+        new = tuple(i for i, a in enumerate(self.topo.nodes)
+                    if (i == me and own is None) or (i != me and a not in holds))
+        return Survey(alive, new, own)
+
+    def _own_holder(self, meta: dict[str, Any]) -> int | None:
+        """The old node whose pieces of the meta's step this daemon holds, if any.
+
+        What it recorded for that step; else, when its address is in the step's
+        topology and its store holds that node's ranks sealed at the step (it
+        stored the step but missed the announcement), that node.
+        """
+        step = int(meta["step"])
+        mine = self.p.meta(meta["job"])
+        if mine is not None and int(mine["step"]) == step:
+            return self.p.holder(meta["job"])
+        old_nodes = [list(n) for n in meta["topology"]["nodes"]]
+        here = list(self.topo.nodes[self.topo.node_index])
+        if here not in old_nodes:
+            return None
+        i = old_nodes.index(here)
+        lay = meta["layouts"].get(str(i))
+        if lay is None or not all(self._holds(meta["job"], int(r["rank"]), step)
+                                  for r in lay["ranks"]):
+            return None
+        return i
 
     def _read_into(self, out: np.ndarray, job: str, meta: dict[str, Any], owner: int,
                    lay: dict[str, Any], off: int, alive: dict[int, str]) -> None:
@@ -248,8 +313,11 @@ class Rebuilder:
         hdr = {"job": job, "step": meta["step"], "group": group, "stripe": stripe,
                "index": index, "req": f"{group}/{stripe}/{index}"}
         try:
-            got = self.p.plane.fetch(alive[node], hdr, out)
-            self.store.metrics.bytes_received(job, "fetch", got)
+            if alive[node] == LOCAL:
+                got = self._read_local(job, meta, group, stripe, index, out)
+            else:
+                got = self.p.plane.fetch(alive[node], hdr, out)
+                self.store.metrics.bytes_received(job, "fetch", got)
             if got != int(want["len"]):
                 raise CorruptionError(
                     f"node {node} sent {got} bytes of a {want['len']}-byte piece")
@@ -261,6 +329,22 @@ class Rebuilder:
             raise
         out[got:] = 0  # a reused buffer: the padding of a short piece must read as zeros
         return out
+
+    def _read_local(self, job: str, meta: dict[str, Any], group: int, stripe: int, index: int,
+                    out: np.ndarray) -> int:
+        """A piece this daemon holds, copied into ``out``; returns its length."""
+        try:
+            bufs = self.p.local_piece(job, int(meta["step"]), group, stripe, index, meta)
+        except (OSError, ShardguardError) as exc:
+            raise PeerUnavailableError(f"own piece {group}/{stripe}/{index}: {exc}") from None
+        at = 0
+        for b in bufs:
+            if at + len(b) > len(out):
+                raise CorruptionError(f"own piece {group}/{stripe}/{index} is longer than "
+                                      f"{len(out)} bytes")
+            out[at:at + len(b)] = np.frombuffer(b, dtype=np.uint8)
+            at += len(b)
+        return at
 
     def _decode(self, job: str, meta: dict[str, Any], old: Topology, grp: Any, stripe: int,
                 q: int, alive: dict[int, str], into: np.ndarray | None = None) -> np.ndarray:

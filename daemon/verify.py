@@ -50,14 +50,17 @@ def check_node(p: "Protector", job: str, step: int) -> dict[str, Any]:
         out["superseded"] = True
         return out
     old = Topology.from_doc(meta["topology"])
+    # The pieces of the node of the step's topology that this daemon holds: after a
+    # relaunch that moved ranks, not necessarily the one with its current number.
+    held = p.holder(job)
     for where, stripe in sorted(meta["stripes"].items()):
         group, s = (int(x) for x in where.split("/"))
         k = old.placement.groups[group].k
         for idx, piece in sorted(stripe["pieces"].items(), key=lambda kv: int(kv[0])):
-            if int(piece["node"]) != me:
+            if held is None or int(piece["node"]) != held:
                 continue
             index = int(idx)
-            check = {"group": group, "stripe": s, "index": index, "node": me,
+            check = {"group": group, "stripe": s, "index": index, "node": held,
                      "parity": index >= k, "ok": False, "error": ""}
             try:
                 if index >= k:

@@ -87,8 +87,21 @@ class ConfigError(ShardguardError, ValueError):
     """A configuration value is invalid."""
 
 
+class JobNameError(ConfigError):
+    """No job name, or one that could name several unrelated runs (torchrun's default)."""
+
+
 class AuthenticationError(ShardguardError, PermissionError):
     """A peer message without a valid token made with the job's secret (DESIGN.md §6)."""
+
+
+class UnsafePathError(ShardguardError, PermissionError):
+    """A path that another user owns or can replace (a directory, a socket, a file at one of
+    the daemon's names, a symlink): not trusted, never followed or written through."""
+
+
+class IntoMismatchError(RestoreError, ValueError):
+    """``restore(into=...)``: a tensor, array or key of ``into`` has no equal in the snapshot."""
 
 
 STATUS_OF: dict[type[ShardguardError], grpc.StatusCode] = {
@@ -109,7 +122,9 @@ STATUS_OF: dict[type[ShardguardError], grpc.StatusCode] = {
     RestoreTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     CodecError: grpc.StatusCode.INTERNAL,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    JobNameError: grpc.StatusCode.INVALID_ARGUMENT,
     AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
+    UnsafePathError: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 ERROR_METADATA_KEY = "sg-error"

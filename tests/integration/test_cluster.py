@@ -266,3 +266,26 @@ def test_a_daemon_crash_mid_run_is_taken_over_by_its_restart(local_cluster, refe
         if proc.poll() is None:
             finish(proc, timeout=1)
         cluster.down(str(root))
+
+
+def test_the_last_step_is_protected_after_wait(local_cluster, tmp_path: Path) -> None:
+    """The trainer's last snapshot is skipped (an earlier one is still being protected:
+    node 0 stalls 5 s before sending its pieces of a step from step 3 on, longer than the
+    rest of the run takes); ``client.wait()`` at the end of training takes it, so the
+    newest restorable step is the last step trained."""
+    steps = 10
+    root = local_cluster(2, 2, 1, env={"SHARDGUARD_TEST_DAEMON_FAULT": "sealed@3@0:slow",
+                                       "SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S": "5"})
+    out = tmp_path / "run"
+    assert train(root, out, 2, steps) == 0, trainer_log(out)
+    for rank in range(2):
+        taken = (out / f"snapshots.{rank}").read_text().split()
+        assert str(steps - 1) not in taken, taken  # the loop's last snapshot was skipped
+    deadline = time.monotonic() + 30
+    while min(restorable(root, i) for i in range(2)) < steps - 1 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [restorable(root, i) for i in range(2)] == [steps - 1] * 2
+    # A relaunch resumes after the last step: nothing left to train, nothing lost.
+    assert train(root, out, 2, steps) == 0, trainer_log(out)
+    assert restored_steps(out, 2) == {str(steps - 1)}
