@@ -6,15 +6,17 @@ What it does, on one machine:
 
 1. starts a local cluster of ``--nodes`` daemons (``shardguard cluster``; group
    size 4, parity 1) under ``demo-out/run-*/cluster``;
-2. trains a tiny GPT (examples/gpt.py) on ``--nodes`` gloo ranks, one per node,
-   each started the way torchrun starts a worker (RANK, WORLD_SIZE,
-   MASTER_ADDR, MASTER_PORT), snapshotting every step;
+2. trains a tiny GPT (examples/gpt.py) with the real ``torchrun``: one elastic
+   agent per node (c10d rendezvous on 127.0.0.1, ``--rdzv-id demo-gpt``, which
+   names the job), one gloo rank each, snapshotting every step;
 3. at a random step (30-60 % of the run, drawn from ``--seed``) loses a node
-   for real: its daemon is SIGKILLed and its shared memory wiped, its rank is
-   SIGKILLed, and the other ranks are stopped as torchrun stops them; then a
-   replacement daemon starts empty in that slot and all ranks are relaunched:
-   they restore the newest restorable step (the replacement rebuilds the lost
-   rank's state from the survivors' data and parity) and go on;
+   for real: its daemon is SIGKILLed and its shared memory wiped, its agent and
+   rank are SIGKILLed, and the job fails; a replacement daemon starts empty in
+   that slot and the job is relaunched, the replacement's agent joining last, so
+   the rendezvous renumbers the nodes and ranks move (a survivor may run the lost
+   node's rank): every rank restores the newest restorable step from wherever its
+   bytes are (its old node, or decoded from the survivors' data and parity) and
+   goes on;
 4. trains the same job again without interruption and without shardguard, and
    checks that every loss and every final tensor is bit-for-bit the same;
 5. plots both loss curves to ``demo-out/loss.png`` if matplotlib is installed.
@@ -62,7 +64,8 @@ FAIL_WINDOW = (0.3, 0.6)
 # As torchrun: SIGTERM to the surviving workers, SIGKILL after this grace.
 STOP_GRACE_S = 5.0
 PHASE_TIMEOUT_S = 600.0
-PARENT_ENV = "SHARDGUARD_DEMO_PARENT"
+# Which local node an agent stands for (its worker writes it down: the demo's map of ranks).
+NODE_ENV = "SHARDGUARD_DEMO_NODE"
 
 
 # ============================================================== one rank (--worker)
@@ -70,9 +73,11 @@ PARENT_ENV = "SHARDGUARD_DEMO_PARENT"
 
 def worker(args: argparse.Namespace) -> None:
     """One rank of the job: train, snapshot every step, resume from the newest snapshot."""
-    _die_with_parent()
+    _pdeathsig()  # a worker must not outlive its agent
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = Path(args.out)
+    with open(out / f"node.{rank}", "a", encoding="utf-8") as fh:
+        fh.write(f"{os.environ[NODE_ENV]}\n")
     # One thread per rank: the ranks share two cores, and one thread keeps the maths in one order.
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # env://, as under torchrun
@@ -90,6 +95,7 @@ def worker(args: argparse.Namespace) -> None:
 
     client, start = None, 0
     if not args.no_snapshot:
+        # The job name is torchrun's --rdzv-id; the socket is $SHARDGUARD_SOCKET.
         client = sg.connect(group_size=min(GROUP_SIZE, world), parity=PARITY)
         client.protect(opt)
         restored = client.latest()
@@ -128,94 +134,116 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
-    """A rank must not outlive the demo that launched it (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.environ.get(PARENT_ENV) and os.getppid() != int(os.environ[PARENT_ENV]):
-        os._exit(1)  # the parent died before the death signal was armed
-
-
 # ============================================================== the launcher
 
 
-class Ranks:
-    """The job's ranks as torchrun's local agent runs them: one process per rank, env://
-    rendezvous, and when one fails the others are stopped (SIGTERM, then SIGKILL)."""
+def _pdeathsig() -> None:
+    """In a child, before exec: die with the demo (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
-    def __init__(self, out: Path, world: int, steps: int, seed: int,
-                 sockets: list[str] | None) -> None:
+
+class Agents:
+    """The job as torchrun runs it on ``len(nodes)`` nodes: one real elastic agent per node
+    (``torchrun``, c10d rendezvous on 127.0.0.1, run id = the job name), one worker each.
+
+    The rendezvous numbers the agents by host and pid, so on this one host the order in
+    which they start decides which node runs which rank, as on a real cluster the
+    order in which nodes join does. ``nodes`` is the launch order: (node, its socket or
+    None for a run without shardguard).
+    """
+
+    def __init__(self, out: Path, nodes: list[tuple[int, str | None]], steps: int,
+                 seed: int) -> None:
         self.out = out
-        self.world = world
+        self.nodes = [n for n, _ in nodes]
         out.mkdir(parents=True, exist_ok=True)
         port = _free_port()
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
         try:
-            self._launch(steps, seed, sockets, port)
+            for node, sock in nodes:
+                self._launch(node, sock, len(nodes), steps, seed, port)
         except BaseException:
             self.stop()
             raise
 
-    def _launch(self, steps: int, seed: int, sockets: list[str] | None, port: int) -> None:
-        out, world = self.out, self.world
-        for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
-                   "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1", "SHARDGUARD_JOB": JOB, PARENT_ENV: str(os.getpid())}
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out),
-                   "--steps", str(steps), "--seed", str(seed)]
-            if sockets is None:
-                cmd.append("--no-snapshot")
-            else:
-                env["SHARDGUARD_SOCKET"] = sockets[rank]  # rank i lives on node i
-            with open(out / f"rank{rank}.log", "ab") as log:
-                # Own session: a Ctrl-C reaches the demo, which stops the ranks in order.
-                self.procs.append(subprocess.Popen(
-                    cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True))
+    def _launch(self, node: int, sock: str | None, nnodes: int, steps: int, seed: int,
+                port: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               # torch 2.13: workers restarted by an agent die in init_process_group when
+               # they share the rendezvous store (a known PyTorch issue; README, torchrun).
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+        env.pop("SHARDGUARD_JOB", None)  # the job name comes from --rdzv-id
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", JOB,
+               "--max-restarts", "0", "--monitor-interval", "0.2",
+               str(Path(__file__).resolve()), "--worker", "--out", str(self.out),
+               "--steps", str(steps), "--seed", str(seed)]
+        if sock is None:
+            cmd.append("--no-snapshot")
+        else:
+            env["SHARDGUARD_SOCKET"] = sock
+        env[NODE_ENV] = str(node)
+        with open(self.out / f"agent-node{node}.log", "ab") as log:
+            # Own session: a Ctrl-C reaches the demo, which stops the agents in order.
+            self.procs[node] = subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_pdeathsig)
 
-    def kill(self, rank: int) -> None:
+    def kill(self, node: int) -> None:
+        """The node is gone: its agent and its worker die at once."""
         with contextlib.suppress(ProcessLookupError):
-            self.procs[rank].send_signal(signal.SIGKILL)
+            os.killpg(self.procs[node].pid, signal.SIGKILL)
+        self.procs[node].wait()
 
     def failed(self) -> list[int]:
-        return [r for r, p in enumerate(self.procs) if p.poll() not in (None, 0)]
+        return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
 
     def done(self) -> bool:
-        return all(p.poll() == 0 for p in self.procs)
+        return all(p.poll() == 0 for p in self.procs.values())
 
     def stop(self) -> list[int]:
-        """Stop every rank still running; returns the ranks that had to be stopped."""
+        """Stop every agent still running (and its worker); returns their nodes."""
         with _uninterruptible():
             return self._stop()
 
     def _stop(self) -> list[int]:
-        running = [r for r, p in enumerate(self.procs) if p.poll() is None]
-        for r in running:
+        running = [n for n, p in self.procs.items() if p.poll() is None]
+        for n in running:
             with contextlib.suppress(ProcessLookupError):
-                self.procs[r].send_signal(signal.SIGTERM)
+                os.killpg(self.procs[n].pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for r in running:
+        for n in running:
             try:
-                self.procs[r].wait(max(0.0, deadline - time.monotonic()))
+                self.procs[n].wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.procs[r].kill()
-                self.procs[r].wait()
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.procs[n].pid, signal.SIGKILL)
+            self.procs[n].wait()
         return running
 
-    def describe_exit(self, rank: int) -> str:
-        rc = self.procs[rank].returncode
+    def describe_exit(self, node: int) -> str:
+        rc = self.procs[node].returncode
         if rc is None:
             return "running"
         if rc < 0:
             return f"killed by {signal.Signals(-rc).name}"
         return f"exit code {rc}"
 
-    def log_tail(self, rank: int, lines: int = 15) -> str:
-        text = (self.out / f"rank{rank}.log").read_text(errors="replace").splitlines()
+    def log_tail(self, node: int, lines: int = 15) -> str:
+        text = (self.out / f"agent-node{node}.log").read_text(errors="replace").splitlines()
         return "\n".join("    | " + line for line in text[-lines:])
+
+    def placement(self) -> dict[int, int]:
+        """rank -> node, as the rendezvous placed them (each worker writes its node)."""
+        out = {}
+        for path in self.out.glob("node.*"):
+            lines = path.read_text().split()
+            if lines:
+                out[int(path.suffix[1:])] = int(lines[-1])
+        return out
 
 
 def _free_port() -> int:
@@ -290,7 +318,8 @@ class Progress:
 @dataclass
 class Failure:
     node: int
-    after_step: int  # the last step the lost rank finished
+    after_step: int  # the last step the lost node's rank finished
+    rank: int = -1  # the rank the lost node ran
     restored: int | None = None  # the step every rank resumed from
     lost_at: float = 0.0  # time.monotonic() of the loss
 
@@ -299,68 +328,97 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def wait_for(ranks: Ranks, progress: Progress, what: str) -> None:
-    """Wait for every rank to finish; on a failure stop the rest and raise."""
+def wait_for(agents: Agents, progress: Progress, what: str) -> None:
+    """Wait for every agent to finish; on a failure stop the rest and raise."""
     deadline = time.monotonic() + PHASE_TIMEOUT_S
-    while not ranks.done():
+    while not agents.done():
         progress.update()
-        if ranks.failed():
-            bad = ranks.failed()[0]
-            ranks.stop()
-            raise DemoError(f"{what}: rank {bad} {ranks.describe_exit(bad)}; its log:\n"
-                            f"{ranks.log_tail(bad)}")
+        if agents.failed():
+            bad = agents.failed()[0]
+            agents.stop()
+            raise DemoError(f"{what}: node {bad}'s agent {agents.describe_exit(bad)}; its "
+                            f"log:\n{agents.log_tail(bad)}")
         if time.monotonic() > deadline:
-            ranks.stop()
+            agents.stop()
             raise DemoError(f"{what}: not done within {PHASE_TIMEOUT_S:.0f}s")
         time.sleep(0.05)
     progress.update()
 
 
+def _placement(agents: Agents, world: int, what: str) -> dict[int, int]:
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    while len(placed := agents.placement()) < world:
+        if agents.failed() or agents.done() or time.monotonic() > deadline:
+            bad = (agents.failed() or [agents.nodes[0]])[0]
+            raise DemoError(f"{what}: the ranks did not start: node {bad}'s agent "
+                            f"{agents.describe_exit(bad)}; its log:\n{agents.log_tail(bad)}")
+        time.sleep(0.05)
+    return placed
+
+
 def train_and_lose_a_node(cdir: str, out: Path, world: int, steps: int, seed: int,
                           fail: Failure, fail_after: int) -> None:
-    say(f"\n== training on {world} ranks, snapshotting every step; node {fail.node} will be "
-        f"lost after step {fail_after}")
-    ranks = Ranks(out, world, steps, seed, cluster.sockets(cdir))
+    say(f"\n== training on {world} nodes with torchrun (one elastic agent per node, c10d "
+        f"rendezvous), snapshotting every step; node {fail.node} will be lost after step "
+        f"{fail_after}")
+    socks = cluster.sockets(cdir)
+    agents = Agents(out, [(n, socks[n]) for n in range(world)], steps, seed)
     progress = Progress("train", out, steps)
     try:
+        placed = _placement(agents, world, "training")
+        say("  the rendezvous placed " + ", ".join(f"rank {r} on node {placed[r]}"
+                                                   for r in sorted(placed)))
+        fail.rank = next(r for r, n in placed.items() if n == fail.node)
         deadline = time.monotonic() + PHASE_TIMEOUT_S
         while True:
-            rows = read_rows(out, fail.node)
+            rows = read_rows(out, fail.rank)
             if rows and rows[-1].step >= fail_after:
                 break
-            if ranks.failed() or ranks.done() or time.monotonic() > deadline:
-                bad = (ranks.failed() or [0])[0]
-                raise DemoError(f"training ended before the failure point: rank {bad} "
-                                f"{ranks.describe_exit(bad)}; its log:\n{ranks.log_tail(bad)}")
+            if agents.failed() or agents.done() or time.monotonic() > deadline:
+                bad = (agents.failed() or [agents.nodes[0]])[0]
+                raise DemoError(f"training ended before the failure point: node {bad}'s "
+                                f"agent {agents.describe_exit(bad)}; its log:\n"
+                                f"{agents.log_tail(bad)}")
             progress.update()
             time.sleep(0.005)
-        # A node is lost: its daemon and its rank die together, its memory with them.
+        # A node is lost: its daemon, its agent and its rank die together, its memory too.
         cluster.kill(cdir, fail.node)
-        ranks.kill(fail.node)
+        agents.kill(fail.node)
         fail.lost_at = time.monotonic()
-        fail.after_step = read_rows(out, fail.node)[-1].step
+        fail.after_step = read_rows(out, fail.rank)[-1].step
         progress.update()
         say(f"  XX node {fail.node} lost after step {fail.after_step}: daemon SIGKILLed, "
-            f"its shared memory wiped, rank {fail.node} SIGKILLed")
-        ranks.procs[fail.node].wait()
-        stopped = ranks.stop()
-        say(f"  rank {fail.node} {ranks.describe_exit(fail.node)}: the launcher stops the "
-            f"other ranks, as torchrun does (stopped {stopped})")
+            f"its shared memory wiped, its torchrun agent and rank {fail.rank} SIGKILLed")
+        stopped = agents.stop()
+        say(f"  the job fails (the other ranks lose their peer); the scheduler stops the "
+            f"other nodes' agents {stopped} and relaunches the job")
     finally:
-        ranks.stop()
+        agents.stop()
 
 
 def replace_node_and_resume(cdir: str, out: Path, world: int, steps: int, seed: int,
-                            fail: Failure) -> None:
-    say(f"\n== replacing node {fail.node} and resuming")
+                            fail: Failure, before: dict[int, int]) -> None:
+    say(f"\n== replacing node {fail.node} and relaunching with torchrun")
     pid = cluster.start(cdir, fail.node)
     say(f"  replacement daemon for node {fail.node} is up (pid {pid}), its memory empty")
-    ranks = Ranks(out, world, steps, seed, cluster.sockets(cdir))
+    socks = cluster.sockets(cdir)
+    # The survivors' agents join first and the replacement last, as on a cluster where
+    # the spare node is brought in: the rendezvous renumbers the nodes accordingly.
+    order = [n for n in range(world) if n != fail.node] + [fail.node]
+    agents = Agents(out, [(n, socks[n]) for n in order], steps, seed)
     progress = Progress("resume", out, steps)
     try:
-        wait_for(ranks, progress, "resumed training")
+        placed = _placement(agents, world, "resumed training")
+        moved = [r for r in sorted(placed) if placed[r] != before.get(r)]
+        say("  the rendezvous placed " + ", ".join(
+            f"rank {r} on node {placed[r]}" + (f" (was {before[r]})" if r in moved else "")
+            for r in sorted(placed)))
+        if moved:
+            say(f"  ranks {moved} moved to other nodes: each restores from wherever its "
+                f"bytes are (its old node, or parity)")
+        wait_for(agents, progress, "resumed training")
     finally:
-        ranks.stop()
+        agents.stop()
     restored = read_restored(out, world)
     if len(restored) != 1:
         raise DemoError(f"the ranks restored different steps: {sorted(restored)}")
@@ -373,7 +431,8 @@ def replace_node_and_resume(cdir: str, out: Path, world: int, steps: int, seed: 
             f"{fail.restored + 1}")
     if progress.first_row_at is not None:
         say(f"  training again {progress.first_row_at - fail.lost_at:.1f}s after the loss "
-            f"(new daemon, {world} new rank processes importing torch, rebuild, restore)")
+            f"(new daemon, {world} torchrun agents and rank processes importing torch, "
+            f"rendezvous, rebuild, restore)")
     log = Path(cdir, f"node-{fail.node}", "daemon.log").read_text(errors="replace")
     rebuilt = [line for line in log.splitlines() if "rebuilt ranks" in line]
     if rebuilt:
@@ -382,12 +441,12 @@ def replace_node_and_resume(cdir: str, out: Path, world: int, steps: int, seed: 
 
 
 def train_reference(out: Path, world: int, steps: int, seed: int) -> None:
-    say("\n== the same training, uninterrupted and without shardguard")
-    ranks = Ranks(out, world, steps, seed, sockets=None)
+    say("\n== the same training, uninterrupted and without shardguard (torchrun again)")
+    agents = Agents(out, [(n, None) for n in range(world)], steps, seed)
     try:
-        wait_for(ranks, Progress("reference", out, steps), "reference training")
+        wait_for(agents, Progress("reference", out, steps), "reference training")
     finally:
-        ranks.stop()
+        agents.stop()
 
 
 # ============================================================== comparing the runs
@@ -563,7 +622,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with local_cluster(run_dir / "cluster", args.nodes) as cdir:
         train_and_lose_a_node(cdir, first, args.nodes, args.steps, seed, fail, fail_after)
-        replace_node_and_resume(cdir, second, args.nodes, args.steps, seed, fail)
+        before = {r: int(n) for r, n in ((int(p.suffix[1:]), p.read_text().split()[-1])
+                                         for p in first.glob("node.*"))}
+        replace_node_and_resume(cdir, second, args.nodes, args.steps, seed, fail, before)
     train_reference(ref, args.nodes, args.steps, seed)
 
     before, after, reference = loss_curves(first, second, ref)
