@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools test test-slow faults demo bench clean
+.PHONY: install tools test test-slow faults demo bench gpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -62,6 +62,15 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# The CUDA path, on a machine with a GPU (under 8 minutes): the CUDA tests, then a short
+# benchmark (device-to-host copy into the arena against pinned cudaMemcpy; the step time of
+# a small GPT with a snapshot every step against none) into bench/results/gpu.json.
+gpu: install
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+	  'make gpu needs CUDA: torch ' + torch.__version__ + ' sees no GPU on this machine')"
+	$(BIN)/python -m pytest -m gpu --durations=10 tests/integration/test_cuda.py $(PYTEST_ARGS)
+	$(BIN)/python bench/bench_gpu.py --require-cuda
 
 clean:
 	rm -rf $(VENV) build *.egg-info proto/*_pb2*.py
