@@ -5,6 +5,7 @@ from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     CorruptionError,
     DaemonUnavailableError,
     InsufficientPiecesError,
+    IntoMismatchError,
     InvalidRequestError,
     JobNameError,
     LeaseError,
@@ -17,4 +18,5 @@ from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     SlotStateError,
     StepOrderError,
     UnknownJobError,
+    UnsafePathError,
 )

@@ -9,6 +9,7 @@ import os
 
 from shardguard.daemon.errors import ArenaFormatError, BudgetExceededError
 from shardguard.proto import arena as fmt
+from shardguard.proto import safefile
 
 logger = logging.getLogger(__name__)
 
@@ -25,16 +26,16 @@ class Arena:
 
     @classmethod
     def create(cls, path: str, header: fmt.Header) -> "Arena":
-        """Create the file 0600 (it must not exist) and allocate every page now.
+        """Create the file 0600 (it must not exist, and nothing planted at its name is
+        followed) and allocate every page now.
 
         Pages are allocated up front because writing into fresh tmpfs pages runs at
         a tenth of the speed of writing into allocated ones: the cost belongs at
         register, not inside a snapshot.
         """
         size = fmt.arena_bytes(header.slot_bytes, header.nslots)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = safefile.open_new(path, os.O_RDWR, 0o600)
         try:
-            os.fchmod(fd, 0o600)
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
@@ -55,8 +56,12 @@ class Arena:
 
     @classmethod
     def adopt(cls, path: str) -> tuple["Arena", fmt.Header]:
-        """Map an existing arena (after a daemon restart) and parse its header."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        """Map an existing arena (after a daemon restart) and parse its header.
+
+        Raises:
+            UnsafePathError: a symlink or another user's file is at ``path``.
+        """
+        fd = safefile.open_owned(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
             if size < fmt.HEADER_BYTES:

@@ -3,7 +3,10 @@ socket, ports and shared-memory prefix (``shardguard cluster up|kill|start|down`
 
 Node i lives in ``DIR/node-<i>/``: ``agent.sock`` (point a rank at it with
 SHARDGUARD_SOCKET), ``daemon.pid``, ``daemon.log``. ``kill`` loses a node as a
-real failure would: SIGKILL, and its shared memory gone.
+real failure would: SIGKILL, and its shared memory gone. The shared-memory directory is
+the one a daemon would use (``SHARDGUARD_SHM_DIR``, the config file, else /dev/shm), fixed
+at ``up`` in ``cluster.json`` and given to every daemon as a flag, so that ``kill`` and
+``down`` free the files where the daemons made them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass
 import grpc
 import psutil
 
+from shardguard.daemon import config as cfg
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ConfigError
@@ -41,6 +45,8 @@ class ClusterSpec:
     # and base_port + 2i + 1 (data), as a production daemon does on fixed ports: a
     # daemon restarted in its slot is found where the job's node list says.
     base_port: int = 0
+    # Where the daemons keep their arenas (a spec written before this field: /dev/shm).
+    shm_dir: str = SHM_DIR
 
     def node_dir(self, root: str, i: int) -> str:
         return os.path.join(root, f"node-{i}")
@@ -77,7 +83,10 @@ def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0) 
     budget = int(psutil.virtual_memory().available * 0.6 / nodes)
     if base_port and not 1024 <= base_port <= 65535 - 2 * nodes:
         raise ConfigError(f"base port {base_port}: need 1024 <= port <= {65535 - 2 * nodes}")
-    spec = ClusterSpec(nodes, group_size, parity, f"shardguard-c{tag}", budget, base_port)
+    # What a daemon would resolve (env, config file); any socket will do for that.
+    shm_dir = cfg.load(overrides={"socket": os.path.join(root, "agent.sock")}).shm_dir
+    spec = ClusterSpec(nodes, group_size, parity, f"shardguard-c{tag}", budget, base_port,
+                       shm_dir)
     # The nodes' shared secret, as the Slurm prolog makes one per job: peers authenticate.
     fd = os.open(_secret_path(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -104,7 +113,8 @@ def start(root: str, node: int, spec: ClusterSpec | None = None,
         raise ConfigError(f"node {node} is already running (pid {_pid(d)})")
     sock = os.path.join(d, "agent.sock")
     argv = [sys.executable, "-m", "shardguard.daemon", "--socket", sock,
-             "--shm-prefix", spec.node_prefix(node), "--host", "127.0.0.1",
+             "--shm-prefix", spec.node_prefix(node), "--shm-dir", spec.shm_dir,
+             "--host", "127.0.0.1",
              "--control-port", str(spec.base_port + 2 * node if spec.base_port else 0),
              "--data-port", str(spec.base_port + 2 * node + 1 if spec.base_port else 0),
              "--group-size", str(spec.group_size),
@@ -141,7 +151,7 @@ def kill(root: str, node: int, keep_memory: bool = False) -> None:
     _signal(pid, signal.SIGKILL)
     _wait_dead(pid, 10.0)
     if not keep_memory:
-        _wipe(spec.node_prefix(node))
+        _wipe(spec.shm_dir, spec.node_prefix(node))
 
 
 def down(root: str) -> None:
@@ -156,8 +166,8 @@ def down(root: str) -> None:
         pid = _pid(d)
         _wait_dead(pid, 10.0)
         _signal(pid, signal.SIGKILL)
-        _wipe(spec.node_prefix(i))
-        for name in ("daemon.pid", "agent.sock"):
+        _wipe(spec.shm_dir, spec.node_prefix(i))
+        for name in ("daemon.pid", "agent.sock", "agent.sock.lock"):
             try:
                 os.unlink(os.path.join(d, name))
             except FileNotFoundError:
@@ -216,8 +226,8 @@ def _wait_dead(pid: int, timeout_s: float) -> None:
         time.sleep(0.01)
 
 
-def _wipe(prefix: str) -> None:
-    for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + ".*")):
+def _wipe(shm_dir: str, prefix: str) -> None:
+    for path in glob.glob(os.path.join(shm_dir, glob.escape(prefix) + ".*")):
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import psutil
 
+from shardguard.daemon import cgroup
 from shardguard.daemon.errors import ConfigError
 from shardguard.daemon.logs import FORMATS as LOG_FORMATS
 from shardguard.proto.paths import default_socket_path
@@ -51,7 +52,8 @@ class Config:
     socket: str = field(default_factory=default_socket_path)
     shm_dir: str = "/dev/shm"
     shm_prefix: str = "shardguard"
-    # 0 means: memory_budget_fraction of what psutil reports available at start.
+    # 0 means: memory_budget_fraction of the memory available at start: what psutil
+    # reports, or what the daemon's cgroup still allows when that is less.
     memory_budget_bytes: int = 0
     memory_budget_fraction: float = 0.5
     grpc_workers: int = 16
@@ -133,10 +135,26 @@ class Config:
             raise ConfigError("tier_timeout_s must be > 0")
 
     def budget_bytes(self) -> int:
-        """The memory budget in force: the configured one, else a fraction of available memory."""
+        return self.budget()[0]
+
+    def budget(self) -> tuple[int, str]:
+        """The memory budget in force, and which limit it comes from (for the log).
+
+        The configured one, else ``memory_budget_fraction`` of the memory the daemon may
+        take: the host's available memory, or the room its cgroup leaves (limit minus
+        usage, the tightest of its cgroup and their ancestors, v2 or v1) when less.
+        """
         if self.memory_budget_bytes:
-            return self.memory_budget_bytes
-        return int(psutil.virtual_memory().available * self.memory_budget_fraction)
+            return self.memory_budget_bytes, "memory_budget_bytes"
+        f = self.memory_budget_fraction
+        host = psutil.virtual_memory().available
+        room = cgroup.memory_room()
+        if room is not None and room.room_bytes < host:
+            return int(room.room_bytes * f), (
+                f"{f} of what cgroup {room.where} leaves ({room.room_bytes} bytes: limit "
+                f"{room.limit_bytes}, in use {room.used_bytes}; the host has {host} available)")
+        also = "" if room is None else f"; cgroup {room.where} leaves {room.room_bytes}"
+        return int(host * f), f"{f} of the host's available memory ({host} bytes{also})"
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

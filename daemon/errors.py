@@ -19,4 +19,5 @@ from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     SlotStateError,
     StepOrderError,
     UnknownJobError,
+    UnsafePathError,
 )

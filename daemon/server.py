@@ -15,6 +15,7 @@ from shardguard.daemon.agent import AgentService, DecodeGuard
 from shardguard.daemon.auth import ServerInterceptor, add_peer_port
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import ConfigError
+from shardguard.daemon.lock import PidLock
 from shardguard.daemon.metrics import Metrics, MetricsServer, StateCollector
 from shardguard.daemon.observe import AGENT_SERVICE, PEER_SERVICE, Health, PeerProbe, node_state
 from shardguard.daemon.peers import PeerService
@@ -23,7 +24,8 @@ from shardguard.daemon.store import Store
 from shardguard.daemon.tier import Tier
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
-from shardguard.proto.paths import grpc_target
+from shardguard.proto import safefile
+from shardguard.proto.paths import grpc_target, prepare_socket_dir
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +47,11 @@ class Daemon:
         self.log = logger or globals()["logger"]
         if not os.path.isdir(config.shm_dir):
             raise ConfigError(f"shm_dir {config.shm_dir} is not a directory")
+        safefile.check_dir(config.shm_dir)
         self.metrics = Metrics(process=True)
-        self.store = Store(config.shm_dir, config.shm_prefix, config.budget_bytes(),
+        budget, why = config.budget()
+        self.log.info("memory budget %d bytes: %s", budget, why)
+        self.store = Store(config.shm_dir, config.shm_prefix, budget,
                            verify_on_restore=config.verify_on_restore, metrics=self.metrics)
         self.tier = Tier(config, self.store)
         if self.tier.enabled:
@@ -61,15 +66,40 @@ class Daemon:
         self._peer_server: grpc.Server | None = None
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
+        sock = config.socket
+        self._locks = [PidLock(sock + ".lock", f"socket {sock}"),
+                       PidLock(os.path.join(config.shm_dir, f"{config.shm_prefix}.lock"),
+                               f"shm prefix {config.shm_prefix!r} in {config.shm_dir}")]
 
     def start(self) -> None:
-        """Adopt what a previous daemon left, then listen on the Unix socket."""
+        """Take the socket and the prefix, adopt what a previous daemon left, then listen."""
+        self._lock()  # before anything is touched: a second daemon must change nothing
+        try:
+            self._start()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock(self) -> None:
+        """Own the socket and the shm prefix for the daemon's life (daemon/lock.py)."""
+        prepare_socket_dir(self.config.socket)
+        try:
+            for lock in self._locks:
+                lock.acquire()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
+
+    def _start(self) -> None:
         self._start_metrics()  # first: a port it cannot bind fails the start before any serving
         adopted = self.store.adopt()
         sock = self.config.socket
-        os.makedirs(os.path.dirname(os.path.abspath(sock)), mode=0o700, exist_ok=True)
-        if os.path.exists(sock):
-            os.unlink(sock)  # left by a daemon that died; we are its replacement
+        # Left by a daemon that died (we hold its lock now): we are its replacement.
+        safefile.remove(sock)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers,
                                        thread_name_prefix="sg-agent"),
@@ -190,8 +220,10 @@ class Daemon:
             self.protector.close()
         self.tier.close()
         self.store.close()
-        try:
-            os.unlink(self.config.socket)
-        except FileNotFoundError:
-            pass
+        if self._locks[0].held:  # never another daemon's socket
+            try:
+                os.unlink(self.config.socket)
+            except FileNotFoundError:
+                pass
+        self._unlock()
         self.log.info("stopped")

@@ -44,9 +44,11 @@ from shardguard.daemon.errors import (
     SlotStateError,
     StepOrderError,
     UnknownJobError,
+    UnsafePathError,
 )
 from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
+from shardguard.proto import safefile
 from shardguard.proto.arena import ChecksumAlgo, SlotState
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ JOB_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_WORLD = 1 << 20
 MAX_MANIFEST_BYTES = 256 << 20
 META_VERSION = 1
+#: A meta file's temporary as versions before issue 15 named it (after the writing thread).
+_LEGACY_TMP = re.compile(r"\.meta\.tmp\d+$")
 
 
 @dataclass
@@ -246,6 +250,7 @@ class Store:
                 raise InvalidRequestError(
                     f"job {job} holds snapshots of a world of size {rec.world_size}; drop the "
                     f"job to start it with world size {world_size}")
+            new_job = rec is None
             if rec is None:
                 rec = JobRecord(job, world_size, local)
             rr = rec.ranks.get(rank)
@@ -253,10 +258,18 @@ class Store:
                 raise RankClaimedError(
                     f"job {job} rank {rank} is held by live process {rr.pid}")
             self._check_budget(rr.arena.size if rr else 0, fmt.arena_bytes(slot_bytes))
-            if rr is None:
-                rr = self._new_rank(rec, rank, slot_bytes)
-            elif rr.slot_bytes < slot_bytes:
-                rr = self._grow(rec, rr, slot_bytes)
+            if new_job:
+                # Before any arena: a meta file name another user holds refuses the job here.
+                self._persist(rec)
+            try:
+                if rr is None:
+                    rr = self._new_rank(rec, rank, slot_bytes)
+                elif rr.slot_bytes < slot_bytes:
+                    rr = self._grow(rec, rr, slot_bytes)
+            except BaseException:
+                if new_job:
+                    _unlink(self._meta_path(job))
+                raise
             rec.local_ranks = local
             rec.topology = topology
             rec.ranks[rank] = rr
@@ -288,6 +301,7 @@ class Store:
             for rr in rec.ranks.values():
                 rr.arena.unlink()
             _unlink(self._meta_path(job))
+            self._remove_leftovers(f"{self.prefix}.{job}.")  # nothing of the job stays behind
             del self._jobs[job]
             self._blocks = {k: v for k, v in self._blocks.items() if k[0] != job}  # per rank
             self.metrics.forget(job)
@@ -640,6 +654,8 @@ class Store:
 
     def adopt(self) -> int:
         """Re-adopt the jobs a previous daemon left in shm; returns how many."""
+        for path in self._remove_leftovers(self.prefix + "."):
+            logger.info("removed %s, a write a previous daemon did not finish", path)
         pattern = os.path.join(self.shm_dir, glob.escape(self.prefix) + ".*.meta")
         adopted = 0
         for meta_path in sorted(glob.glob(pattern)):
@@ -656,8 +672,9 @@ class Store:
         return adopted
 
     def _adopt_job(self, meta_path: str) -> JobRecord:
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        # Only a regular file of this daemon's user, never through a symlink: in a shared
+        # shm dir anyone can create a file at the name of a job's meta file.
+        meta = json.loads(safefile.read_owned(meta_path))
         if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
             raise ValueError(f"not a version {META_VERSION} meta file")
         job = meta["job"]
@@ -684,6 +701,8 @@ class Store:
             path = os.path.join(self.shm_dir, fmt.arena_name(self.prefix, job, rank))
             try:
                 arena, header = Arena.adopt(path)
+            except UnsafePathError:
+                raise  # a symlink or another user's file: never mapped, never written
             except (OSError, ArenaFormatError) as exc:
                 # The header is only a mirror: rebuild it from the meta when the file is sound.
                 logger.warning("job=%s rank=%d arena header unusable (%s); rewriting it",
@@ -784,7 +803,7 @@ class Store:
 
     def _new_rank(self, rec: JobRecord, rank: int, slot_bytes: int) -> RankRecord:
         path = os.path.join(self.shm_dir, fmt.arena_name(self.prefix, rec.job, rank))
-        _unlink(path)  # a stale file the meta no longer knows of
+        safefile.remove(path)  # a stale file the meta no longer knows of
         header = fmt.Header(slot_bytes, rank, rec.world_size, rec.job,
                             tuple(fmt.SlotDesc() for _ in range(fmt.NSLOTS)))
         arena = Arena.create(path, header)
@@ -792,18 +811,21 @@ class Store:
 
     def _grow(self, rec: JobRecord, rr: RankRecord, slot_bytes: int) -> RankRecord:
         """A bigger arena, keeping the restorable slot's bytes in the same slot index."""
-        tmp = rr.arena.path + ".grow"
-        _unlink(tmp)
+        tmp = safefile.temp_path(rr.arena.path)
         header = fmt.Header(slot_bytes, rr.rank, rec.world_size, rec.job,
                             tuple(fmt.SlotDesc() for _ in range(fmt.NSLOTS)))
         arena = Arena.create(tmp, header)
         slots = [SlotRecord() for _ in range(fmt.NSLOTS)]
-        for i, s in enumerate(rr.slots):
-            if s.state == SlotState.RESTORABLE:
-                used = s.manifest_offset + s.manifest_bytes
-                arena.slot(i, slot_bytes)[:used] = rr.arena.slot(i, rr.slot_bytes)[:used]
-                slots[i] = dataclasses.replace(s)
-        os.rename(tmp, rr.arena.path)
+        try:
+            for i, s in enumerate(rr.slots):
+                if s.state == SlotState.RESTORABLE:
+                    used = s.manifest_offset + s.manifest_bytes
+                    arena.slot(i, slot_bytes)[:used] = rr.arena.slot(i, rr.slot_bytes)[:used]
+                    slots[i] = dataclasses.replace(s)
+            safefile.replace(tmp, rr.arena.path)
+        except BaseException:
+            arena.unlink()
+            raise
         arena.path = rr.arena.path
         rr.arena.close()
         logger.info("grew arena: slot_bytes %d -> %d", rr.slot_bytes, slot_bytes,
@@ -818,11 +840,28 @@ class Store:
         self._persist(rec)
         self._write_header(rec, rr)
 
+    def _remove_leftovers(self, names: str) -> list[str]:
+        """Remove the temporaries of this daemon's user that a write cut short left (ENOSPC,
+        a crash) among the files whose names start with ``names``: this version's, and the
+        ``<meta>.tmp<thread id>`` of older ones. Returns their paths."""
+        removed = safefile.clean_temps(self.shm_dir, names)
+        for name in os.listdir(self.shm_dir):
+            path = os.path.join(self.shm_dir, name)
+            try:
+                if name.startswith(names) and _LEGACY_TMP.search(name) \
+                        and os.lstat(path).st_uid == os.geteuid():
+                    os.unlink(path)
+                    removed.append(path)
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove
+        return removed
+
     def _meta_path(self, job: str) -> str:
         return os.path.join(self.shm_dir, fmt.meta_name(self.prefix, job))
 
     def _persist(self, rec: JobRecord) -> None:
-        """Write the job's meta file atomically (write, then rename over the old one)."""
+        """Write the job's meta file atomically (a new file, then renamed over the old one;
+        nothing planted at either name is followed, proto/safefile.py)."""
         doc: dict[str, Any] = {
             "version": META_VERSION, "job": rec.job, "world_size": rec.world_size,
             "local_ranks": list(rec.local_ranks), "restorable_step": rec.restorable_step,
@@ -831,12 +870,7 @@ class Store:
                                "slots": [_slot_doc(s) for s in rr.slots]}
                       for r, rr in rec.ranks.items()},
         }
-        path = self._meta_path(rec.job)
-        tmp = f"{path}.tmp{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh)
-        os.rename(tmp, path)
+        safefile.write_atomic(self._meta_path(rec.job), json.dumps(doc).encode())
 
 
 def _slot_doc(s: SlotRecord) -> dict[str, int]:
@@ -920,7 +954,7 @@ def _process_start(pid: int) -> float:
 
 
 def _remap(path: str, slot_bytes: int) -> Arena:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = safefile.open_owned(path, os.O_RDWR)
     size = os.fstat(fd).st_size
     if size != fmt.arena_bytes(slot_bytes):
         os.close(fd)

@@ -61,6 +61,7 @@ from shardguard.daemon.codec import crc32c
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import ConfigError, CorruptionError, ShardguardError
 from shardguard.daemon.store import FlushHold, Store
+from shardguard.proto import safefile
 from shardguard.proto import tier as layout
 from shardguard.proto.arena import align_up
 
@@ -395,8 +396,10 @@ class Tier:
             parsed = layout.parse_step_name(name)
             path = os.path.join(where, name)
             if parsed is None:
-                if name.startswith(layout.POINTER + ".") and name.endswith(".part"):
-                    os.unlink(path)  # a pointer update that crashed before its rename
+                # A pointer update that crashed before its rename (".part": older versions).
+                if name.startswith(layout.POINTER + ".") and (safefile.is_temp(name)
+                                                              or name.endswith(".part")):
+                    safefile.remove(path)
                 continue
             s, token = parsed
             if token is not None and s <= step:

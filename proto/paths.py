@@ -1,8 +1,15 @@
-"""Where the local daemon's socket lives: the daemon binds and the client finds it the same way."""
+"""Where the local daemon's socket lives: the daemon binds and the client finds it the same way.
+
+A socket directory is trusted only when this user (or root) owns it and no one else can
+write to it (proto/safefile.py): the per-user default in /tmp is a predictable name that
+another user could create first and fill with a socket of their own.
+"""
 
 from __future__ import annotations
 
 import os
+
+from shardguard.proto import safefile
 
 SOCKET_ENV = "SHARDGUARD_SOCKET"
 # The Slurm prolog (deploy/slurm/prolog.sh) runs one daemon per job in
@@ -14,7 +21,18 @@ DEFAULT_RUN_DIR = "/run/shardguard"
 def default_socket_path() -> str:
     """``$SHARDGUARD_SOCKET``, else the socket of this Slurm job's daemon if there is
     one, else ``$XDG_RUNTIME_DIR/shardguard/agent.sock``, else
-    ``/run/shardguard/agent.sock`` as root, else a per-user path in /tmp."""
+    ``/run/shardguard/agent.sock`` as root, else a per-user path in /tmp.
+
+    Raises:
+        UnsafePathError: the socket, or its directory, belongs to another user (not root)
+            or can be written by others: it may lead to someone else's process.
+    """
+    path = _default_socket_path()
+    safefile.check_socket(path)
+    return path
+
+
+def _default_socket_path() -> str:
     env = os.environ.get(SOCKET_ENV)
     if env:
         return env
@@ -37,6 +55,16 @@ def slurm_job_socket() -> str | None:
     run_dir = os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
     path = os.path.join(run_dir, f"job-{job}", "agent.sock")
     return path if os.path.exists(path) else None
+
+
+def prepare_socket_dir(socket_path: str) -> None:
+    """The daemon's side: create the socket's directory 0700 if missing, and refuse one that
+    cannot be trusted (another user's, or writable by others).
+
+    Raises:
+        UnsafePathError: see :func:`shardguard.proto.safefile.check_dir`.
+    """
+    safefile.ensure_dir(os.path.dirname(os.path.abspath(socket_path)))
 
 
 def grpc_target(socket_path: str) -> str:

@@ -28,6 +28,8 @@ import re
 import shutil
 from typing import Any
 
+from shardguard.proto import safefile
+
 #: ``format`` of step.json and of every rank's shardguard.json.
 FORMAT = "shardguard-tier/1"
 POINTER = "latest"
@@ -92,13 +94,7 @@ def read_doc(path: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ durability
 
 
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory ``path`` (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_dir = safefile.fsync_dir
 
 
 def fsync_tree(path: str) -> None:
@@ -114,23 +110,9 @@ def fsync_tree(path: str) -> None:
 
 
 def write_durably(path: str, data: bytes) -> None:
-    """Replace ``path`` by ``data`` all or nothing: write a temporary file, fsync it,
-    rename it over ``path``, fsync the directory."""
-    tmp = f"{path}.{os.getpid()}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(os.path.dirname(path) or ".")
+    """Replace ``path`` by ``data`` all or nothing: a new temporary file (never one planted
+    at its name), fsynced, renamed over ``path``, then the directory fsynced."""
+    safefile.write_atomic(path, data, durable=True)
 
 
 def remove_tree(path: str) -> None:

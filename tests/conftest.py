@@ -5,13 +5,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -26,23 +27,40 @@ _STARTED: list["DaemonProc"] = []
 
 
 class DaemonProc:
-    """A real ``shardguard daemon`` subprocess with its own socket and shm prefix."""
+    """A real ``shardguard daemon`` subprocess with its own socket and shm prefix.
 
-    def __init__(self, workdir: Path, prefix: str, extra: list[str] | None = None) -> None:
+    ``user`` runs it as another uid (the test must be root), with ``python`` (the command
+    that runs ``-m module`` for that user; default this interpreter); ``launcher`` is put
+    before the command (a wrapper that, say, moves it into a cgroup and then execs it).
+    """
+
+    def __init__(self, workdir: Path, prefix: str, extra: list[str] | None = None, *,
+                 user: int | None = None, python: list[str] | None = None,
+                 launcher: list[str] | None = None) -> None:
         self.workdir = workdir
         self.socket = str(workdir / "agent.sock")
         self.prefix = prefix
         self.extra = extra or []
+        self.user = user
+        self.python = python or [sys.executable]
+        self.launcher = launcher or []
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the process and return at once (see :meth:`start`)."""
+        ids = {} if self.user is None else {
+            "user": self.user, "group": pwd.getpwuid(self.user).pw_gid, "extra_groups": []}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.launcher, *self.python, "-m", "shardguard.daemon", "--socket",
+                 self.socket, "--shm-prefix", self.prefix, "--log-level", "DEBUG", *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **ids)
+        return self.proc
+
     def start(self, timeout_s: float = 30.0) -> "DaemonProc":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardguard.daemon", "--socket", self.socket,
-             "--shm-prefix", self.prefix, "--log-level", "DEBUG", *self.extra],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -92,10 +110,12 @@ def daemon_factory(tmp_path: Path) -> Iterator:
     """Start real daemons; every one is stopped and its shm freed at the end of the test."""
     made: list[DaemonProc] = []
 
-    def make(extra: list[str] | None = None, start: bool = True) -> DaemonProc:
-        workdir = tmp_path / f"node{len(made)}"
-        workdir.mkdir()
-        d = DaemonProc(workdir, f"{TEST_PREFIX}{uuid.uuid4().hex[:10]}", extra)
+    def make(extra: list[str] | None = None, start: bool = True, *,
+             workdir: Path | None = None, **kwargs: Any) -> DaemonProc:
+        if workdir is None:
+            workdir = tmp_path / f"node{len(made)}"
+            workdir.mkdir()
+        d = DaemonProc(workdir, f"{TEST_PREFIX}{uuid.uuid4().hex[:10]}", extra, **kwargs)
         made.append(d)
         _STARTED.append(d)
         return d.start() if start else d

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -51,6 +53,53 @@ def run_trainer(out: Path, job: str, socket: str, world: int, steps: int, *,
     with open(out / "trainer.log", "ab") as log:
         return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
                                 stdout=log, stderr=subprocess.STDOUT)
+
+
+def unreachable_for_others() -> list[str]:
+    """Directories on the way to this code that another user cannot traverse (a process
+    that runs as another user imports from them, lazily too)."""
+    import shardguard.proto
+
+    bad = []
+    for start in (Path(shardguard.proto.__file__).resolve(), Path(sys.prefix).resolve()):
+        for d in start.parents:
+            if not os.stat(d).st_mode & 0o001:
+                bad.append(str(d))
+    return bad
+
+
+# Runs a module or code with another interpreter's stdlib but this environment's packages:
+# argv = [BOOT, site-packages, "-m" | "-c", module or code, args...].
+_BOOT = ("import runpy, site, sys\n"
+         "site.addsitedir(sys.argv[1])\n"
+         "mode, what = sys.argv[2], sys.argv[3]\n"
+         "sys.argv = [what, *sys.argv[4:]]\n"
+         "if mode == '-m':\n"
+         "    runpy.run_module(what, run_name='__main__', alter_sys=True)\n"
+         "else:\n"
+         "    exec(compile(what, '<string>', 'exec'), {'__name__': '__main__'})\n")
+
+
+def python_for_others() -> list[str] | None:
+    """How another user runs Python with this environment's packages (the command, to be
+    followed by ``-m module`` or ``-c code`` and arguments); None when they cannot.
+
+    This interpreter if they can reach it; else, when it lies under a directory they
+    cannot enter (a pyenv build under /root), a system Python of the same version,
+    without its own site-packages (``-S``), with this environment's added.
+    """
+    if unreachable_for_others():
+        return None
+    exe = Path(os.path.realpath(sys.executable))
+    if not any(not os.stat(d).st_mode & 0o001 for d in [*exe.parents,
+                                                        *Path(sys.base_prefix).parents]):
+        return [sys.executable]
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    other = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
+    if other is None or any(not os.stat(d).st_mode & 0o001
+                            for d in Path(os.path.realpath(other)).parents):
+        return None
+    return [other, "-S", "-c", _BOOT, sysconfig.get_paths()["purelib"]]
 
 
 def trainer_log(out: Path) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from shardguard.daemon import cluster
-from _support import finish, run_trainer, status_of_socket, trainer_log
+from _support import finish, run_trainer, status_of_socket, trainer_log, unreachable_for_others
 
 FAULT_CATEGORY = "rogue process of another user without the secret: read, write, drop, spoof"
 FAULT_OUTCOME = "every attempt refused; the job untouched, restorable, bit-exact"
@@ -122,24 +122,11 @@ def drop_to_nobody() -> None:
     os.setuid(NOBODY)
 
 
-def _unreachable_for_others() -> list[str]:
-    """Directories on the way to this code that another user cannot traverse (the rogue,
-    once it is ``nobody``, may still import lazily from them)."""
-    import shardguard.proto
-
-    bad = []
-    for start in (Path(shardguard.proto.__file__).resolve(), Path(sys.prefix).resolve()):
-        for d in start.parents:
-            if not os.stat(d).st_mode & 0o001:
-                bad.append(str(d))
-    return bad
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
 def test_a_rogue_user_without_the_secret_gets_nothing(tmp_path: Path) -> None:
-    if _unreachable_for_others():
+    if unreachable_for_others():
         pytest.skip(f"the code lies under directories other users cannot enter: "
-                    f"{_unreachable_for_others()}")
+                    f"{unreachable_for_others()}")
     root = tmp_path / "c"
     cluster.up(str(root), 4, 4, 1)
     try:

@@ -8,11 +8,12 @@ import re
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from shardguard.daemon import config
+from shardguard.daemon.cgroup import CgroupRoom
 from shardguard.daemon.config import Config, ConfigError, load, parse_bytes
 from shardguard.proto.paths import default_socket_path
 
@@ -274,17 +275,41 @@ def test_config_errors_are_value_errors() -> None:
 # --------------------------------------------------------------------------
 
 
-def test_budget_is_a_fraction_of_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def host_memory(monkeypatch: pytest.MonkeyPatch) -> Callable[[CgroupRoom | None], None]:
+    """10 GB available on the host; the daemon's cgroup as the test says (None: no limit)."""
     monkeypatch.setattr(config.psutil, "virtual_memory",
                         lambda: SimpleNamespace(available=10_000_000_000, total=16 << 30))
+
+    def cgroup_room(room: CgroupRoom | None) -> None:
+        monkeypatch.setattr(config.cgroup, "memory_room", lambda: room)
+
+    cgroup_room(None)
+    return cgroup_room
+
+
+def test_budget_is_a_fraction_of_available_memory(host_memory) -> None:
     assert Config().budget_bytes() == 5_000_000_000
     assert Config(memory_budget_fraction=0.25).budget_bytes() == 2_500_000_000
     assert Config(memory_budget_fraction=1.0).budget_bytes() == 10_000_000_000
+    assert Config().budget()[1] == "0.5 of the host's available memory (10000000000 bytes)"
 
 
-def test_explicit_budget_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config.psutil, "virtual_memory",
-                        lambda: SimpleNamespace(available=10_000_000_000, total=16 << 30))
+def test_budget_fits_the_cgroup_when_it_leaves_less(host_memory) -> None:
+    """Issue 15, item 6: inside a 320 MiB cgroup, half the host's memory got the daemon
+    OOM-killed; the budget is a fraction of what the cgroup leaves."""
+    host_memory(CgroupRoom("/sys/fs/cgroup/job", 320 << 20, 64 << 20))
+    budget, why = Config().budget()
+    assert budget == (256 << 20) // 2
+    assert why.startswith("0.5 of what cgroup /sys/fs/cgroup/job leaves (268435456 bytes: "
+                          "limit 335544320, in use 67108864; the host has 10000000000")
+    host_memory(CgroupRoom("/sys/fs/cgroup/big", 64 << 30, 0))  # the host is tighter
+    budget, why = Config().budget()
+    assert budget == 5_000_000_000 and "cgroup /sys/fs/cgroup/big leaves" in why
+
+
+def test_explicit_budget_wins(host_memory) -> None:
+    host_memory(CgroupRoom("/sys/fs/cgroup/job", 320 << 20, 0))
     assert Config(memory_budget_bytes=1 << 30, memory_budget_fraction=0.1).budget_bytes() == 1 << 30
 
 

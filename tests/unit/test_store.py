@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -685,6 +686,71 @@ def test_drop_removes_the_files(shm: Shm) -> None:
     # The job starts over from nothing, even with another world size.
     reg = store.register("j", 0, 1, SLOT, PID, [0])
     assert reg.restorable_step is None and snap(store, reg, "j", 0, payload(0)) == (0, 0)
+
+
+# ------------------------------------------------------ what other users can plant
+# Issue 15, items 4, 9 and 10: the shm directory is everyone's. Real symlinks planted at the
+# daemon's names must never be written through; files of other users are never adopted.
+
+
+def test_meta_is_never_written_through_a_planted_symlink(shm: Shm, tmp_path: Path) -> None:
+    """The meta file was written through ``<meta>.tmp<thread id>`` with O_TRUNC: a symlink
+    there made a root daemon truncate and overwrite the file it points at."""
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"root's file\n")
+    meta = Path(shm.path(fmt.meta_name(shm.prefix, "j")))
+    for name in (f"{meta}.tmp{threading.get_ident()}", str(meta),
+                 fmt.arena_name(shm.prefix, "j", 0)):
+        Path(shm.path(name)).symlink_to(precious)
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    snap(store, reg, "j", 0, payload(0))
+    assert precious.read_bytes() == b"root's file\n"
+    assert not meta.is_symlink() and json.loads(meta.read_text())["restorable_step"] == 0
+    assert not Path(reg.arena_path).is_symlink()
+
+
+def test_an_arena_symlink_is_never_adopted(shm: Shm, tmp_path: Path) -> None:
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    snap(store, reg, "j", 0, payload(0))
+    store.close()
+    precious = tmp_path / "precious"
+    precious.write_bytes(os.urandom(fmt.arena_bytes(SLOT)))  # the size an arena would have
+    before = precious.read_bytes()
+    os.unlink(reg.arena_path)
+    os.symlink(precious, reg.arena_path)
+    again = shm.store()
+    assert again.adopt() == 0
+    assert precious.read_bytes() == before  # no header written into it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of another user needs root (chown)")
+def test_a_meta_file_of_another_user_is_not_adopted(shm: Shm, caplog) -> None:
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    snap(store, reg, "j", 0, payload(0))
+    store.close()
+    os.chown(shm.path(fmt.meta_name(shm.prefix, "j")), 65534, 65534)
+    with caplog.at_level(logging.ERROR, STORE_LOG):
+        assert shm.store().adopt() == 0
+    assert "uid 65534" in caplog.text and "not trusted" in caplog.text
+
+
+def test_leftover_temporaries_go_at_drop_and_at_restart(shm: Shm) -> None:
+    """A ``*.meta.tmp<thread>`` left by an interrupted write (ENOSPC) used to survive both."""
+    store = shm.store()
+    for job in ("j", "k"):
+        store.register(job, 0, 1, SLOT, PID, [0])
+    meta_j, meta_k = (shm.path(fmt.meta_name(shm.prefix, job)) for job in ("j", "k"))
+    for leftover in (f"{meta_j}.tmp140737", f"{meta_j}.0123456789abcdef.tmp",
+                     f"{meta_k}.tmp99", f"{meta_k}.fedcba9876543210.tmp"):
+        Path(leftover).write_bytes(b"half a meta")
+    store.drop("j")
+    assert shm.files() == sorted(shm.job_files("k", 0) + [os.path.basename(meta_k) + t for t in
+                                                         (".fedcba9876543210.tmp", ".tmp99")])
+    assert shm.restart(store).adopt() == 1
+    assert shm.files() == shm.job_files("k", 0)
 
 
 def test_ranks_may_agree_on_the_previous_step_which_rolls_the_node_back(shm: Shm) -> None:
