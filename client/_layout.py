@@ -21,7 +21,7 @@ import torch
 
 from shardguard.proto import manifest as mf
 from shardguard.proto.arena import align_up
-from shardguard.proto.errors import ManifestError, RestoreError
+from shardguard.proto.errors import IntoMismatchError, ManifestError, RestoreError
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
@@ -171,8 +171,89 @@ def copy_leaf(lf: Leaf, u8: torch.Tensor, arr: np.ndarray, base: int,
 
 def rebuild(doc: dict[str, Any], u8: torch.Tensor, arr: np.ndarray, base: int, into: Any,
             allow_pickle: bool, device_for: Callable[[str], torch.device]) -> Any:
-    """The state a manifest describes, its bytes copied out of the slot at ``base``."""
+    """The state a manifest describes, its bytes copied out of the slot at ``base``.
+
+    ``into`` (None: none) is overwritten in place. Everything it holds must have its equal
+    in the snapshot: each tensor and numpy array at the same path with the same dtype and
+    shape (arrays writable), each dict key present, each list or tuple of the same length.
+    What it leaves out (a missing key, None) is allocated; its plain values (numbers,
+    strings) are replaced by the snapshot's in the returned state.
+
+    Raises:
+        IntoMismatchError: the first path where ``into`` differs; nothing was copied.
+    """
+    if into is not None:
+        _check_into(doc["tree"], "state", into, u8, arr, base, allow_pickle)
     return _decode(doc["tree"], "state", u8, arr, base, into, allow_pickle, device_for)
+
+
+def _check_into(node: dict[str, Any], path: str, into: Any, u8: torch.Tensor, arr: np.ndarray,
+                base: int, allow_pickle: bool) -> None:
+    """Raise IntoMismatchError where ``into`` has no equal in the snapshot (see rebuild).
+
+    Every check runs before any byte is copied: a restore that cannot finish leaves
+    ``into`` as it was, not half overwritten.
+    """
+    if into is None:
+        return
+    t = node["t"]
+    if t == "tensor":
+        ok = isinstance(into, torch.Tensor) and list(into.shape) == node["shape"] \
+            and str(into.dtype).removeprefix("torch.") == node["dtype"]
+    elif t == "ndarray":
+        ok = isinstance(into, np.ndarray) and list(into.shape) == node["shape"] \
+            and into.dtype == mf.ndarray_dtype(node["dtype"]) and into.flags.writeable
+    elif t in ("list", "tuple"):
+        ok = isinstance(into, (list, tuple)) and len(into) == len(node["v"])
+    elif t == "dict":
+        ok = isinstance(into, dict)
+    else:  # a plain value: the snapshot's replaces it, unless it is something to fill
+        ok = not isinstance(into, (torch.Tensor, np.ndarray, list, tuple, dict))
+    if not ok:
+        raise IntoMismatchError(f"{path}: snapshot holds {_described(node)}, into holds "
+                                f"{_described_value(into)}; nothing was restored into it")
+    if t in ("list", "tuple"):
+        for i, (child, sub) in enumerate(zip(node["v"], into)):
+            _check_into(child, f"{path}[{i}]", sub, u8, arr, base, allow_pickle)
+    elif t == "dict":
+        keys = {_decode(kn, f"{path}.key{i}", u8, arr, base, None, allow_pickle,
+                        lambda _: torch.device("cpu")): vn
+                for i, (kn, vn) in enumerate(zip(node["k"], node["v"]))}
+        for key, sub in into.items():
+            if key not in keys:
+                raise IntoMismatchError(f"{path}[{key!r}]: not in the snapshot (it holds keys "
+                                        f"{_some(keys)}); nothing was restored into it")
+            _check_into(keys[key], f"{path}[{key!r}]", sub, u8, arr, base, allow_pickle)
+
+
+def _described(node: dict[str, Any]) -> str:
+    t = node["t"]
+    if t == "tensor":
+        return f"{node['dtype']}{node['shape']}"
+    if t == "ndarray":
+        return f"ndarray {mf.ndarray_dtype(node['dtype'])}{node['shape']}"
+    if t in ("list", "tuple"):
+        return f"a {t} of {len(node['v'])}"
+    return _a(t)
+
+
+def _described_value(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+    if isinstance(x, np.ndarray):
+        return f"{'' if x.flags.writeable else 'a read-only '}ndarray {x.dtype}{list(x.shape)}"
+    if isinstance(x, (list, tuple)):
+        return f"a {type(x).__name__} of {len(x)}"
+    return _a(type(x).__name__)
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {noun}"
+
+
+def _some(keys: dict[Any, Any], most: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:most])
+    return f"[{shown}{', ...' if len(keys) > most else ''}]"
 
 
 def _decode(node: dict[str, Any], path: str, u8: torch.Tensor, arr: np.ndarray, base: int,
@@ -183,12 +264,7 @@ def _decode(node: dict[str, Any], path: str, u8: torch.Tensor, arr: np.ndarray, 
         if dtype is None:
             raise ManifestError(f"{path}: unknown tensor dtype {node['dtype']!r}")
         src = tensor_view(u8, base + node["off"], dtype, node["shape"])
-        if isinstance(into, torch.Tensor):
-            if into.dtype != dtype or list(into.shape) != node["shape"]:
-                raise RestoreError(
-                    f"{path}: snapshot holds {node['dtype']}{node['shape']}, the tensor to "
-                    f"restore into is {str(into.dtype).removeprefix('torch.')}"
-                    f"{list(into.shape)}")
+        if isinstance(into, torch.Tensor):  # its dtype and shape match: _check_into
             with torch.no_grad():
                 into.copy_(src)
             return into
@@ -198,8 +274,7 @@ def _decode(node: dict[str, Any], path: str, u8: torch.Tensor, arr: np.ndarray, 
     if t == "ndarray":
         off, n = base + node["off"], node["n"]
         a = arr[off:off + n].view(mf.ndarray_dtype(node["dtype"])).reshape(node["shape"])
-        if isinstance(into, np.ndarray) and into.dtype == a.dtype and into.shape == a.shape \
-                and into.flags.writeable:
+        if isinstance(into, np.ndarray):  # of the same dtype and shape, writable: _check_into
             np.copyto(into, a)
             return into
         return a.copy()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shardguard.client as sg
-from shardguard.client.errors import RestoreError
+from shardguard.client.errors import IntoMismatchError, RestoreError
 
 
 def _all_dtypes() -> dict[str, torch.Tensor]:
@@ -104,6 +104,23 @@ def test_restore_into_mismatched_shape_raises(daemon) -> None:
         with pytest.raises(RestoreError, match=r"state\['w'\]"):
             c.restore(into={"w": torch.zeros(5)})
         assert c.restore()[0] == 0
+
+
+def test_restore_into_other_keys_raises_and_changes_nothing(daemon) -> None:
+    """Issue 15 item 12: a key of ``into`` the snapshot does not hold used to be skipped in
+    silence (fresh tensors returned, ``into`` left stale); now it is refused like a shape."""
+    with sg.connect(daemon.socket, "into-keys") as c:
+        c.snapshot(0, {"w": torch.ones(4), "b": torch.ones(2)}).wait()
+        mine = {"b": torch.zeros(2), "weight": torch.zeros(4)}
+        with pytest.raises(RestoreError, match=r"state\['weight'\]: not in the snapshot") as err:
+            c.restore(into=mine)  # every rank raises a RestoreError; this rank's says why
+        assert isinstance(err.value, IntoMismatchError) \
+            or isinstance(err.value.__cause__, IntoMismatchError)
+        assert torch.equal(mine["b"], torch.zeros(2)) and torch.equal(mine["weight"],
+                                                                      torch.zeros(4))
+        step, got = c.restore(into={"b": mine["b"]})  # what it leaves out is allocated
+    assert step == 0 and got["b"] is mine["b"] and torch.equal(mine["b"], torch.ones(2))
+    assert torch.equal(got["w"], torch.ones(4))
 
 
 def test_changed_structure_is_replanned(daemon) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from shardguard.client._layout import Leaf, Plan, copy_leaf, flatten, rebuild, tensor_view
 from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
-from shardguard.proto.errors import ManifestError, RestoreError
+from shardguard.proto.errors import IntoMismatchError, ManifestError, RestoreError
 
 SLOT_BYTES = 1 << 20
 
@@ -484,12 +484,52 @@ def test_rebuild_into_parameters_and_views() -> None:
 
 
 def test_rebuild_into_allocates_what_is_missing() -> None:
-    s = Slot({"a": torch.ones(2), "b": torch.full((3,), 2.0), "c": np.ones(2)})
-    target = {"a": torch.zeros(2), "c": np.zeros(2, dtype=np.float32)}  # no b; c of another dtype
+    s = Slot({"a": torch.ones(2), "b": torch.full((3,), 2.0), "c": np.ones(2), "d": [1, 2]})
+    target = {"a": torch.zeros(2), "c": None, "d": [5, None]}  # no b; c left out too
     got = s.rebuild(into=target)
     assert got["a"] is target["a"] and torch.equal(got["b"], torch.full((3,), 2.0))
-    assert got["c"] is not target["c"] and got["c"].dtype == np.float64
-    assert np.array_equal(target["c"], np.zeros(2))
+    assert got["c"].dtype == np.float64 and np.array_equal(got["c"], np.ones(2))
+    assert got["d"] == [1, 2]  # plain values come from the snapshot
+
+
+def snapshot_for_into() -> Slot:
+    return Slot({"a": torch.ones(2), "c": np.ones(2), "n": [torch.ones(3), 4],
+                 "t": (torch.ones(1),), "lr": 0.1})
+
+
+# One rule for every mismatch (issue 15, item 12): what ``into`` holds must have its equal
+# in the snapshot, else a clear error naming the first path that differs, and nothing of
+# ``into`` is touched (here "a", checked first, matches and must still be zeros).
+@pytest.mark.parametrize("extra, message", [
+    ({"weight": torch.zeros(2)}, r"state\['weight'\]: not in the snapshot \(it holds keys "
+                                 r"\['a', 'c', 'n', 't', 'lr'\]\)"),
+    ({"c": np.zeros(2, dtype=np.float32)},
+     r"state\['c'\]: snapshot holds ndarray float64\[2\], into holds ndarray float32\[2\]"),
+    ({"c": np.zeros(2).view()}, None),  # a writable view: fine (checked below)
+    ({"c": np.broadcast_to(np.zeros(1), (2,))},
+     r"state\['c'\]: .* into holds a read-only ndarray"),
+    ({"c": torch.zeros(2, dtype=torch.float64)},
+     r"state\['c'\]: snapshot holds ndarray float64\[2\], into holds float64\[2\]"),
+    ({"n": [torch.zeros(3)]}, r"state\['n'\]: snapshot holds a list of 2, into holds a list of 1"),
+    ({"n": [torch.zeros(3), torch.zeros(1)]},
+     r"state\['n'\]\[1\]: snapshot holds an int, into holds float32\[1\]"),
+    ({"t": (torch.zeros(2),)}, r"state\['t'\]\[0\]: snapshot holds float32\[1\], "
+                              r"into holds float32\[2\]"),
+    ({"lr": {"x": 1}}, r"state\['lr'\]: snapshot holds a float, into holds a dict"),
+    ({"c": [1.0, 1.0]}, r"state\['c'\]: snapshot holds ndarray float64\[2\], into holds a list of 2"),
+])
+def test_rebuild_into_a_mismatch_raises_and_changes_nothing(extra: dict, message: str | None
+                                                            ) -> None:
+    s = snapshot_for_into()
+    target = {"a": torch.zeros(2), **extra}
+    if message is None:
+        got = s.rebuild(into=target)
+        assert got["c"] is target["c"] and np.array_equal(target["c"], np.ones(2))
+        return
+    with pytest.raises(IntoMismatchError, match=message) as err:
+        s.rebuild(into=target)
+    assert isinstance(err.value, RestoreError) and "nothing was restored" in str(err.value)
+    assert torch.equal(target["a"], torch.zeros(2))  # nothing copied, not even what matched
 
 
 @pytest.mark.parametrize("into, message", [
