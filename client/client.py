@@ -272,11 +272,15 @@ class Client:
                 f"job {self.job} step {step}: snapshot refused on another rank")
         if decision == "skip":
             self._skips += 1
-            if self._skips == SKIP_WARNING:
+            if self._skips % SKIP_WARNING == 0 and self._skips // SKIP_WARNING in (1, 2, 4, 8,
+                                                                               16, 32):
+                # The daemon names the cause when it knows it (clock skew, a port that
+                # does not answer, mismatched config, a link too slow for the step rate).
+                why = self._stall() or "is a node or its daemon down?"
                 logger.warning(
                     "job=%s rank=%d: %d snapshots skipped in a row (step %s not yet "
-                    "restorable everywhere): is a node or its daemon down?", self.job,
-                    self.rank, self._skips, self._last.step if self._last else None)
+                    "restorable everywhere): %s", self.job, self.rank, self._skips,
+                    self._last.step if self._last else None, why)
             self._pending = (step, state, pickle_ok)
             return SnapshotHandle(step, skipped=True)
         skipped, self._skips = self._skips, 0
@@ -326,20 +330,56 @@ class Client:
     def _take_pending(self, timeout: float | None) -> None:
         """Take the skipped last snapshot once the step in flight has settled here.
 
-        Each rank first waits until its own previous step is sealed and restorable
-        (or given up, after ``protect_timeout_s``), so that the agreement inside
-        ``snapshot()`` finds every rank ready; a rank that was still behind makes
-        everyone skip once more, and the loop agrees again.
+        Each rank first waits until its own previous step is sealed and restorable,
+        so that the agreement inside ``snapshot()`` finds every rank ready; a rank
+        that was still behind makes everyone skip once more, and the loop agrees
+        again. Protection that cannot settle (the daemon unreachable, a stall its
+        daemon names, ``protect_timeout_s`` or ``timeout`` passed on any rank) gives
+        the last snapshot up on every rank, with a warning: every round is one
+        agreement on every rank, so the ranks leave the loop together.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = self.protect_timeout_s if timeout is None else min(timeout,
+                                                                  self.protect_timeout_s)
+        deadline = time.monotonic() + limit
         while self._pending is not None:
             step, state, pickle_ok = self._pending
-            while self._local_verdict()[0] in ("busy", "pending"):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"step {step}: the step before it did not settle "
-                                       f"within {timeout}s")
-                time.sleep(0.005)
+            why = self._settle(deadline)
+            hopeless = self._reduce_max([int(why is not None)])[0]
+            if hopeless:
+                self._pending = None
+                logger.warning("job=%s rank=%d: the last snapshot (step %d) was skipped and "
+                               "cannot be taken now: %s", self.job, self.rank, step,
+                               why or "protection did not settle on another rank")
+                return
             self.snapshot(step, state, allow_pickle=pickle_ok)
+
+    def _settle(self, deadline: float) -> str | None:
+        """Wait until this rank may take a snapshot; None, or why it cannot soon."""
+        next_look = 0.0
+        while self._local_verdict()[0] in ("busy", "pending"):
+            now = time.monotonic()
+            if now > deadline:
+                return "the step before it was not protected in time"
+            if self._lost_daemon:
+                return "the node's daemon does not answer"
+            if now >= next_look:
+                next_look = now + 0.5
+                stall = self._stall()
+                if stall:
+                    return stall
+            time.sleep(0.005)
+        return None
+
+    def _stall(self) -> str:
+        """Why the daemon says protection is stalled ("" when it does not, or is only slow)."""
+        try:
+            st = self._stub.Status(pb.StatusRequest(job=self.job), timeout=self.timeout_s)
+        except grpc.RpcError:
+            return ""
+        for js in st.jobs:
+            if js.job == self.job and js.stall_cause and js.stall_cause != "too_slow":
+                return f"{js.stall_cause}: {js.stall_detail}"
+        return ""
 
     def latest(self) -> int | None:
         """The newest restorable step, the same on every rank (rank 0 asks, all agree)."""
@@ -494,8 +534,8 @@ class Client:
             if time.monotonic() - h._sealed_at > self.protect_timeout_s:
                 h._given_up = True
                 logger.warning("job=%s rank=%d: step %d sealed but not restorable after %.0fs "
-                               "(a daemon lost it?); taking new snapshots", self.job,
-                               self.rank, h.step, self.protect_timeout_s)
+                               "(%s); taking new snapshots", self.job, self.rank, h.step,
+                               self.protect_timeout_s, self._stall() or "a daemon lost it?")
                 return "ready", None
             return "pending", None
         return "ready", None

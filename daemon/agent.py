@@ -19,7 +19,9 @@ from typing import Any, Callable, TypeVar
 import grpc
 
 from shardguard.daemon.errors import CorruptionError, InvalidRequestError, UnknownJobError
+from shardguard.daemon.auth import WINDOW_S
 from shardguard.daemon.protect import Protector, Topology
+from shardguard.daemon.stalls import Cause
 from shardguard.daemon.store import Store
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
@@ -190,10 +192,15 @@ class AgentService(pb_grpc.AgentServicer):
                                memory_budget_bytes=self.store.budget_bytes,
                                memory_used_bytes=self.store.used_bytes(),
                                uptime_s=time.monotonic() - self.started,
-                               metrics_address=self.metrics_address)
+                               metrics_address=self.metrics_address,
+                               default_group_size=self.defaults[0],
+                               default_parity=self.defaults[1], time_unix=time.time(),
+                               token_window_s=WINDOW_S)
         if self.protector is not None:
             reply.address.control = self.control_address
             reply.address.data = self.protector.plane.address
+            reply.secret_fingerprint = self.protector.auth.fingerprint()
+            reply.peer_tls = self.protector.tls is not None
         for rec in jobs:
             js = reply.jobs.add(job=rec.job, world_size=rec.world_size,
                                 local_ranks=list(rec.local_ranks))
@@ -235,6 +242,14 @@ class AgentService(pb_grpc.AgentServicer):
                 and int(idx) >= topo.placement.groups[int(where.split("/")[0])].k)
         if self.probe is not None:
             js.peers, js.peers_up = self.probe.counts(rec.topology)
+        stall = self.protector.stalls.get(rec.job) if self.protector is not None else None
+        if stall is not None:
+            js.stall_cause, js.stall_detail = stall.cause.value, stall.detail
+        elif self.probe is not None and (down := self.probe.down(rec.topology)):
+            data_only = all(d.endswith("(data port)") for d in down)
+            js.stall_cause = (Cause.DATA_UNREACHABLE if data_only
+                              else Cause.PEER_UNREACHABLE).value
+            js.stall_detail = "peers not answering: " + ", ".join(down)
 
     def _raise_failure(self, job: str) -> None:
         failure = self.protector.failure(job) if self.protector is not None else None

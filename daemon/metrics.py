@@ -178,6 +178,8 @@ class JobState:
     # many answered the last health probe. None: a one-node job, or probing is off.
     peers: int | None = None
     peers_up: int | None = None
+    # Why protection is stalled here ("": it is not), daemon/stalls.py.
+    stall_cause: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,10 @@ class StateCollector(Collector):
         up = GaugeMetricFamily(
             PREFIX + "peers_up", "Of those, how many answered the last health probe SERVING.",
             labels=["job"])
+        stalled = GaugeMetricFamily(
+            PREFIX + "protection_stalled", "1 while the job's protection is stalled on this "
+            "node, labelled with the cause (clock_skew, auth_failed, peer_unreachable, "
+            "data_unreachable, config_mismatch, too_slow, no_space).", labels=["job", "cause"])
         for j in st.jobs:
             held.add_metric([j.job, "arena"], j.arena_bytes)
             held.add_metric([j.job, "parity"], j.parity_bytes)
@@ -218,7 +224,9 @@ class StateCollector(Collector):
             if j.peers is not None and j.peers_up is not None:
                 peers.add_metric([j.job], j.peers)
                 up.add_metric([j.job], j.peers_up)
-        yield from (held, step, peers, up)
+            if j.stall_cause:
+                stalled.add_metric([j.job, j.stall_cause], 1)
+        yield from (held, step, peers, up, stalled)
 
 
 # -------------------------------------------------------------------- gRPC

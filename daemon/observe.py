@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,8 +48,8 @@ class Health:
         self._servicer.enter_graceful_shutdown()
 
 
-def peers_of(topology: dict | None) -> list[str]:
-    """Control addresses of the nodes this node exchanges a job's pieces with.
+def peers_of(topology: dict | None) -> list[tuple[str, str]]:
+    """(control, data) addresses of the nodes this node exchanges a job's pieces with.
 
     Those are the other nodes of its group (sources, encoders, parity holders)
     and the job's coordinator, node 0; not the whole job, so that a probe costs
@@ -59,7 +60,7 @@ def peers_of(topology: dict | None) -> list[str]:
     topo = Topology.from_doc(topology)
     nodes = set(topo.placement.group_of(topo.node_index).nodes) | {0}
     nodes.discard(topo.node_index)
-    return sorted({topo.nodes[i][0] for i in nodes})
+    return sorted({tuple(topo.nodes[i]) for i in nodes})  # type: ignore[misc]
 
 
 class PeerProbe:
@@ -67,14 +68,18 @@ class PeerProbe:
 
     A peer is up when its peer server answered the last check SERVING in time:
     within ``peer_timeout_s``, and within the interval (at least a second), so
-    that rounds do not pile up. Each distinct address is checked once per
-    round, the checks of a round in parallel.
+    that rounds do not pile up; and when its data port answered a ping (``ping``,
+    the data plane's): a control port that answers says nothing of the data
+    port. Each distinct address is checked once per round, the checks of a
+    round in parallel.
     """
 
     def __init__(self, store: Store, interval_s: float, peer_timeout_s: float,
-                 tls: tuple[bytes, bytes, bytes] | None = None) -> None:
+                 tls: tuple[bytes, bytes, bytes] | None = None,
+                 ping: Callable[[str, float], bool] | None = None) -> None:
         self.store = store
         self.tls = tls
+        self.ping = ping
         self.interval_s = interval_s
         self.timeout_s = min(peer_timeout_s, max(1.0, interval_s))
         self._up: dict[str, bool] = {}
@@ -98,7 +103,20 @@ class PeerProbe:
         """(peers, peers up) of a job; a peer not yet checked counts as down."""
         addresses = peers_of(topology)
         with self._lock:
-            return len(addresses), sum(self._up.get(a, False) for a in addresses)
+            return len(addresses), sum(self._up.get(c, False) and self._up.get(d, False)
+                                       for c, d in addresses)
+
+    def down(self, topology: dict | None) -> list[str]:
+        """The ports of a job's peers that did not answer the last check, in words (a peer
+        not checked yet is not listed)."""
+        out = []
+        with self._lock:
+            for control, data in peers_of(topology):
+                if self._up.get(control) is False:
+                    out.append(f"{control} (control port)")
+                if self._up.get(data) is False:
+                    out.append(f"{data} (data port)")
+        return out
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -110,19 +128,35 @@ class PeerProbe:
 
     def probe_once(self) -> None:
         wanted: set[str] = set()
+        datas: set[str] = set()
         for rec in self.store.jobs():
-            wanted.update(peers_of(rec.topology))
+            for control, data in peers_of(rec.topology):
+                wanted.add(control)
+                datas.add(data)
         for address in set(self._channels) - wanted:
             self._channels.pop(address).close()
         request = health_pb2.HealthCheckRequest(service=PEER_SERVICE)
         calls = {a: health_pb2_grpc.HealthStub(self._channel(a)).Check.future(
             request, timeout=self.timeout_s) for a in sorted(wanted)}
+        pings: dict[str, threading.Thread] = {}
+        pinged: dict[str, bool] = {}
+        for data in sorted(datas):
+            if self.ping is None:
+                pinged[data] = True
+                continue
+            t = pings[data] = threading.Thread(
+                target=lambda d=data: pinged.__setitem__(d, self.ping(d, self.timeout_s)),
+                daemon=True)
+            t.start()
         up = {}
         for address, call in calls.items():
             try:
                 up[address] = call.result().status == SERVING
             except grpc.RpcError:
                 up[address] = False
+        for data, t in pings.items():
+            t.join(self.timeout_s + 1)
+        up.update({d: pinged.get(d, False) for d in datas})
         with self._lock:
             before, self._up = self._up, up
         for address, ok in up.items():
@@ -144,8 +178,9 @@ class PeerProbe:
         return ch
 
 
-def node_state(store: Store, probe: PeerProbe | None) -> NodeState:
-    """What the gauges show, read now."""
+def node_state(store: Store, probe: PeerProbe | None,
+               stalls: Callable[[str], str] | None = None) -> NodeState:
+    """What the gauges show, read now (``stalls``: a job's stall cause, "" for none)."""
     jobs, known = [], set()
     records = store.jobs()
     for rec in records:
@@ -158,7 +193,8 @@ def node_state(store: Store, probe: PeerProbe | None) -> NodeState:
             peers, up = probe.counts(rec.topology)
         jobs.append(JobState(rec.job, rec.restorable_step,
                              sum(rr.arena.size for rr in list(rec.ranks.values())),
-                             other.get(rec.job, 0), peers, up))
+                             other.get(rec.job, 0), peers, up,
+                             stalls(rec.job) if stalls is not None else ""))
     return NodeState(store.budget_bytes, store.used_bytes(), jobs)
 
 

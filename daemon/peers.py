@@ -56,6 +56,11 @@ class PeerService(ppb_grpc.PeerServicer):
         return ppb.DropJobReply(arenas_freed=arenas, bytes_freed=freed)
 
     @handler
+    def Received(self, req: ppb.ReceivedRequest,
+                 context: grpc.ServicerContext) -> ppb.ReceivedReply:
+        return ppb.ReceivedReply(got=self.p.received(req))
+
+    @handler
     def VerifyLocal(self, req: ppb.VerifyLocalRequest,
                     context: grpc.ServicerContext) -> ppb.VerifyLocalReply:
         from shardguard.daemon.verify import check_node

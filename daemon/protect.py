@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -53,6 +54,7 @@ from shardguard.daemon.errors import (
     StepOrderError,
     UnknownJobError,
 )
+from shardguard.daemon.stalls import Cause, Stalls
 from shardguard.daemon.store import CRC_BLOCK_BYTES, SlotRecord, Store
 from shardguard.daemon.transport import DataPlane, reply_chunks
 from shardguard.proto import peer_pb2 as ppb
@@ -66,6 +68,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PIECE_ALIGN = placement.PIECE_ALIGN_BYTES
+#: Longest one ``Received`` call waits for a piece's bytes before answering how many came.
+RECEIVED_WAIT_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,10 @@ class Protector:
         self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
+        # Bytes of pushed pieces arriving (data at encoders, parity at holders): ``received``
+        # waits on it for the senders, which learn so that a piece really arrived.
+        self._arrived = threading.Condition()
+        self.stalls = Stalls()
         # The persistent tier (the daemon sets it when tier_dir is configured).
         self.tier: "Tier | None" = None
         self.auth = Authenticator(read_secret(config.secret_file) if config.secret_file
@@ -261,8 +269,11 @@ class Protector:
                     bufs, doc, lambda a=start, b=end: range_crc(segs, infos, a, b)))
             for j in jobs:
                 j.result()
-        except Exception:  # noqa: BLE001 - the step is simply never restorable
+        except ShardguardError as exc:  # a peer's answer: named, the step never restorable
+            self.stalls.record_error(job, exc, f"sending this node's pieces of step {step}")
+        except Exception as exc:  # noqa: BLE001 - the step is simply never restorable
             logger.exception("sending pieces failed", extra={"job": job, "step": step})
+            self.stalls.record_error(job, exc, f"sending this node's pieces of step {step}")
 
     def _payload(self, job: str, step: int
                  ) -> tuple[list[memoryview], list[dict[str, Any]], list[SegmentCrcs]]:
@@ -291,10 +302,70 @@ class Protector:
             job=job, step=step, stripe=stripe, group=grp.group, index=q, node=topo.node_index,
             piece_bytes=plen, real_bytes=real, crc=crc() if crc else crc_of(bufs), layout=layout),
             timeout=self.config.peer_timeout_s)
+        where = ppb.ReceivedRequest(job=job, step=step, group=grp.group, stripe=stripe, index=q)
         self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
                                          "stripe": stripe, "index": q}, bufs,
-                        on_frame=lambda: faults.point("mid-transfer", step, topo.node_index))
+                        on_frame=lambda: faults.point("mid-transfer", step, topo.node_index),
+                        delivered=lambda: self._await_delivery(where, real, encoder, control,
+                                                               data))
         self.store.metrics.bytes_sent(job, "data", real)
+
+    def _await_delivery(self, where: ppb.ReceivedRequest, expected: int, node: int,
+                        control: str, data: str) -> None:
+        """Block until ``expected`` bytes of a pushed piece arrived at ``node``.
+
+        ZeroMQ takes frames without saying whether they arrive: a blocked data
+        port or a dropping link would lose them silently. As long as bytes keep
+        arriving this waits (a slow link is slow, not broken; past
+        ``peer_timeout_s`` it is named as too slow); no byte for ``peer_timeout_s``
+        raises PeerUnavailableError naming the data port.
+        """
+        if expected == 0:
+            return
+        started = last_progress = time.monotonic()
+        have = 0
+        req = ppb.ReceivedRequest()
+        req.CopyFrom(where)
+        req.wait_ms, req.want = RECEIVED_WAIT_MS, expected
+        while True:
+            got = self._peer(control).Received(
+                req, timeout=self.config.peer_timeout_s + RECEIVED_WAIT_MS / 1000).got
+            now = time.monotonic()
+            if got >= expected:
+                break
+            if got > have:
+                have, last_progress = got, now
+            elif now - last_progress > self.config.peer_timeout_s:
+                raise PeerUnavailableError(
+                    f"data port {data} of node {node}: {got} of {expected} bytes of piece "
+                    f"{where.index} of group {where.group} stripe {where.stripe} arrived, none "
+                    f"for {now - last_progress:.0f}s: the data port is unreachable or the "
+                    f"link dropped them")
+        took = time.monotonic() - started
+        if took > self.config.peer_timeout_s:
+            self.stalls.record(where.job, Cause.TOO_SLOW, (
+                f"step {where.step}: {expected / 1e6:.1f} MB to node {node} ({data}) took "
+                f"{took:.0f}s ({expected / took / 1e6:.2f} MB/s); the trainers skip snapshots "
+                f"meanwhile"))
+
+    def received(self, req: ppb.ReceivedRequest) -> int:
+        """Bytes of a pushed piece that arrived here: a data piece at its encoder (index < k),
+        a parity piece at its holder. Waits up to ``req.wait_ms`` for ``req.want`` bytes."""
+        deadline = time.monotonic() + min(req.wait_ms, RECEIVED_WAIT_MS) / 1000
+        with self._arrived:
+            while True:
+                got = self._got(req)
+                left = deadline - time.monotonic()
+                if got >= req.want or left <= 0:
+                    return got
+                self._arrived.wait(left)
+
+    def _got(self, req: ppb.ReceivedRequest) -> int:
+        held = self._holdings.get((req.job, req.step, req.group, req.stripe, req.index))
+        if held is not None:
+            return held.got
+        enc = self._encodings.get((req.job, req.step, req.group, req.stripe))
+        return enc.got.get(req.index, 0) if enc is not None else 0
 
     # -------------------------------------------------------------- encoder
 
@@ -351,7 +422,9 @@ class Protector:
             codec = self._codec(enc.group.k, enc.group.m)
             with self.store.metrics.encoding(key[0], n):
                 codec.encode_update(q, payload, [p[off:off + n] for p in enc.parity])
-        enc.got[q] += n
+        with self._arrived:
+            enc.got[q] += n
+            self._arrived.notify_all()
         self.store.metrics.bytes_received(key[0], "data", n)
         if all(enc.got.get(i) == o.real_bytes for i, o in enc.offers.items()) \
                 and len(enc.offers) == enc.group.k and not enc.finished:
@@ -373,18 +446,25 @@ class Protector:
                 crc = crc32c(par)
                 pieces[str(grp.k + j)] = {"node": holder, "len": enc.piece_bytes, "crc": crc}
                 if j:
-                    self.plane.push(topo.nodes[holder][1], b"parity", {
+                    where = ppb.ReceivedRequest(job=job, step=step, group=group, stripe=stripe,
+                                                index=grp.k + j)
+                    control, data = topo.nodes[holder]
+                    self.plane.push(data, b"parity", {
                         "job": job, "step": step, "group": group, "stripe": stripe,
-                        "index": grp.k + j, "plen": enc.piece_bytes, "crc": crc}, [par.data])
+                        "index": grp.k + j, "plen": enc.piece_bytes, "crc": crc}, [par.data],
+                        delivered=lambda: self._await_delivery(where, len(par), holder,
+                                                               control, data))
                     self.store.metrics.bytes_sent(job, "parity", len(par))
             layouts = {str(o.node): json.loads(o.layout) for o in enc.offers.values()}
             enc.parity[1:] = []
             self._report(job, step, topo, {"kind": "stripe", "group": group, "stripe": stripe,
                                            "plen": enc.piece_bytes, "pieces": pieces,
                                            "layouts": layouts})
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             logger.exception("group %d stripe %d: finishing failed", group, stripe,
                              extra={"job": job, "step": step})
+            self.stalls.record_error(job, exc, f"finishing group {group} stripe {stripe} of "
+                                               f"step {step}")
 
     def _on_parity(self, h: dict[str, Any], payload: memoryview) -> None:
         job, step, group, stripe, index = (h["job"], int(h["step"]), int(h["group"]),
@@ -410,7 +490,9 @@ class Protector:
         if n != len(payload) or off < 0 or off + n > len(held.piece):
             raise InvalidRequestError(f"parity frame [{off}, +{n}) outside piece {key}")
         held.piece[off:off + n] = np.frombuffer(payload, dtype=np.uint8)
-        held.got += n
+        with self._arrived:
+            held.got += n
+            self._arrived.notify_all()
         self.store.metrics.bytes_received(job, "parity", n)
         if held.got == len(held.piece):
             self._pool.submit(self._finish_parity, key, held)
@@ -528,6 +610,7 @@ class Protector:
         self.store.check_sealed(job, step)
         self._save_meta(job, step, meta, self._own_index(job, meta))
         self.store.mark_restorable(job, step)
+        self.stalls.clear(job)
         self._release_older(job, step, self.store.job(job).previous_step)
         logger.debug("restorable on every node", extra={"job": job, "step": step})
         token = meta.get("tier")
@@ -680,6 +763,7 @@ class Protector:
             self._failures.pop(job, None)
             for key in [k for k in self._scratches if k[0] == job]:
                 del self._scratches[key]
+        self.stalls.forget(job)
         return arenas, freed
 
     def drop_everywhere(self, job: str) -> tuple[int, int, int, list[str]]:
@@ -810,6 +894,8 @@ class Protector:
         if kind == b"parity" and payload is not None:
             self._on_parity(header, payload)
             return None
+        if kind == b"ping":
+            return [[b"pong", b"{}"]]
         if kind == b"fetch":
             bufs = self.local_piece(header["job"], int(header["step"]), int(header["group"]),
                                     int(header["stripe"]), int(header["index"]))
@@ -853,6 +939,8 @@ class Protector:
         except ShardguardError as exc:
             logger.error("rebuild failed: %s", exc, extra={"job": job, "node": topo.node_index})
             self._failures[job] = exc
+            if not isinstance(exc, (NotRestorableError,)):
+                self.stalls.record_error(job, exc, "catching up with the job's other nodes")
 
     def repair(self, job: str, rank: int) -> None:
         """Rebuild ``rank``'s restorable snapshot from its stripes (its own bytes failed their checksum)."""

@@ -157,10 +157,15 @@ class Daemon:
         self._serving(health)
         if self.config.peer_probe_interval_s:
             self._probe = PeerProbe(self.store, self.config.peer_probe_interval_s,
-                                    self.config.peer_timeout_s, tls=self.protector.tls)
+                                    self.config.peer_timeout_s, tls=self.protector.tls,
+                                    ping=self.protector.plane.ping)
             self._probe.start()
         self.log.info("peers: control %s, data %s", control, self.protector.plane.address)
         return control
+
+    def _stall_cause(self, job: str) -> str:
+        stall = self.protector.stalls.get(job) if self.protector is not None else None
+        return stall.cause.value if stall is not None else ""
 
     def _start_metrics(self) -> None:
         """The Prometheus endpoint unless ``metrics_port`` is -1; gauges read the node on scrape."""
@@ -172,7 +177,8 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
                               "(metrics_host, metrics_port; -1 turns metrics off)") from None
-        self.metrics.registry.register(StateCollector(lambda: node_state(self.store, self._probe)))
+        self.metrics.registry.register(StateCollector(lambda: node_state(
+            self.store, self._probe, self._stall_cause)))
         self.metrics_address = self._metrics_server.address
         self.log.info("metrics on http://%s/metrics", self.metrics_address)
 

@@ -114,10 +114,15 @@ class DataPlane:
         return [msg[0], msg[1], token, *msg[2:]]
 
     def push(self, address: str, kind: bytes, header: dict[str, Any],
-             buffers: Iterable[memoryview], on_frame: Callable[[], None] | None = None) -> None:
-        """Send a piece as frames ``[kind, header+{off, n}, bytes]``; returns once handed to ZeroMQ.
+             buffers: Iterable[memoryview], on_frame: Callable[[], None] | None = None,
+             delivered: Callable[[], None] | None = None) -> None:
+        """Send a piece as frames ``[kind, header+{off, n}, bytes]``.
 
-        An empty piece is sent as one empty frame so the receiver sees it.
+        ``delivered`` (which blocks until the receiver says it has every byte, or
+        raises) is called once every frame is handed to ZeroMQ, while the socket is
+        still open to drain them: closing it would drop what is still queued. Without
+        it, this returns once the frames are handed over and gives them the timeout
+        to drain. An empty piece is sent as one empty frame so the receiver sees it.
         """
         sock = self._dealer(address, window=WINDOW_FRAMES)
         timeout_ms = int(self.timeout_s * 1000)
@@ -132,9 +137,12 @@ class DataPlane:
             if not sent:
                 hdr = json.dumps({**header, "off": 0, "n": 0}).encode()
                 self._send(sock, self._signed([kind, hdr, b""], address), address, timeout_ms)
+            if delivered is not None:
+                delivered()
         finally:
-            # At most a window of frames is still queued: they get the timeout to drain.
-            sock.close(linger=timeout_ms)
+            # Delivered: nothing is left to drain. Else at most a window of frames is still
+            # queued: they get the timeout to drain.
+            sock.close(linger=0 if delivered is not None else timeout_ms)
 
     @staticmethod
     def _send(sock: zmq.Socket, msg: list[Any], address: str, timeout_ms: int) -> None:
@@ -175,6 +183,23 @@ class DataPlane:
                 out[off:off + n] = np.frombuffer(frames[3].buffer, dtype=np.uint8)
                 got += n
             return got
+        finally:
+            sock.close(linger=0)
+
+    def ping(self, address: str, timeout_s: float) -> bool:
+        """Whether the data port at ``address`` answers (and authenticates) within the timeout."""
+        sock = self._dealer(address)
+        try:
+            sock.send_multipart(self._signed([b"ping", b"{}"], address))
+            if not sock.poll(int(timeout_s * 1000)):
+                return False
+            frames = sock.recv_multipart()
+            if len(frames) != 3 or frames[0] != b"pong":
+                return False
+            self.auth.check(frames[2], zmq_context(reply_from(address), frames[0], frames[1]))
+            return True
+        except (zmq.ZMQError, AuthenticationError):
+            return False
         finally:
             sock.close(linger=0)
 

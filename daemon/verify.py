@@ -140,7 +140,10 @@ def verify_job(p: "Protector | None", store: Any, job: str, step: int | None) ->
 
     rec = store.job(job)
     if rec.restorable_step is None:
-        raise NotRestorableError(f"job {job} has no restorable step")
+        stall = p.stalls.get(job) if p is not None else None
+        raise NotRestorableError(f"job {job} has no restorable step" + (
+            f"; protection is stalled here ({stall.cause.value}): {stall.detail}"
+            if stall is not None else ""))
     if step is None:
         step = rec.restorable_step
     if step != rec.restorable_step:
