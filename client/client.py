@@ -370,6 +370,19 @@ class Client:
             time.sleep(0.005)
         return None
 
+    def _first_reason(self, error: BaseException | None) -> str:
+        """The first failing rank's error in words, on every rank (collective: only on a
+        failure path that every rank takes, after an agreement that something failed)."""
+        mine = f"{type(error).__name__}: {error}" if error is not None else ""
+        if self._group is None:
+            return mine
+        everyone: list[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(everyone, mine, group=self._group)
+        for rank, text in enumerate(everyone):
+            if text:
+                return text if rank == self.rank else f"rank {rank}: {text}"
+        return ""
+
     def _stall(self) -> str:
         """Why the daemon says protection is stalled ("" when it does not, or is only slow)."""
         try:
@@ -423,8 +436,7 @@ class Client:
             cls = _RESTORE_FAILURES[worst - 1]
             if error is not None and type(error) is cls:
                 raise error
-            why = (f"{type(error).__name__}: {error}" if error is not None
-                   else "another rank could not find the restorable step")
+            why = self._first_reason(error) or "another rank could not find the restorable step"
             raise cls(f"job {self.job}: {why}") from error
         return -neg_oldest if wanted is None else wanted
 
@@ -470,7 +482,7 @@ class Client:
         worst = self._reduce_max([code])[0]
         if worst:
             cls = _RESTORE_FAILURES[worst - 1]
-            why = f"{type(error).__name__}: {error}" if error else "failed on another rank"
+            why = self._first_reason(error) or "failed on another rank"
             raise cls(f"job {self.job} rank {self.rank}: restore of step {agreed} failed "
                       f"({why})") from error
         self._last = None

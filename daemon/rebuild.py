@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from shardguard.daemon.errors import (
+    AuthenticationError,
     CorruptionError,
     InsufficientPiecesError,
     NotRestorableError,
@@ -43,6 +44,7 @@ from shardguard.daemon.errors import (
     UnknownJobError,
 )
 from shardguard.daemon import faults
+from shardguard.daemon.stalls import cause_of_error
 from shardguard.daemon.protect import Topology
 from shardguard.daemon.store import SlotRecord
 from shardguard.proto import peer_pb2 as ppb
@@ -171,9 +173,11 @@ class Rebuilder:
         except (UnknownJobError, NotRestorableError):
             return False
 
-    def _step_infos(self, job: str, controls: Iterable[str]) -> dict[str, Any]:
+    def _step_infos(self, job: str, controls: Iterable[str],
+                    errors: dict[str, Exception] | None = None) -> dict[str, Any]:
         """StepInfo of ``job`` from each control address, asked all at once (a dead
-        node costs one PROBE_TIMEOUT_S, not one each); unreachable ones are left out."""
+        node costs one PROBE_TIMEOUT_S, not one each); unreachable ones are left out
+        (and their errors put in ``errors``)."""
         def ask(control: str) -> Any:
             return self.p._peer(control).StepInfo(ppb.StepInfoRequest(job=job),
                                                   timeout=PROBE_TIMEOUT_S)
@@ -190,14 +194,43 @@ class Rebuilder:
                 except Exception as exc:  # noqa: BLE001 - an unreachable peer has nothing
                     logger.info("%s has no step info: %s", control, exc,
                                 extra={"job": job, "node": self.topo.node_index})
+                    if errors is not None:
+                        errors[control] = exc
         return out
 
     def _newest_meta(self, job: str) -> dict[str, Any] | None:
+        """The newest step metadata this node or any other node of the job holds.
+
+        A node that does not answer is unknown, not empty: it is asked again until
+        ``peer_timeout_s`` has passed (a network blip, a peer still starting), and if
+        it still has not answered while this node holds nothing, the job is not
+        taken for empty: PeerUnavailableError (or the error that names clock skew or
+        a secret mismatch) goes to every rank's restore, instead of a job that starts
+        again from step 0 while other nodes hold its snapshots.
+        """
         best = self.p.meta(job)
-        others = [c for i, (c, _) in enumerate(self.topo.nodes) if i != self.topo.node_index]
-        for reply in self._step_infos(job, others).values():
-            if reply.HasField("step") and (best is None or reply.step > best["step"]):
-                best = json.loads(reply.meta)
+        pending = [c for i, (c, _) in enumerate(self.topo.nodes) if i != self.topo.node_index]
+        deadline = time.monotonic() + self.p.config.peer_timeout_s
+        errors: dict[str, Exception] = {}
+        while pending:
+            errors.clear()
+            for reply in self._step_infos(job, pending, errors).values():
+                if reply.HasField("step") and (best is None or reply.step > best["step"]):
+                    best = json.loads(reply.meta)
+            pending = list(errors)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        if errors and best is None:
+            first = next(iter(errors.values()))
+            cause = cause_of_error(first)
+            names = ", ".join(sorted(errors))
+            text = (f"job {job}: nodes {names} of the job did not answer in "
+                    f"{self.p.config.peer_timeout_s:.0f}s ({cause.value}: {first}); they may "
+                    f"hold a restorable step, so the job is not started from step 0")
+            if isinstance(first, AuthenticationError):
+                raise AuthenticationError(text)
+            raise PeerUnavailableError(text)
         return best
 
     # ---------------------------------------------------------------- ranks

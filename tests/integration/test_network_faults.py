@@ -89,3 +89,65 @@ def finish_early(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     finish(proc, timeout=30)
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path):
+    root = tmp_path / "c3"
+    with environ({"SHARDGUARD_PEER_TIMEOUT_S": "5"}):
+        cluster.up(str(root), 3, 3, 1)
+    yield root
+    cluster.down(str(root))
+
+
+def lose_and_replace(root: Path, node: int) -> None:
+    cluster.kill(str(root), node)
+    cluster.start(str(root), node)
+
+
+def test_a_replacement_that_cannot_reach_its_peers_never_starts_from_zero(
+        firewall, three_nodes: Path, tmp_path: Path) -> None:
+    """The survivors' control ports are cut while the replacement catches up: every rank's
+    restore fails, naming the unreachable nodes, instead of an empty job that trains
+    from step 0; once the network is back, the relaunch resumes bit-exactly."""
+    from _support import assert_matches_reference, read_losses, reference_run, restored_steps
+
+    socks = cluster.sockets(str(three_nodes))
+    out = tmp_path / "run"
+    assert finish(run_trainer(out, "job", ",".join(socks), 3, 6)) == 0, trainer_log(out)
+    lose_and_replace(three_nodes, 2)
+    for s in socks[:2]:
+        firewall.block_port(port_of(status_of_socket(s).address.control))
+    trained = {r: len(read_losses(out, r)) for r in range(3)}
+    proc = run_trainer(out, "job", ",".join(socks), 3, 12, expect_restore_error=True)
+    assert finish(proc) == 0, trainer_log(out)
+    for rank in range(3):
+        err = (out / f"error.{rank}").read_text()
+        assert "did not answer" in err and "peer_unreachable" in err, err
+        assert len(read_losses(out, rank)) == trained[rank], "trained from step 0"
+    firewall.clear()
+    assert finish(run_trainer(out, "job", ",".join(socks), 3, 12)) == 0, trainer_log(out)
+    assert restored_steps(out, 3) == {"5"}
+    assert_matches_reference(out, reference_run(tmp_path / "ref", 3, 12), 3)
+
+
+def test_a_one_second_cut_during_catch_up_is_ridden_out(firewall, three_nodes: Path,
+                                                         tmp_path: Path) -> None:
+    from _support import assert_matches_reference, reference_run, restored_steps
+
+    socks = cluster.sockets(str(three_nodes))
+    out = tmp_path / "run"
+    assert finish(run_trainer(out, "job", ",".join(socks), 3, 6)) == 0, trainer_log(out)
+    lose_and_replace(three_nodes, 2)
+    for s in socks[:2]:
+        firewall.block_port(port_of(status_of_socket(s).address.control))
+    log = three_nodes / "node-2" / "daemon.log"
+    proc = run_trainer(out, "job", ",".join(socks), 3, 12)
+    # The replacement asked its peers and got no answer: the network comes back 1 s later.
+    wait_until(lambda: "has no step info" in log.read_text(), 60,
+               "the replacement tries its peers", proc, out)
+    time.sleep(1.0)
+    firewall.clear()
+    assert finish(proc) == 0, trainer_log(out)
+    assert restored_steps(out, 3) == {"5"}
+    assert_matches_reference(out, reference_run(tmp_path / "ref", 3, 12), 3)
