@@ -33,7 +33,8 @@ from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ERROR_METADATA_KEY
 from shardguard.proto.paths import grpc_target
-from _support import environ, python_for_others, unreachable_for_others
+from _support import (environ, finish, python_for_others, run_trainer, trainer_log,
+                      unreachable_for_others)
 
 FAULT_CATEGORY = ("hostile neighbour or careless operator on the node: a second daemon, "
                   "another user's directory, socket, symlinks and files, a cgroup limit, "
@@ -319,6 +320,41 @@ def test_files_another_user_planted_are_not_adopted_followed_or_blocking(
     for path in (meta_path, arena_path):
         st = os.lstat(path)
         assert st.st_uid == 0 and not os.path.islink(path), path
+
+
+PROTECT_STEPS = 4
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "daemon/protect.py still writes <prefix>.<job>.x<step>.tmp with open(..., 'w') + chmod "
+    "and opens parity files with O_CREAT|O_TRUNC: apply its _save_meta/_piece_file change "
+    "from issue 15 item 4 (proto/safefile.py), then remove this marker"))
+def test_step_metadata_and_parity_never_follow_a_planted_symlink(local_user, symlinks_followed,
+                                                                  tmp_path: Path) -> None:
+    """The report's own reproduction: a user plants, at the predictable names of a
+    multi-node job's step metadata temporaries and parity pieces, symlinks to a file of
+    root; the root daemons truncated, overwrote and chmodded it."""
+    mallory = local_user()
+    root = tmp_path / "c"
+    spec = cluster.up(str(root), 2, 2, 1)
+    try:
+        precious = tmp_path / "precious"
+        precious.write_bytes(b"root's file\n")
+        precious.chmod(0o644)
+        links = {}
+        for node in range(spec.nodes):
+            p = f"{spec.shm_dir}/{spec.node_prefix(node)}.job"
+            for step in range(PROTECT_STEPS):
+                links[f"{p}.x{step}.tmp"] = str(precious)
+                links[f"{p}.p{step}.g0.s{node}.i1"] = str(precious)  # node's parity piece
+        plant(mallory, {}, links)
+        out = tmp_path / "run"
+        proc = run_trainer(out, "job", ",".join(cluster.sockets(str(root))), 2, PROTECT_STEPS)
+        assert finish(proc) == 0, trainer_log(out)
+        assert precious.read_bytes() == b"root's file\n"
+        assert precious.stat().st_mode & 0o777 == 0o644
+    finally:
+        cluster.down(str(root))
 
 
 def test_another_users_meta_file_is_a_clear_error_not_internal(local_user, daemon_factory,
