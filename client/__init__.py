@@ -8,6 +8,9 @@
 
 DCP (``torch.distributed.checkpoint``) into shardguard, resharding on load:
 ``ShardguardWriter``/``ShardguardReader`` (``shardguard.client.dcp``).
+
+A DistributedDataParallel wrapper's gradient bucket order, for a bit-exact resume:
+``ddp_state``/``load_ddp_state`` (``shardguard.client.ddp``).
 """
 
 from shardguard.client.client import Client, SnapshotHandle, connect
@@ -20,6 +23,7 @@ from shardguard.client.dcp import (
     sharded_state_dict_from_local,
     sharded_state_dict_to_local,
 )
+from shardguard.client.ddp import DdpResumeWarning, ddp_state, load_ddp_state
 from shardguard.client.errors import (
     BudgetExceededError,
     CorruptionError,
@@ -40,4 +44,5 @@ __all__ = [
     "ShardguardError", "ShardguardReader", "ShardguardWriter", "SnapshotHandle",
     "StepOrderError", "connect", "connect_dcp", "drop_job", "newest_job", "rng_state",
     "set_rng_state", "sharded_state_dict_from_local", "sharded_state_dict_to_local",
+    "DdpResumeWarning", "ddp_state", "load_ddp_state",
 ]
