@@ -232,8 +232,9 @@ def ddp_state(model: DistributedDataParallel) -> dict[str, Any]:
         return _plain(model, INITIAL, ())  # no synchronised backward yet
     buckets = _logged_buckets(model)
     if buckets is None:
-        state = _plain(model, UNSUPPORTED, (), "DDP's logger did not report the rebuilt "
-                       "buckets (rebuilt after its 10th iteration, off its sampling rate)")
+        state = _plain(model, UNSUPPORTED, (), "DDP's logger did not record the rebuilt "
+                       "buckets (the rebuild came after the wrapper's 10th iteration, between "
+                       "two of the logger's samples)")
     else:
         _check_own_rebuild(model, buckets)
         state = _plain(model, REBUILT, buckets)
