@@ -36,6 +36,8 @@ from shardguard.proto.errors import (
     ArenaFormatError,
     CorruptionError,
     DaemonUnavailableError,
+    ClockSkewError,
+    ConfigMismatchError,
     InsufficientPiecesError,
     JobNameError,
     LeaseError,
@@ -782,32 +784,106 @@ def _control_group() -> Any:
     return dist.new_group(backend="gloo")
 
 
-def _membership(group: Any, socket_path: str, rank: int, timeout_s: float
-                ) -> tuple[list[int], list[tuple[str, str]], int]:
-    """This rank's node: its local ranks, the job's node list, and its node index.
+@dataclass(frozen=True)
+class _Daemon:
+    """What a rank learns of its node's daemon at connect (gathered from every rank)."""
+
+    host: str
+    socket: str
+    control: str
+    data: str
+    group_size: int  # the daemon's default code
+    parity: int
+    fingerprint: str  # of its peer secret, "" without one
+    tls: bool
+    clock: float  # its time.time() when asked
+    window_s: float  # how far peer tokens may be from a receiver's clock
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return self.host, self.socket, self.control, self.data
+
+
+#: Clocks further apart than this share of the token window get a warning at connect.
+CLOCK_WARN_SHARE = 0.25
+
+
+def _membership(group: Any, socket_path: str, rank: int, timeout_s: float,
+                code: tuple[int, int] = (0, 0)
+                ) -> tuple[list[int], list[tuple[str, str]], int, tuple[int, int]]:
+    """This rank's node: its local ranks, the job's node list, its node index, and the
+    job's (group_size, parity).
 
     Nodes are the distinct daemons (same host and socket), in the order of their
-    first rank; each daemon's peer addresses come from its own Status.
+    first rank; each daemon's peer addresses come from its own Status. What must
+    match across the nodes is checked here, on every rank alike (the same gathered
+    facts): the erasure code (``code``, 0 for the daemons' defaults, which must then
+    agree), the peer secret, peer TLS and the clocks (ConfigMismatchError,
+    ClockSkewError). The code is then passed explicitly at register, so every
+    daemon protects the job the same way whatever its own defaults.
     """
     if group is None:
-        return [rank], [], 0
+        return [rank], [], 0, code
     with grpc.insecure_channel(grpc_target(socket_path)) as ch:
         try:
             st = pb_grpc.AgentStub(ch).Status(pb.StatusRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-    me = (socket.gethostname(), os.path.realpath(socket_path), st.address.control,
-          st.address.data)
+    me = _Daemon(socket.gethostname(), os.path.realpath(socket_path), st.address.control,
+                 st.address.data, st.default_group_size, st.default_parity,
+                 st.secret_fingerprint, st.peer_tls, st.time_unix, st.token_window_s)
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, me, group=group)
-    daemons: list[tuple[str, ...]] = []
+    daemons: dict[tuple[str, ...], _Daemon] = {}
     for who in everyone:
-        if tuple(who) not in daemons:
-            daemons.append(tuple(who))
-    local = [r for r, who in enumerate(everyone) if tuple(who) == me]
+        daemons.setdefault(who.key, who)
+    local = [r for r, who in enumerate(everyone) if who.key == me.key]
+    order = list(daemons)
     if len(daemons) == 1:
-        return local, [], 0
-    return local, [(d[2], d[3]) for d in daemons], daemons.index(me)
+        return local, [], 0, code
+    nodes = list(daemons.values())
+    code = _check_nodes(nodes, code)
+    return local, [(d.control, d.data) for d in nodes], order.index(me.key), code
+
+
+def _check_nodes(nodes: list["_Daemon"], code: tuple[int, int]) -> tuple[int, int]:
+    """Refuse a job whose nodes disagree on what must match; returns the job's code."""
+    def differ(what: str, values: list[Any]) -> None:
+        by: dict[Any, list[int]] = {}
+        for i, v in enumerate(values):
+            by.setdefault(v, []).append(i)
+        if len(by) > 1:
+            raise ConfigMismatchError(
+                f"the job's nodes disagree on {what}: " + "; ".join(
+                    f"nodes {idx} have {v!r}" for v, idx in by.items())
+                + " (it must be the same on every node of a job)")
+
+    group_size, parity = code
+    if not group_size:
+        differ("the default group_size (pass group_size= to connect(), or align "
+               "the daemons' config)", [d.group_size for d in nodes])
+        group_size = nodes[0].group_size
+    if not parity:
+        differ("the default parity (pass parity= to connect(), or align the daemons' config)",
+               [d.parity for d in nodes])
+        parity = nodes[0].parity
+    differ("the peer secret (secret_file; fingerprints shown)", [d.fingerprint for d in nodes])
+    differ("peer TLS (tls_cert_file/tls_key_file/tls_ca_file)", [d.tls for d in nodes])
+    window = min((d.window_s for d in nodes if d.window_s), default=0.0)
+    if window:
+        early = min(nodes, key=lambda d: d.clock)
+        late = max(nodes, key=lambda d: d.clock)
+        skew = late.clock - early.clock
+        if skew > window:
+            raise ClockSkewError(
+                f"the clocks of nodes {nodes.index(early)} ({early.control}) and "
+                f"{nodes.index(late)} ({late.control}) differ by {skew:.0f}s, more than the "
+                f"{window:.0f}s within which peers accept each other's tokens: protection "
+                f"would stall; synchronise the clocks (NTP/chrony)")
+        if skew > CLOCK_WARN_SHARE * window:
+            logger.warning("clocks of the job's nodes differ by %.0fs (peer tokens are "
+                           "accepted within %.0fs): check NTP", skew, window)
+    return group_size, parity
 
 
 def connect(socket: str | None = None, job: str | None = None, *, rank: int | None = None,
@@ -833,7 +909,8 @@ def connect(socket: str | None = None, job: str | None = None, *, rank: int | No
     rank = det_rank if rank is None else rank
     world_size = det_world if world_size is None else world_size
     group = _control_group()
-    local, nodes, node_index = _membership(group, socket_path, rank, timeout_s)
+    local, nodes, node_index, (group_size, parity) = _membership(
+        group, socket_path, rank, timeout_s, (group_size, parity))
     return Client(socket_path, job, rank, world_size, group=group, local_ranks=local,
                   allow_pickle=allow_pickle, force=force, timeout_s=timeout_s, nodes=nodes,
                   node_index=node_index, group_size=group_size, parity=parity,

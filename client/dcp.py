@@ -161,7 +161,8 @@ def connect_dcp(socket: str | None = None, job: str | None = None, *, group: Any
     rank, world = _detect_rank_world()
     if group is None and dist.is_available() and dist.is_initialized() and world > 1:
         group = dist.new_group(backend="gloo")
-    local, nodes, node_index = _membership(group, socket_path, rank, timeout_s)
+    local, nodes, node_index, (group_size, parity) = _membership(
+        group, socket_path, rank, timeout_s, (group_size, parity))
     return Client(socket_path, job, rank, world, group=group, local_ranks=local,
                   allow_pickle=allow_pickle, timeout_s=timeout_s, nodes=nodes,
                   node_index=node_index, group_size=group_size, parity=parity)

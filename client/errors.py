@@ -2,6 +2,8 @@
 
 from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     BudgetExceededError,
+    ClockSkewError,
+    ConfigMismatchError,
     CorruptionError,
     DaemonUnavailableError,
     InsufficientPiecesError,

@@ -6,6 +6,7 @@ from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     BudgetExceededError,
     CodecError,
     ConfigError,
+    ConfigMismatchError,
     CorruptionError,
     InsufficientPiecesError,
     InvalidRequestError,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from shardguard.daemon.codec import Codec, crc32c, crc32c_combine
 from shardguard.daemon.config import Config
 from shardguard.daemon.errors import (
     ConfigError,
+    ConfigMismatchError,
     CorruptionError,
     InvalidRequestError,
     NotRestorableError,
@@ -93,6 +95,12 @@ class Topology:
     @property
     def placement(self) -> placement.Placement:
         return placement.plan(len(self.nodes), self.group_size, self.parity)
+
+    def describe(self) -> str:
+        """The job as every node must see it (not which node this is), in words."""
+        digest = hashlib.sha256(json.dumps(self.nodes).encode()).hexdigest()[:8]
+        return (f"{len(self.nodes)} nodes (list {digest}), group_size {self.group_size}, "
+                f"parity {self.parity}")
 
 
 @dataclass
@@ -300,8 +308,8 @@ class Protector:
         control, data = topo.nodes[encoder]
         self._peer(control).Offer(ppb.OfferRequest(
             job=job, step=step, stripe=stripe, group=grp.group, index=q, node=topo.node_index,
-            piece_bytes=plen, real_bytes=real, crc=crc() if crc else crc_of(bufs), layout=layout),
-            timeout=self.config.peer_timeout_s)
+            piece_bytes=plen, real_bytes=real, crc=crc() if crc else crc_of(bufs), layout=layout,
+            topology=topo.describe()), timeout=self.config.peer_timeout_s)
         where = ppb.ReceivedRequest(job=job, step=step, group=grp.group, stripe=stripe, index=q)
         self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
                                          "stripe": stripe, "index": q}, bufs,
@@ -375,6 +383,11 @@ class Protector:
         if topo is None:
             raise UnknownJobError(f"job {req.job} is not a multi-node job on this daemon")
         self._in_flight(req.job, req.step)
+        if req.topology and req.topology != topo.describe():
+            raise ConfigMismatchError(
+                f"job {req.job}: node {req.node} protects it as {req.topology}, node "
+                f"{topo.node_index} as {topo.describe()}: every node of a job must be given "
+                f"the same node list and code")
         grp = self._group(topo, req.group, req.stripe, req.index)
         if req.index >= grp.k:
             raise InvalidRequestError(f"offer of piece {req.index}: data pieces are 0..{grp.k - 1}")

@@ -87,6 +87,14 @@ class ConfigError(ShardguardError, ValueError):
     """A configuration value is invalid."""
 
 
+class ConfigMismatchError(ConfigError):
+    """The nodes of a job disagree on what must match (code, peer secret, node list, TLS)."""
+
+
+class ClockSkewError(ConfigError):
+    """The clocks of a job's nodes differ by more than peer tokens tolerate."""
+
+
 class JobNameError(ConfigError):
     """No job name, or one that could name several unrelated runs (torchrun's default)."""
 
@@ -123,6 +131,8 @@ STATUS_OF: dict[type[ShardguardError], grpc.StatusCode] = {
     CodecError: grpc.StatusCode.INTERNAL,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     JobNameError: grpc.StatusCode.INVALID_ARGUMENT,
+    ConfigMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    ClockSkewError: grpc.StatusCode.FAILED_PRECONDITION,
     AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
     UnsafePathError: grpc.StatusCode.PERMISSION_DENIED,
 }
