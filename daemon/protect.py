@@ -55,12 +55,14 @@ from shardguard.daemon.errors import (
     ShardguardError,
     StepOrderError,
     UnknownJobError,
+    UnsafePathError,
 )
 from shardguard.daemon.stalls import Cause, Stalls
 from shardguard.daemon.store import CRC_BLOCK_BYTES, SlotRecord, Store
 from shardguard.daemon.transport import DataPlane, reply_chunks
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
+from shardguard.proto import safefile
 from shardguard.proto.arena import align_up
 from shardguard.proto.errors import error_from_rpc
 
@@ -657,11 +659,9 @@ class Protector:
 
     def _save_meta(self, job: str, step: int, meta: dict[str, Any], holder: int | None) -> None:
         """Keep ``step``'s metadata (file and memory) and the node whose pieces are held here."""
-        path = self._meta_path(job, step)
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump({**meta, HOLDER_KEY: holder}, fh)
-        os.chmod(path + ".tmp", 0o600)
-        os.rename(path + ".tmp", path)
+        # A new file renamed over the old one: nothing planted at either name is followed.
+        safefile.write_atomic(self._meta_path(job, step),
+                              json.dumps({**meta, HOLDER_KEY: holder}).encode())
         with self._lock:
             cur = self._metas.get(job)
             if cur is None or cur["step"] <= step:
@@ -676,8 +676,7 @@ class Protector:
             try:
                 name = os.path.basename(path)[len(self.prefix) + 1:]
                 job, _, tail = name.rpartition(".x")
-                with open(path, encoding="utf-8") as fh:
-                    meta = json.load(fh)
+                meta = json.loads(safefile.read_owned(path))  # ours, never through a link
                 holder = _pop_holder(meta)
                 check_step_meta(meta, job, int(tail))
                 cur = self._metas.get(job)
@@ -727,8 +726,7 @@ class Protector:
     def on_roll_back(self, job: str, step: int) -> None:
         """The job went back to ``step`` on this node: its metadata is the current one again."""
         try:
-            with open(self._meta_path(job, step), encoding="utf-8") as fh:
-                meta = json.load(fh)
+            meta = json.loads(safefile.read_owned(self._meta_path(job, step)))
             holder = _pop_holder(meta)
         except (OSError, ValueError):
             meta = None
@@ -852,13 +850,21 @@ class Protector:
         and this sits between the last offer and the first byte sent.
         """
         path = self._piece_path(job, step, group, stripe, index)
-        reused = True
-        try:
-            os.rename(self._pool_path(job, group, stripe, index), path)
-        except FileNotFoundError:
+        pool = self._pool_path(job, group, stripe, index)
+        fd, reused = _reopen(pool), True
+        if fd is not None:
+            try:
+                safefile.replace(pool, path)  # the descriptor follows the file
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
             reused = False
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if reused else os.O_TRUNC),
-                     0o600)
+            fd = _reopen(path)  # this step's own file, offered again
+            if fd is not None:
+                os.ftruncate(fd, 0)
+            else:
+                fd = safefile.open_new(path, os.O_RDWR, 0o600)
         try:
             if not nbytes:
                 os.ftruncate(fd, 0)
@@ -888,8 +894,11 @@ class Protector:
         k = topo.placement.groups[group].k
         if index >= k:
             path = self._piece_path(job, step, group, stripe, index)
-            with open(path, "rb") as fh:
-                return [memoryview(mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ))]
+            fd = safefile.open_owned(path)  # never a file a planted link leads to
+            try:
+                return [memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))]
+            finally:
+                os.close(fd)
         node = int(piece["node"])
         lay = meta["layouts"][str(node)]
         segs = [self.store.sealed_slot(job, r["rank"], step)[0][:r["used"]]
@@ -1059,6 +1068,18 @@ class _Translating:
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _reopen(path: str) -> int | None:
+    """A read-write descriptor of this daemon's own file at ``path``; None when there is
+    none. Anything else there (a symlink, another user's file) is removed, never opened."""
+    try:
+        return safefile.open_owned(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except UnsafePathError:
+        safefile.remove(path)  # UnsafePathError again when this user may not remove it
+        return None
 
 
 def _unlink(path: str) -> None:

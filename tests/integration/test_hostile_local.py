@@ -325,10 +325,6 @@ def test_files_another_user_planted_are_not_adopted_followed_or_blocking(
 PROTECT_STEPS = 4
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon/protect.py still writes <prefix>.<job>.x<step>.tmp with open(..., 'w') + chmod "
-    "and opens parity files with O_CREAT|O_TRUNC: apply its _save_meta/_piece_file change "
-    "from issue 15 item 4 (proto/safefile.py), then remove this marker"))
 def test_step_metadata_and_parity_never_follow_a_planted_symlink(local_user, symlinks_followed,
                                                                   tmp_path: Path) -> None:
     """The report's own reproduction: a user plants, at the predictable names of a

@@ -71,6 +71,10 @@ def worker(rank: int, args: argparse.Namespace) -> None:
                 raise
             with open(os.path.join(args.out, f"error.{rank}"), "w") as fh:
                 fh.write(f"{type(exc).__name__}: {exc}")
+            try:  # nobody leaves (and closes its connections) while another still gathers
+                dist.barrier()
+            except RuntimeError:
+                pass
             client.close()
             dist.destroy_process_group()
             return
