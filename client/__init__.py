@@ -26,6 +26,8 @@ from shardguard.client.dcp import (
 from shardguard.client.ddp import DdpResumeWarning, ddp_state, load_ddp_state
 from shardguard.client.errors import (
     BudgetExceededError,
+    ClockSkewError,
+    ConfigMismatchError,
     CorruptionError,
     DaemonUnavailableError,
     InsufficientPiecesError,
@@ -39,7 +41,7 @@ from shardguard.client.errors import (
 from shardguard.client.rng import rng_state, set_rng_state
 
 __all__ = [
-    "BudgetExceededError", "Client", "CorruptionError", "DaemonUnavailableError",
+    "BudgetExceededError", "Client", "ClockSkewError", "ConfigMismatchError", "CorruptionError", "DaemonUnavailableError",
     "InsufficientPiecesError", "JobNameError", "NotRestorableError", "RankClaimedError", "RestoreError",
     "ShardguardError", "ShardguardReader", "ShardguardWriter", "SnapshotHandle",
     "StepOrderError", "connect", "connect_dcp", "drop_job", "newest_job", "rng_state",

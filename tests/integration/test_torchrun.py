@@ -2,7 +2,8 @@
 
 - a worker SIGKILLed mid-run; the agent (``--max-restarts 1``) restarts every
   worker and they resume bit-exactly from the node's daemon;
-- two agents as two nodes of a local cluster: one node lost (its agent, its
+- two agents as two nodes of a local cluster (4 ranks of DDP, its bucket order kept
+  with each snapshot): one node lost (its agent, its
   workers, its daemon and its memory), a replacement daemon, and a relaunch in
   which the rendezvous hands the survivor node rank 0, so that it runs the lost
   node's ranks and the replacement the survivor's; bit-exact;
@@ -84,8 +85,9 @@ def logs(out: Path) -> str:
     return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(out.glob("*.log")))
 
 
-def reference(out: Path, world: int) -> Path:
-    proc = torchrun(out, "/nonexistent", nproc=world, standalone=True, args=["--no-snapshot"])
+def reference(out: Path, world: int, ddp: bool = True) -> Path:
+    proc = torchrun(out, "/nonexistent", nproc=world, standalone=True,
+                    args=["--no-snapshot"] + (["--ddp"] if ddp else []))
     assert finish(proc) == 0, logs(out)
     return out
 
@@ -140,11 +142,11 @@ def test_node_lost_and_c10d_reshuffles_node_ranks_bit_exact(two_nodes: Path,
     out = tmp_path / "run"
     # First launch: node 0's agent starts first and gets node rank 0 (ranks 0-1).
     port = free_port()
-    agents = [torchrun(out, socks[0], nnodes=2, port=port, args=["--step-sleep", "0.3"],
-                       log="agent0.log")]
+    agents = [torchrun(out, socks[0], nnodes=2, port=port,
+                       args=["--ddp", "--step-sleep", "0.3"], log="agent0.log")]
     time.sleep(1.0)
-    agents.append(torchrun(out, socks[1], nnodes=2, port=port, args=["--step-sleep", "0.3"],
-                           log="agent1.log"))
+    agents.append(torchrun(out, socks[1], nnodes=2, port=port,
+                           args=["--ddp", "--step-sleep", "0.3"], log="agent1.log"))
     deadline = time.monotonic() + 180
     while min(restorable(s, "trjob") for s in socks) < 3:
         assert time.monotonic() < deadline and all(a.poll() is None for a in agents), logs(out)
@@ -161,9 +163,10 @@ def test_node_lost_and_c10d_reshuffles_node_ranks_bit_exact(two_nodes: Path,
     # Relaunch: the survivor's agent starts first, so c10d (ordering agents by host and
     # pid) makes it node rank 0: it runs ranks 0-1, the lost node's.
     port = free_port()
-    agents = [torchrun(out, socks[1], nnodes=2, port=port, log="agent1b.log")]
+    agents = [torchrun(out, socks[1], nnodes=2, port=port, args=["--ddp"], log="agent1b.log")]
     time.sleep(1.0)
-    agents.append(torchrun(out, socks[0], nnodes=2, port=port, log="agent0b.log"))
+    agents.append(torchrun(out, socks[0], nnodes=2, port=port, args=["--ddp"],
+                           log="agent0b.log"))
     assert [finish(a) for a in agents] == [0, 0], logs(out)
     where = [incarnations(out, r, "where")[-1] for r in range(4)]
     assert where == [socks[1]] * 2 + [socks[0]] * 2, f"no reshuffle: {where}"

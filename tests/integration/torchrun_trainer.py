@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(str(os.getpid()))
     net = model = build()
     if args.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(net)
+        # Small buckets: several of them, so that their order matters (3+ ranks).
+        model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=0.25)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
     torch.manual_seed(1000 + rank)
     random.seed(1000 + rank)
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
             sg.set_rng_state(state["rng"])
+            if args.ddp:
+                assert sg.load_ddp_state(model, state["ddp"])  # the buckets, before a forward
             start = step + 1
     marker = os.path.join(args.out, "killed")
     target = torch.linspace(-1, 1, DIM)
@@ -100,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             losses.write(f"{step} {loss.item().hex()}\n")
             losses.flush()
             if client is not None:
-                client.snapshot(step, {"model": net.state_dict(), "optim": opt.state_dict(),
-                                       "rng": sg.rng_state(), "step": step})
+                state = {"model": net.state_dict(), "optim": opt.state_dict(),
+                         "rng": sg.rng_state(), "step": step}
+                if args.ddp:
+                    state["ddp"] = sg.ddp_state(model)
+                client.snapshot(step, state)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
     if client is not None:
