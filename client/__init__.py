@@ -32,6 +32,7 @@ from shardguard.client.errors import (
     DaemonUnavailableError,
     InsufficientPiecesError,
     JobNameError,
+    NoSpaceError,
     NotRestorableError,
     RankClaimedError,
     RestoreError,
@@ -42,7 +43,7 @@ from shardguard.client.rng import rng_state, set_rng_state
 
 __all__ = [
     "BudgetExceededError", "Client", "ClockSkewError", "ConfigMismatchError", "CorruptionError", "DaemonUnavailableError",
-    "InsufficientPiecesError", "JobNameError", "NotRestorableError", "RankClaimedError", "RestoreError",
+    "InsufficientPiecesError", "JobNameError", "NoSpaceError", "NotRestorableError", "RankClaimedError", "RestoreError",
     "ShardguardError", "ShardguardReader", "ShardguardWriter", "SnapshotHandle",
     "StepOrderError", "connect", "connect_dcp", "drop_job", "newest_job", "rng_state",
     "set_rng_state", "sharded_state_dict_from_local", "sharded_state_dict_to_local",

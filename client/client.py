@@ -41,6 +41,7 @@ from shardguard.proto.errors import (
     InsufficientPiecesError,
     JobNameError,
     LeaseError,
+    NoSpaceError,
     NotRestorableError,
     RestoreError,
     ShardguardError,
@@ -291,9 +292,10 @@ class Client:
             slot = self._call("Begin", pb.BeginRequest(job=self.job, rank=self.rank,
                                                        lease=self._lease, step=step,
                                                        skipped=min(skipped, 2**32 - 1))).slot
-        except (DaemonUnavailableError, LeaseError) as exc:
-            # The daemon died or restarted since the agreement: this step is not protected
-            # (it can't become restorable without this rank); the next one is taken.
+        except (DaemonUnavailableError, LeaseError, NoSpaceError) as exc:
+            # The daemon died or restarted since the agreement, or its shm directory is
+            # full: this step is not protected (it can't become restorable without this
+            # rank), training goes on, the restorable step stays; the next one is taken.
             logger.warning("job=%s rank=%d: step %d not snapshotted: %s", self.job, self.rank,
                            step, exc)
             self._last = SnapshotHandle(step, skipped=True, error=exc)

@@ -13,6 +13,7 @@ from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     LeaseError,
     ManifestError,
     NotRestorableError,
+    NoSpaceError,
     RankClaimedError,
     RestoreError,
     RestoreTimeoutError,

@@ -7,6 +7,7 @@ and answered as INTERNAL, and the daemon keeps serving.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -18,10 +19,15 @@ from typing import Any, Callable, TypeVar
 
 import grpc
 
-from shardguard.daemon.errors import CorruptionError, InvalidRequestError, UnknownJobError
+from shardguard.daemon.errors import (
+    CorruptionError,
+    InvalidRequestError,
+    NoSpaceError,
+    UnknownJobError,
+)
 from shardguard.daemon.auth import WINDOW_S
 from shardguard.daemon.protect import Protector, Topology
-from shardguard.daemon.stalls import Cause
+from shardguard.daemon.stalls import Cause, Stalls
 from shardguard.daemon.store import Store
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
@@ -37,7 +43,19 @@ def handler(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: "AgentService", request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return fn(self, request, context)
+            try:
+                return fn(self, request, context)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The shm directory is full (a neighbour's files, a small tmpfs): typed,
+                # named as the stall cause; what was stored before stays intact.
+                full = NoSpaceError(f"{fn.__name__}: no space left in the shared-memory "
+                                    f"directory ({exc.filename or 'shm'}): {exc.strerror}")
+                job = getattr(request, "job", "")
+                if job:
+                    self.stalls.record(job, Cause.NO_SPACE, str(full))
+                raise full from None
         except ShardguardError as exc:
             logger.warning("%s refused: %s: %s", fn.__name__, type(exc).__name__, exc,
                            extra=_log_context(request))
@@ -73,6 +91,8 @@ class AgentService(pb_grpc.AgentServicer):
         self.defaults = defaults
         self.metrics_address = metrics_address
         self.probe = probe  # observe.PeerProbe: which peers answer
+        # Why protection is stalled, per job: the protection layer's, or this node's own.
+        self.stalls = protector.stalls if protector is not None else Stalls()
         self.started = time.monotonic()
         self._sync_lock = threading.Lock()
 
@@ -132,7 +152,10 @@ class AgentService(pb_grpc.AgentServicer):
     def Seal(self, req: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealReply:
         step = self.store.seal(req.job, req.rank, req.lease, req.step, req.slot, req.data_bytes,
                                req.manifest_offset, req.manifest_bytes)
-        return pb.SealReply() if step is None else pb.SealReply(restorable_step=step)
+        if step is None:
+            return pb.SealReply()
+        self.stalls.clear(req.job)  # a step became restorable: protection works here
+        return pb.SealReply(restorable_step=step)
 
     @handler
     def Latest(self, req: pb.LatestRequest, context: grpc.ServicerContext) -> pb.LatestReply:
@@ -206,6 +229,9 @@ class AgentService(pb_grpc.AgentServicer):
                                 local_ranks=list(rec.local_ranks))
             if rec.restorable_step is not None:
                 js.restorable_step = rec.restorable_step
+            stall = self.stalls.get(rec.job)
+            if stall is not None:
+                js.stall_cause, js.stall_detail = stall.cause.value, stall.detail
             if rec.topology:
                 js.nodes = len(rec.topology["nodes"])
                 js.node_index = rec.topology["node_index"]
@@ -242,10 +268,8 @@ class AgentService(pb_grpc.AgentServicer):
                 and int(idx) >= topo.placement.groups[int(where.split("/")[0])].k)
         if self.probe is not None:
             js.peers, js.peers_up = self.probe.counts(rec.topology)
-        stall = self.protector.stalls.get(rec.job) if self.protector is not None else None
-        if stall is not None:
-            js.stall_cause, js.stall_detail = stall.cause.value, stall.detail
-        elif self.probe is not None and (down := self.probe.down(rec.topology)):
+        if not js.stall_cause and self.probe is not None and (
+                down := self.probe.down(rec.topology)):
             data_only = all(d.endswith("(data port)") for d in down)
             js.stall_cause = (Cause.DATA_UNREACHABLE if data_only
                               else Cause.PEER_UNREACHABLE).value

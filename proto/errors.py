@@ -31,6 +31,10 @@ class BudgetExceededError(ShardguardError, MemoryError):
     """The request would take the daemon past its memory budget."""
 
 
+class NoSpaceError(BudgetExceededError):
+    """The shared-memory directory (or the file system of the tier) is full (ENOSPC)."""
+
+
 class RankClaimedError(ShardguardError):
     """Another live client already holds this (job, rank)."""
 
@@ -120,6 +124,7 @@ STATUS_OF: dict[type[ShardguardError], grpc.StatusCode] = {
     UnknownJobError: grpc.StatusCode.NOT_FOUND,
     NotRestorableError: grpc.StatusCode.NOT_FOUND,
     BudgetExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NoSpaceError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RankClaimedError: grpc.StatusCode.ALREADY_EXISTS,
     LeaseError: grpc.StatusCode.PERMISSION_DENIED,
     SlotStateError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -434,6 +434,33 @@ def test_a_full_shm_dir_leaves_no_temporary_file_behind(tiny_tmpfs, daemon_facto
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == []
 
 
+def test_a_full_shm_dir_is_a_typed_error_and_training_goes_on(tiny_tmpfs, daemon_factory) -> None:
+    """ENOSPC used to reach the trainer as ``ShardguardError: StatusCode.INTERNAL: OSError:
+    [Errno 28]`` and kill training: now the daemon answers NoSpaceError (RESOURCE_EXHAUSTED,
+    typed), names the stall, and the trainer's snapshot is skipped with a warning; the
+    restorable step stays, and snapshots are taken again once there is room."""
+    d = daemon_factory(["--shm-dir", str(tiny_tmpfs)])
+    state = {"w": torch.arange(1000.0)}
+    with sg.connect(d.socket, "full") as c:
+        c.snapshot(0, state).wait()
+        filler = tiny_tmpfs / "filler"
+        with open(filler, "wb", buffering=0) as fh:  # every page left, as a neighbour would
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        h = c.snapshot(1, {"w": state["w"] + 1})
+        assert h.skipped and isinstance(h.error, sg.NoSpaceError), h
+        job = next(j for j in d.status().jobs if j.job == "full")
+        assert job.stall_cause == "no_space", job
+        assert c.latest() == 0
+        filler.unlink()
+        c.snapshot(2, {"w": state["w"] + 2}).wait()
+        step, got = c.restore()
+        assert step == 2 and torch.equal(got["w"], state["w"] + 2)
+
+
 # ------------------------------------------------------------- item 6: a memory cgroup
 
 
