@@ -25,6 +25,7 @@ from shardguard.daemon.errors import (
     NoSpaceError,
     UnknownJobError,
 )
+from shardguard.daemon import doctor
 from shardguard.daemon.auth import WINDOW_S
 from shardguard.daemon.protect import Protector, Topology
 from shardguard.daemon.stalls import Cause, Stalls
@@ -83,8 +84,9 @@ def _opt(value: int | None) -> dict[str, int]:
 class AgentService(pb_grpc.AgentServicer):
     def __init__(self, store: Store, socket_path: str, protector: "Protector | None" = None,
                  control_address: str = "", defaults: tuple[int, int] = (4, 1),
-                 metrics_address: str = "", probe: Any = None) -> None:
+                 metrics_address: str = "", probe: Any = None, budget_why: str = "") -> None:
         self.store = store
+        self.budget_why = budget_why  # which limit the memory budget comes from
         self.socket_path = socket_path
         self.protector = protector
         self.control_address = control_address
@@ -207,6 +209,14 @@ class AgentService(pb_grpc.AgentServicer):
         report = verify_job(self.protector, self.store, req.job,
                             req.step if req.HasField("step") else None)
         return pb.VerifyReply(**summarize(report), report=json.dumps(report).encode())
+
+    @handler
+    def Doctor(self, req: pb.DoctorRequest, context: grpc.ServicerContext) -> pb.DoctorReply:
+        found = doctor.examine(self.store, self.protector, self.stalls, self.socket_path,
+                               self.budget_why, self.defaults, req.job)
+        return pb.DoctorReply(findings=[pb.Finding(check=f.check, level=f.level,
+                                                   detail=f.detail, where=f.where)
+                                        for f in found])
 
     @handler
     def Status(self, req: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:

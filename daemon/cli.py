@@ -1,4 +1,5 @@
-"""``shardguard`` command line: ``daemon`` (serve a node), ``status``, ``ls``, ``drop``."""
+"""``shardguard`` command line: ``daemon`` (serve a node), ``status``, ``ls``, ``drop``,
+``verify``, ``doctor``, ``cluster``."""
 
 from __future__ import annotations
 
@@ -160,6 +161,32 @@ def _print_verify(r: pb.VerifyReply, report: dict) -> None:
                          "degraded: every stripe still decodes" if r.stripes else "BAD"))
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """Print what the daemon finds on this node and across its jobs' peers; 1 if any fails."""
+    try:
+        r = _stub(args.socket).Doctor(pb.DoctorRequest(job=args.job), timeout=args.timeout_s)
+    except grpc.RpcError as exc:
+        err = error_from_rpc(exc)
+        print(f"FAIL  daemon      the daemon at {args.socket or default_socket_path()} does not "
+              f"answer ({type(err).__name__}: {err}): is it running (systemctl status "
+              f"shardguard, or the Slurm prolog)?")
+        return EXIT_UNAVAILABLE if isinstance(err, ConnectionError) else EXIT_ERROR
+    if args.json:
+        print(json.dumps([{"check": f.check, "level": f.level, "detail": f.detail,
+                           "where": f.where} for f in r.findings], indent=2))
+    else:
+        for f in r.findings:
+            if f.level == "ok" and not args.verbose:
+                continue
+            where = f" [{f.where}]" if f.where else ""
+            print(f"{f.level.upper():<5} {f.check:<11} {f.detail}{where}")
+        bad = sum(f.level == "fail" for f in r.findings)
+        warn = sum(f.level == "warn" for f in r.findings)
+        print(f"{len(r.findings)} checks: {bad} failed, {warn} warnings"
+              + ("" if bad or warn else ": nothing stands in the way of protection"))
+    return EXIT_ERROR if any(f.level == "fail" for f in r.findings) else EXIT_OK
+
+
 def _cmd_cluster(args: argparse.Namespace) -> int:
     from shardguard.daemon import cluster
 
@@ -203,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                                ("ls", _cmd_ls, "jobs and their restorable steps"),
                                ("drop", _cmd_drop, "free a job's memory on every node"),
                                ("verify", _cmd_verify, "re-check every checksum of a step and "
-                                "that every stripe decodes")):
+                                "that every stripe decodes"),
+                               ("doctor", _cmd_doctor, "what would stall protection here and "
+                                "across the job's peers (clocks, config, ports, budget, "
+                                "directories), in plain words")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--socket", default=None, help="daemon socket (default as the client)")
         c.add_argument("--timeout-s", type=float, default=10.0 if name != "verify" else 300.0)
@@ -221,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--step", type=int, default=None,
                            help="the step to check (default: the restorable step)")
             c.add_argument("--json", action="store_true", help="every check, as JSON")
+        if name == "doctor":
+            c.add_argument("--job", default="", help="one job (default: every job here)")
+            c.add_argument("--json", action="store_true", help="every check, as JSON")
+            c.add_argument("--verbose", "-v", action="store_true",
+                           help="also the checks that passed")
     c = sub.add_parser("cluster", help="a local stand-in for N nodes (tests, demos)")
     c.add_argument("action", choices=["up", "kill", "start", "down"])
     c.add_argument("--dir", required=True, help="the cluster's directory")

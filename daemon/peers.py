@@ -7,7 +7,8 @@ import logging
 
 import grpc
 
-from shardguard.daemon.agent import handler
+from shardguard.daemon import doctor
+from shardguard.daemon.agent import _version, handler
 from shardguard.daemon.errors import InvalidRequestError
 from shardguard.daemon.protect import Protector
 from shardguard.proto import peer_pb2 as ppb
@@ -54,6 +55,11 @@ class PeerService(ppb_grpc.PeerServicer):
     def DropJob(self, req: ppb.DropJobRequest, context: grpc.ServicerContext) -> ppb.DropJobReply:
         arenas, freed = self.p.drop(req.job)
         return ppb.DropJobReply(arenas_freed=arenas, bytes_freed=freed)
+
+    @handler
+    def Facts(self, req: ppb.FactsRequest, context: grpc.ServicerContext) -> ppb.FactsReply:
+        return doctor.facts(self.p, req.job, (self.p.config.group_size, self.p.config.parity),
+                            _version())
 
     @handler
     def Received(self, req: ppb.ReceivedRequest,

@@ -50,6 +50,7 @@ class Daemon:
         safefile.check_dir(config.shm_dir)
         self.metrics = Metrics(process=True)
         budget, why = config.budget()
+        self.budget_why = why
         self.log.info("memory budget %d bytes: %s", budget, why)
         self.store = Store(config.shm_dir, config.shm_prefix, budget,
                            verify_on_restore=config.verify_on_restore, metrics=self.metrics)
@@ -110,7 +111,8 @@ class Daemon:
         pb_grpc.add_AgentServicer_to_server(
             AgentService(self.store, sock, self.protector, control,
                          (self.config.group_size, self.config.parity),
-                         metrics_address=self.metrics_address, probe=self._probe), server)
+                         metrics_address=self.metrics_address, probe=self._probe,
+                         budget_why=self.budget_why), server)
         health = Health(server, AGENT_SERVICE)
         old_umask = os.umask(0o177)
         try:

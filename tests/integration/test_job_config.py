@@ -125,5 +125,12 @@ def test_one_daemon_clock_skewed_is_refused_at_connect_and_named_by_the_daemons(
         while not any(stall_of(s, "skew") == "clock_skew" for s in socks):
             assert time.monotonic() < deadline, [stall_of(s, "skew") for s in socks]
             time.sleep(0.1)
+        # And `shardguard doctor` says so in plain words, from either side.
+        from _fuzz_support import cli
+
+        doctor = cli("doctor", "--socket", socks[0])
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert "FAIL  clock" in doctor.stdout and "clocks disagree" in doctor.stdout, \
+            doctor.stdout
     finally:
         close_all(clients)

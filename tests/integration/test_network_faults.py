@@ -71,6 +71,9 @@ def test_a_blocked_data_port_is_named_and_protection_resumes(firewall, two_nodes
         verdict = cli("verify", "--job", "job", "--socket", socks[0])
         assert verdict.returncode != 0
         assert "data_unreachable" in verdict.stdout + verdict.stderr, verdict
+        doctor = cli("doctor", "--socket", socks[0])
+        assert doctor.returncode == 1, doctor
+        assert f"data port {data1} does not answer" in doctor.stdout, doctor.stdout
         # The trainer's warning after 50 skipped snapshots names it too.
         wait_until(lambda: "data_unreachable" in (out / "trainer.log").read_text(), 60,
                    "the trainer warns with the cause", proc, out)
@@ -78,6 +81,9 @@ def test_a_blocked_data_port_is_named_and_protection_resumes(firewall, two_nodes
         wait_until(lambda: all((j := job_status(s)) is not None and j.HasField("restorable_step")
                                and not j.stall_cause for s in socks), 90,
                    "protection resumes once the port is open", proc, out)
+        doctor = cli("doctor", "--socket", socks[0], "--verbose")
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "0 failed" in doctor.stdout and f"data port {data1} answers" in doctor.stdout
     finally:
         finish_early(proc)
 
