@@ -50,7 +50,10 @@ FAULT_TESTS := tests/integration/test_daemon_faults.py tests/integration/test_fu
 	tests/integration/test_bad_input.py tests/integration/test_peer_auth.py \
 	tests/integration/test_rogue.py tests/integration/test_peer_tls.py \
 	tests/integration/test_verify.py tests/integration/test_tier.py \
-	tests/integration/test_soak.py
+	tests/integration/test_soak.py tests/integration/test_hostile_local.py \
+	tests/integration/test_network_faults.py tests/integration/test_job_config.py \
+	tests/integration/test_placement_restore.py tests/integration/test_torchrun.py \
+	tests/integration/test_ddp.py
 faults: install
 	rm -f .faults.jsonl
 	SHARDGUARD_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/python -m pytest -q $(FAULT_TESTS) $(PYTEST_ARGS)
