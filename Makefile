@@ -12,9 +12,9 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml setup.py $(wildcard proto/*.proto) | $(BIN)/python
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard proto/*.proto) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,hf,lightning,torchtitan]'
 	touch $(STAMP)
 
 install: $(STAMP)
