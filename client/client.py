@@ -441,9 +441,10 @@ class Client:
         if worst:
             # The same class on every rank; the rank that failed says why.
             cls = _RESTORE_FAILURES[worst - 1]
+            # Every rank gathers the reason (a collective: none may skip it).
+            why = self._first_reason(error) or "another rank could not find the restorable step"
             if error is not None and type(error) is cls:
                 raise error
-            why = self._first_reason(error) or "another rank could not find the restorable step"
             raise cls(f"job {self.job}: {why}") from error
         return -neg_oldest if wanted is None else wanted
 
