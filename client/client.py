@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from shardguard.client import _faults, tier
-from shardguard.client._layout import Leaf, Plan, copy_leaf, flatten, rebuild
+from shardguard.proto.state_layout import Leaf, Plan, copy_leaf, flatten, rebuild
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto import arena as fmt

@@ -112,7 +112,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate, Sh
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.futures import Future
 
-from shardguard.client._layout import _TORCH_DTYPES
+from shardguard.proto.state_layout import TORCH_DTYPES
 from shardguard.client.client import (
     DEFAULT_TIMEOUT_S,
     Client,
@@ -411,7 +411,7 @@ def _write_item(d: dict[str, Any]) -> WriteItem:
 
 def _dtype(name: str) -> torch.dtype:
     try:
-        return _TORCH_DTYPES[name]
+        return TORCH_DTYPES[name]
     except KeyError:
         raise RestoreError(f"unknown tensor dtype {name!r} in a DCP snapshot") from None
 

@@ -1,5 +1,6 @@
-"""The persistent tier on the trainer's side: how a rank's state is written (by the
-flusher process the daemon starts, ``tier_flush.py``) and read back by ``restore()``.
+"""The persistent tier on the trainer's side: a rank's state read back by ``restore()``
+when memory holds nothing (the flusher process the daemon starts, ``shardguard.flusher``,
+wrote it).
 
 A rank's flushed state is what ``dcp.save(state, storage_writer=FileSystemWriter(dir))``
 writes for the state a restore returns (an object stored with ``allow_pickle`` appears
@@ -30,15 +31,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
-from shardguard.client._layout import _TORCH_DTYPES, rebuild, tensor_view
 from shardguard.proto import manifest as mf
 from shardguard.proto import tier as layout
 from shardguard.proto.errors import ManifestError, RestoreError, ShardguardError
+from shardguard.proto.state_layout import TORCH_DTYPES, rebuild, tensor_view
 
 logger = logging.getLogger(__name__)
 
@@ -55,43 +56,6 @@ def _single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-# -------------------------------------------------------------------- writing
-
-
-def write_rank(path: str, u8: torch.Tensor, arr: np.ndarray, base: int, data_bytes: int,
-               manifest_offset: int, manifest_bytes: int, *, job: str, rank: int, step: int,
-               world: int) -> None:
-    """Write one rank's snapshot (a slot's bytes at ``base`` of ``u8``/``arr``) as a DCP
-    checkpoint in ``path``, with its manifest beside it; every file and ``path`` fsynced."""
-    raw = arr[base + manifest_offset:base + manifest_offset + manifest_bytes]
-    doc = mf.parse(raw, data_bytes)
-    if doc["step"] != step:
-        raise ManifestError(f"rank {rank}: the manifest is for step {doc['step']}, not {step}")
-    # Pickles stay bytes: the flusher never runs code from a snapshot.
-    state = rebuild({"tree": _pickles_as_bytes(doc["tree"])}, u8, arr, base, None, False, _cpu)
-    layout.remove_tree(path)
-    os.makedirs(path, mode=0o700)
-    with _single_process():
-        dcp.save(state, storage_writer=FileSystemWriter(path, sync_files=True), no_dist=True)
-    layout.write_durably(os.path.join(path, layout.RANK_DOC), json.dumps(
-        {"format": layout.FORMAT, "job": job, "rank": rank, "step": step, "world": world,
-         "manifest": doc}, separators=(",", ":")).encode())
-    layout.fsync_tree(path)
-
-
-def _pickles_as_bytes(node: Any) -> Any:
-    if isinstance(node, dict):
-        if node.get("t") == "pickle":
-            return {**node, "t": "bytes"}
-        return {k: _pickles_as_bytes(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_pickles_as_bytes(v) for v in node]
-    return node
-
-
-# -------------------------------------------------------------------- reading
 
 
 def latest(root: str, job: str, rank: int, world: int) -> int:
@@ -155,7 +119,7 @@ def _skeleton(node: dict[str, Any], buf: torch.Tensor) -> Any:
     as one pickled item (a tuple, an ndarray, bytes) is None until it is loaded."""
     t = node["t"]
     if t == "tensor":
-        dtype = _TORCH_DTYPES.get(node["dtype"])
+        dtype = TORCH_DTYPES.get(node["dtype"])
         if dtype is None:
             raise ManifestError(f"unknown tensor dtype {node['dtype']!r}")
         return tensor_view(buf, node["off"], dtype, node["shape"])
@@ -223,7 +187,7 @@ def _fill(node: dict[str, Any], obj: Any, buf: torch.Tensor, arr: np.ndarray, wh
     """Copy the bytes of every data leaf of ``obj`` (shaped as ``node``) to its slot offset."""
     t = node["t"]
     if t == "tensor":
-        dtype = _TORCH_DTYPES[node["dtype"]]
+        dtype = TORCH_DTYPES[node["dtype"]]
         if not isinstance(obj, torch.Tensor) or obj.dtype != dtype \
                 or list(obj.shape) != node["shape"]:
             raise RestoreError(f"{where}: the checkpoint holds {_what(obj)}, the manifest a "

@@ -23,64 +23,32 @@ Actions: ``kill`` (SIGKILL, the default: a crash), ``stop`` (SIGSTOP: a hung
 daemon, until someone sends SIGCONT or SIGKILL), ``drop`` (the operation at
 hand fails as a dropped connection would: :class:`PeerUnavailableError`),
 ``slow`` (the operation at hand stalls for ``SLOW_S`` seconds: a slow peer).
+The parsing, the once-per-process registry and the actions are
+``shardguard.proto.faults``, shared with the trainer's client and the tier.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
-import time
 
 from shardguard.daemon.errors import PeerUnavailableError
+from shardguard.proto import faults
 
 logger = logging.getLogger(__name__)
 
 ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
 POINTS = ("seal", "sealed", "mid-transfer", "mid-encode", "partial-parity", "announce", "sync",
           "mid-rebuild")
-ACTIONS = ("kill", "stop", "drop", "slow")
+ACTIONS = faults.ACTIONS
 #: How long ``slow`` holds the operation at hand (a slow peer); tests may set it.
-SLOW_S = float(os.environ.get("SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S", "3.0"))
+SLOW_S = float(os.environ.get("SHARDGUARD_TEST_DAEMON_FAULT_SLOW_S", str(faults.SLOW_S)))
 
-
-def _parse(spec: str) -> list[tuple[str, int, int, str]]:
-    armed = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        where, _, action = item.partition(":")
-        point, step, node = where.split("@")
-        action = action or "kill"
-        if point not in POINTS or action not in ACTIONS:
-            raise ValueError(f"{ENV}: unknown point or action in {item!r} "
-                             f"(points {POINTS}, actions {ACTIONS})")
-        armed.append((point, int(step), int(node), action))
-    return armed
-
-
-_ARMED = _parse(os.environ.get(ENV, ""))
-_FIRED: set[int] = set()
-_LOCK = threading.Lock()
+_ARMED = faults.Faults.from_env(ENV, points=POINTS, actions=ACTIONS, who_in_spec=True,
+                                slow_s=SLOW_S, drop_error=PeerUnavailableError, log=logger,
+                                who_name="node")
 
 
 def point(name: str, step: int, node: int | None) -> None:
     """Fire the fault armed at ``name`` for this step and node, if any."""
-    if not _ARMED or node is None:
-        return
-    for i, (p, s, n, action) in enumerate(_ARMED):
-        if p != name or step < s or node != n:
-            continue
-        with _LOCK:
-            if i in _FIRED:
-                continue
-            _FIRED.add(i)
-        logger.error("test fault %s@%d@%d:%s fires at step %d", p, s, n, action, step,
-                     extra={"step": step, "node": node})
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
-        elif action == "slow":
-            time.sleep(SLOW_S)
-        else:
-            raise PeerUnavailableError(f"test fault {p}: connection dropped")
+    _ARMED.point(name, step, node)

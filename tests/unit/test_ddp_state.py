@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import shardguard.client as sg
 from shardguard.client import ddp as sgddp
-from shardguard.client._layout import flatten
+from shardguard.proto.state_layout import flatten
 
 
 @pytest.fixture(autouse=True)

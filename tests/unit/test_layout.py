@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardguard.client._layout import Leaf, Plan, copy_leaf, flatten, rebuild, tensor_view
+from shardguard.proto.state_layout import Leaf, Plan, copy_leaf, flatten, rebuild, tensor_view
 from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
 from shardguard.proto.errors import IntoMismatchError, ManifestError, RestoreError

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardguard.client._layout import Plan, flatten
+from shardguard.proto.state_layout import Plan, flatten
 from shardguard.proto import manifest as mf
 from shardguard.proto.errors import ManifestError
 

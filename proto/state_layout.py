@@ -1,4 +1,4 @@
-"""Turning a training state into a manifest plus byte ranges, and back.
+"""A training state in a slot, on torch's side of the manifest contract (``manifest.py``).
 
 :func:`flatten` walks a state once per snapshot: it records scalars in the
 manifest tree and lists every leaf that owns bytes (tensors, numpy arrays,
@@ -6,6 +6,10 @@ bytes, pickles) as a :class:`Leaf`. :class:`Plan` places those leaves in a
 slot; it depends only on their sizes, so it is computed once and reused while
 the sizes stay the same (a changed structure simply gets a new plan).
 :func:`rebuild` reads a manifest and a slot back into a state.
+
+The trainer's client writes and reads slots with it, and the tier's flusher reads
+them with it, so both return the same state. It imports torch: the daemon, which
+handles bytes only, never imports this module.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from shardguard.proto import manifest as mf
 from shardguard.proto.arena import align_up
 from shardguard.proto.errors import IntoMismatchError, ManifestError, RestoreError
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
+#: Every torch dtype by the name a manifest gives it (``str(dtype)`` without ``torch.``).
+TORCH_DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
 }
 
@@ -260,7 +265,7 @@ def _decode(node: dict[str, Any], path: str, u8: torch.Tensor, arr: np.ndarray, 
             into: Any, allow_pickle: bool, device_for: Callable[[str], torch.device]) -> Any:
     t = node["t"]
     if t == "tensor":
-        dtype = _TORCH_DTYPES.get(node["dtype"])
+        dtype = TORCH_DTYPES.get(node["dtype"])
         if dtype is None:
             raise ManifestError(f"{path}: unknown tensor dtype {node['dtype']!r}")
         src = tensor_view(u8, base + node["off"], dtype, node["shape"])
