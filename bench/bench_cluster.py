@@ -72,8 +72,9 @@ from _common import (base_parser, gbps, load_average, median_time, print_rows, r
 from bench_node import fs_type
 
 import shardguard.client as sg
-from shardguard.daemon import cluster, placement
-from shardguard.daemon.transport import FRAME_BYTES
+from shardguard.daemon import cluster
+from shardguard.daemon.coding import placement
+from shardguard.daemon.transport.dataplane import FRAME_BYTES
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.paths import grpc_target

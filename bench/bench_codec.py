@@ -30,8 +30,9 @@ from _common import (base_parser, gbps, interleaved_medians, load_average, media
                      write_results)
 from pyeclib.ec_iface import ECDriver
 
-from shardguard.daemon import _isal
-from shardguard.daemon.codec import Codec, _default_threads, _tables, crc32c
+from shardguard.daemon.coding import _isal
+from shardguard.daemon.coding.checksum import crc32c
+from shardguard.daemon.coding.codec import Codec, _default_threads, _tables
 
 logger = logging.getLogger(__name__)
 

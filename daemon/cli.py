@@ -11,7 +11,7 @@ from typing import Sequence
 
 import grpc
 
-from shardguard.daemon import config as cfg
+from shardguard.daemon.base import config as cfg
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ShardguardError, error_from_rpc
@@ -26,8 +26,8 @@ VERIFY_ATTEMPTS = 5
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
-    from shardguard.daemon import logs
-    from shardguard.daemon.server import Daemon
+    from shardguard.daemon.base import logs
+    from shardguard.daemon.service.server import Daemon
 
     conf = cfg.load(args.config, overrides=cfg.flag_overrides(args))
     faulthandler.enable()  # a native crash still leaves a traceback in the log
@@ -191,9 +191,12 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from shardguard.daemon import cluster
 
     if args.action == "up":
-        spec = cluster.up(args.dir, args.nodes, args.group_size, args.parity, args.base_port)
+        spec = cluster.up(args.dir, args.nodes, args.group_size, args.parity, args.base_port,
+                          isolate=args.isolate)
         for i, sock in enumerate(cluster.sockets(args.dir)):
-            print(f"node {i}: SHARDGUARD_SOCKET={sock}")
+            where = (f"  (address {spec.address(i)}, network namespace {spec.netns(i)})"
+                     if spec.isolate else "")
+            print(f"node {i}: SHARDGUARD_SOCKET={sock}{where}")
         print(f"{spec.nodes} nodes up (group size {spec.group_size}, parity {spec.parity})")
     elif args.action == "kill":
         cluster.kill(args.dir, _node(args), keep_memory=args.keep_memory)
@@ -266,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-port", type=int, default=0,
                    help="up: node i listens on BASE+2i (control) and BASE+2i+1 (data); "
                    "default: free ports")
+    c.add_argument("--isolate", action="store_true",
+                   help="up: each node in network and mount namespaces of its own, at its "
+                   "own address, with its own tmpfs (root only)")
     c.add_argument("--keep-memory", action="store_true",
                    help="kill: only the daemon dies, its shared memory stays (a daemon crash)")
     c.set_defaults(fn=_cmd_cluster)

@@ -7,6 +7,17 @@ real failure would: SIGKILL, and its shared memory gone. The shared-memory direc
 the one a daemon would use (``SHARDGUARD_SHM_DIR``, the config file, else /dev/shm), fixed
 at ``up`` in ``cluster.json`` and given to every daemon as a flag, so that ``kill`` and
 ``down`` free the files where the daemons made them.
+
+With ``isolate`` (root only) each node is a machine of its own as far as the kernel
+can make one: its daemon runs in a network namespace ``sg-<tag>-n<i>`` and listens on
+its own address (``10.77.<k>.<i+1>``), reached over a veth pair whose other end is
+a port of a bridge in the cluster's switch namespace ``sg-<tag>-sw``; and it keeps
+its arenas in a tmpfs of its own mounted on ``node-<i>/shm``. Nothing is added to
+the host's network namespace (no interface, route, address, qdisc or firewall rule),
+so clusters side by side never collide, and a fault made on a node's link (``ip link``,
+``tc``, nftables inside its namespace) touches that node only. Trainers stay on the
+host and reach their node's daemon by its Unix socket in the node directory. Losing
+an isolated node deletes its namespace and unmounts its tmpfs: its memory is gone.
 """
 
 from __future__ import annotations
@@ -16,15 +27,18 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import cache
 
 import grpc
 import psutil
 
-from shardguard.daemon import config as cfg
+from shardguard.daemon.base import config as cfg
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ConfigError
@@ -32,6 +46,12 @@ from shardguard.proto.paths import grpc_target
 
 SHM_DIR = "/dev/shm"
 START_TIMEOUT_S = 30.0
+# Isolated nodes: the interface a node sees inside its namespace, the bridge in the
+# switch namespace, and the most nodes one /24 holds (.1 to .250).
+NODE_IFACE = "eth0"
+BRIDGE = "br0"
+MAX_ISOLATED_NODES = 250
+COMMAND_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -46,13 +66,39 @@ class ClusterSpec:
     # daemon restarted in its slot is found where the job's node list says.
     base_port: int = 0
     # Where the daemons keep their arenas (a spec written before this field: /dev/shm).
+    # Isolated nodes keep theirs in their own tmpfs instead: node_shm_dir().
     shm_dir: str = SHM_DIR
+    # Isolated nodes (see the module docstring): their names derive from ``tag``, their
+    # addresses from ``subnet`` (the /24's first three octets).
+    isolate: bool = False
+    tag: str = ""
+    subnet: str = ""
 
     def node_dir(self, root: str, i: int) -> str:
         return os.path.join(root, f"node-{i}")
 
     def node_prefix(self, i: int) -> str:
         return f"{self.prefix}-n{i}"
+
+    def node_shm_dir(self, root: str, i: int) -> str:
+        return os.path.join(self.node_dir(root, i), "shm") if self.isolate else self.shm_dir
+
+    def address(self, i: int) -> str:
+        """The address node i's daemon listens on."""
+        return f"{self.subnet}.{i + 1}" if self.isolate else "127.0.0.1"
+
+    def netns(self, i: int) -> str:
+        """Node i's network namespace (isolated nodes); its interface there is NODE_IFACE."""
+        return f"sg-{self.tag}-n{i}"
+
+    @property
+    def switch_netns(self) -> str:
+        """The namespace of the bridge that links the isolated nodes."""
+        return f"sg-{self.tag}-sw"
+
+    def switch_port(self, i: int) -> str:
+        """The switch's end of node i's veth pair (an interface in ``switch_netns``)."""
+        return f"n{i}"
 
 
 def _spec_path(root: str) -> str:
@@ -71,10 +117,22 @@ def load_spec(root: str) -> ClusterSpec:
         raise ConfigError(f"no local cluster in {root}: {exc}") from None
 
 
-def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0) -> ClusterSpec:
-    """Start ``nodes`` daemons under ``root``."""
+def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0,
+       isolate: bool = False) -> ClusterSpec:
+    """Start ``nodes`` daemons under ``root``; with ``isolate``, each in a namespace of its
+    own with a tmpfs of its own (root only: :func:`isolation_unavailable` says why not).
+
+    An isolated cluster that fails to come up is brought down again (namespaces and
+    mounts would otherwise outlive the caller).
+    """
     if nodes < 1:
         raise ConfigError("a cluster needs at least one node")
+    if isolate:
+        why = isolation_unavailable()
+        if why is not None:
+            raise ConfigError(f"isolated nodes: {why}")
+        if nodes > MAX_ISOLATED_NODES:
+            raise ConfigError(f"isolated nodes: at most {MAX_ISOLATED_NODES} (one /24)")
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
     if os.path.exists(_spec_path(root)):
@@ -85,16 +143,29 @@ def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0) 
         raise ConfigError(f"base port {base_port}: need 1024 <= port <= {65535 - 2 * nodes}")
     # What a daemon would resolve (env, config file); any socket will do for that.
     shm_dir = cfg.load(overrides={"socket": os.path.join(root, "agent.sock")}).shm_dir
+    # The subnet only names the nodes: each isolated cluster is a network of its own, so
+    # two clusters on one subnet never meet.
     spec = ClusterSpec(nodes, group_size, parity, f"shardguard-c{tag}", budget, base_port,
-                       shm_dir)
+                       shm_dir, isolate, tag if isolate else "",
+                       f"10.77.{int(tag[:2], 16)}" if isolate else "")
     # The nodes' shared secret, as the Slurm prolog makes one per job: peers authenticate.
     fd = os.open(_secret_path(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(32))
     with open(_spec_path(root), "w", encoding="utf-8") as fh:
         json.dump(asdict(spec), fh)
-    for i in range(nodes):
-        start(root, i, spec)
+    if not isolate:
+        for i in range(nodes):
+            start(root, i, spec)
+        return spec
+    try:
+        _clear_stale(root, spec)
+        _make_switch(spec)
+        for i in range(nodes):
+            start(root, i, spec)
+    except BaseException:
+        down(root)
+        raise
     return spec
 
 
@@ -113,8 +184,8 @@ def start(root: str, node: int, spec: ClusterSpec | None = None,
         raise ConfigError(f"node {node} is already running (pid {_pid(d)})")
     sock = os.path.join(d, "agent.sock")
     argv = [sys.executable, "-m", "shardguard.daemon", "--socket", sock,
-             "--shm-prefix", spec.node_prefix(node), "--shm-dir", spec.shm_dir,
-             "--host", "127.0.0.1",
+             "--shm-prefix", spec.node_prefix(node), "--shm-dir", spec.node_shm_dir(root, node),
+             "--host", spec.address(node),
              "--control-port", str(spec.base_port + 2 * node if spec.base_port else 0),
              "--data-port", str(spec.base_port + 2 * node + 1 if spec.base_port else 0),
              "--group-size", str(spec.group_size),
@@ -124,10 +195,17 @@ def start(root: str, node: int, spec: ClusterSpec | None = None,
     if os.path.exists(_secret_path(root)):
         argv += ["--secret-file", _secret_path(root)]
     argv += extra_args or []
+    exe = sys.executable
+    if spec.isolate:
+        _make_node(root, spec, node)
+        # ip execs the daemon (same pid) in the node's network namespace, and in a mount
+        # namespace of its own whose mounts do not reach the host.
+        exe = _tool("ip")
+        argv = [exe, "netns", "exec", spec.netns(node), *argv]
     # A detached daemon in its own session, as systemd or a prolog would start it;
     # no Popen object, since the daemon is meant to outlive whoever started it.
     log = os.path.join(d, "daemon.log")
-    pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
+    pid = os.posix_spawn(exe, argv, os.environ, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
         (os.POSIX_SPAWN_DUP2, 1, 2)])
@@ -138,7 +216,8 @@ def start(root: str, node: int, spec: ClusterSpec | None = None,
 
 
 def kill(root: str, node: int, keep_memory: bool = False) -> None:
-    """Lose node ``node``: SIGKILL its daemon and free its shared memory.
+    """Lose node ``node``: SIGKILL its daemon and free its shared memory (an isolated
+    node: its namespace deleted, its tmpfs unmounted; ``start`` makes them anew).
 
     With ``keep_memory`` only the daemon dies (a crashed daemon that systemd
     restarts): its arenas stay for the next daemon in the slot to adopt.
@@ -150,12 +229,17 @@ def kill(root: str, node: int, keep_memory: bool = False) -> None:
     pid = _pid(d)
     _signal(pid, signal.SIGKILL)
     _wait_dead(pid, 10.0)
-    if not keep_memory:
+    if keep_memory:
+        return
+    if spec.isolate:
+        _remove_node(root, spec, node)
+    else:
         _wipe(spec.shm_dir, spec.node_prefix(node))
 
 
 def down(root: str) -> None:
-    """Stop every daemon and free all their memory."""
+    """Stop every daemon and free all their memory (and an isolated cluster's namespaces
+    and mounts, whatever state a failure left them in)."""
     root = os.path.abspath(root)
     spec = load_spec(root)
     for i in range(spec.nodes):
@@ -166,12 +250,17 @@ def down(root: str) -> None:
         pid = _pid(d)
         _wait_dead(pid, 10.0)
         _signal(pid, signal.SIGKILL)
-        _wipe(spec.shm_dir, spec.node_prefix(i))
+        if spec.isolate:
+            _remove_node(root, spec, i)
+        else:
+            _wipe(spec.shm_dir, spec.node_prefix(i))
         for name in ("daemon.pid", "agent.sock", "agent.sock.lock"):
             try:
                 os.unlink(os.path.join(d, name))
             except FileNotFoundError:
                 pass
+    if spec.isolate:
+        _delete_netns(spec.switch_netns)
     os.unlink(_spec_path(root))
     try:
         os.unlink(_secret_path(root))
@@ -257,3 +346,130 @@ def _wait_ready(sock: str, pid: int) -> None:
                     pass
         time.sleep(0.05)
     raise ConfigError(f"daemon for {sock} did not come up in {START_TIMEOUT_S}s")
+
+
+# ------------------------------------------------------------------ isolated nodes
+
+
+@cache
+def isolation_unavailable() -> str | None:
+    """Why isolated nodes cannot be made on this machine (None: they can).
+
+    Tried for real: a probe namespace with a bridge and a veth pair in it, as
+    containers and sandboxes may refuse any of these to root too.
+    """
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, veth pairs, tmpfs mounts)"
+    for tool, package in (("ip", "iproute2"), ("mount", "util-linux"), ("umount", "util-linux")):
+        if shutil.which(tool) is None:
+            return f"needs the {tool} command (Debian package {package}; `make tools`)"
+    probe = f"sg-probe-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        _ip("netns", "add", probe)
+        _ip("-n", probe, "link", "add", "name", BRIDGE, "type", "bridge")
+        _ip("-n", probe, "link", "add", "name", "probe0", "type", "veth", "peer", "name",
+            "probe1")
+    except ConfigError as exc:
+        return f"this kernel or sandbox refuses network namespaces here: {exc}"
+    finally:
+        _delete_netns(probe)
+    return None
+
+
+def _clear_stale(root: str, spec: ClusterSpec) -> None:
+    """What an earlier cluster in ``root`` left when its process died before ``down``:
+    its namespaces (the same tag) and tmpfs mounts, with arenas nobody must adopt."""
+    try:
+        names = os.listdir("/run/netns")
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if name.startswith(f"sg-{spec.tag}-n") and name[len(f"sg-{spec.tag}-n"):].isdigit():
+            _remove_node(root, spec, int(name[len(f"sg-{spec.tag}-n"):]))
+    for shm in glob.glob(os.path.join(glob.escape(root), "node-*", "shm")):
+        if os.path.ismount(shm):
+            _run(["umount", "--lazy", shm])
+    _delete_netns(spec.switch_netns)
+
+
+def _make_switch(spec: ClusterSpec) -> None:
+    _ip("netns", "add", spec.switch_netns)
+    _ip("-n", spec.switch_netns, "link", "add", "name", BRIDGE, "type", "bridge")
+    _ip("-n", spec.switch_netns, "link", "set", BRIDGE, "up")
+
+
+def _make_node(root: str, spec: ClusterSpec, i: int) -> None:
+    """Node i's namespace, its link to the switch and its tmpfs, where they are missing
+    (a node lost by ``kill`` gets new ones; a crashed daemon's are kept)."""
+    ns = spec.netns(i)
+    if not _netns_exists(ns):
+        try:
+            _ip("netns", "add", ns)
+            _ip("-n", spec.switch_netns, "link", "add", "name", spec.switch_port(i), "type", "veth",
+                "peer", "name", NODE_IFACE, "netns", ns)
+            _ip("-n", spec.switch_netns, "link", "set", spec.switch_port(i), "master", BRIDGE,
+                "up")
+            _ip("-n", ns, "addr", "add", f"{spec.address(i)}/24", "dev", NODE_IFACE)
+            _ip("-n", ns, "link", "set", NODE_IFACE, "up")
+            # The daemon's calls to its own address go over lo.
+            _ip("-n", ns, "link", "set", "lo", "up")
+        except ConfigError:
+            _delete_netns(ns)  # half made: the next start begins afresh
+            raise
+    shm = spec.node_shm_dir(root, i)
+    os.makedirs(shm, exist_ok=True)
+    if not os.path.ismount(shm):
+        # Mounted on the host, not only in the daemon's mount namespace: the node's
+        # trainers map their arenas by path. No size: tmpfs's default, as /dev/shm has.
+        _run(["mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev",
+              f"shardguard-{spec.tag}-n{i}", shm])
+
+
+def _remove_node(root: str, spec: ClusterSpec, i: int) -> None:
+    """Node i's namespace (its veth pair goes with it) and tmpfs, whatever is left of them."""
+    ns = spec.netns(i)
+    if _netns_exists(ns):
+        # Anything still running in the node (a daemon whose pid file was lost).
+        pids = subprocess.run([_tool("ip"), "netns", "pids", ns], capture_output=True,
+                              text=True, timeout=COMMAND_TIMEOUT_S).stdout.split()
+        for pid in pids:
+            _signal(int(pid), signal.SIGKILL)
+        _delete_netns(ns)
+    shm = spec.node_shm_dir(root, i)
+    if os.path.ismount(shm):
+        # Lazily: a rank of the node that still maps an arena keeps only its own pages,
+        # until it exits; the directory is empty for whoever looks next.
+        _run(["umount", "--lazy", shm])
+
+
+def _netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join("/run/netns", name))
+
+
+def _delete_netns(name: str) -> None:
+    if _netns_exists(name):
+        try:
+            _ip("netns", "delete", name)
+        except ConfigError:
+            pass  # deleted meanwhile
+
+
+def _ip(*args: str) -> None:
+    _run([_tool("ip"), *args])
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ConfigError(f"isolated nodes need the {name} command")
+    return path
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        subprocess.run(argv, check=True, capture_output=True, text=True,
+                       timeout=COMMAND_TIMEOUT_S)
+    except subprocess.CalledProcessError as exc:
+        raise ConfigError(f"{' '.join(argv)}: {exc.stderr.strip() or exc}") from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"{' '.join(argv)}: {exc}") from None

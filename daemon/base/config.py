@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import psutil
 
-from shardguard.daemon import cgroup
+from shardguard.daemon.base import cgroup
 from shardguard.daemon.errors import ConfigError
-from shardguard.daemon.logs import FORMATS as LOG_FORMATS
+from shardguard.daemon.base.logs import FORMATS as LOG_FORMATS
 from shardguard.proto.paths import default_socket_path
 
 ENV_PREFIX = "SHARDGUARD_"
@@ -65,6 +65,10 @@ class Config:
     data_port: int = 0
     group_size: int = 4
     parity: int = 1
+    # How a job's nodes form groups (daemon/coding/placement.py): "contiguous" (nodes
+    # i*g .. i*g+g-1), or "stride" (node i joins group i mod groups: with the node list
+    # ordered by rack or switch, a lost rack costs every group only a few nodes).
+    placement: str = "contiguous"
     peer_timeout_s: float = 10.0
     # A per-job secret shared by the job's daemons: every peer call must carry an
     # HMAC made with it. Empty: peers are not authenticated (one trusted host).
@@ -106,6 +110,8 @@ class Config:
             raise ConfigError("ports must be in [0, 65535]")
         if self.parity < 1 or self.group_size < self.parity + 1:
             raise ConfigError("need parity >= 1 and group_size >= parity + 1")
+        if self.placement not in ("contiguous", "stride"):
+            raise ConfigError(f"placement must be contiguous or stride, got {self.placement!r}")
         if self.peer_timeout_s <= 0:
             raise ConfigError("peer_timeout_s must be > 0")
         if self.secret_file and not os.path.isabs(self.secret_file):

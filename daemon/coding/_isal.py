@@ -1,6 +1,6 @@
 """Locate and load Intel ISA-L through ctypes, plus the GF(2^8) arithmetic it uses.
 
-The codec (:mod:`shardguard.daemon.codec`) calls ISA-L's kernels directly on
+The codec (:mod:`shardguard.daemon.coding.codec`) calls ISA-L's kernels directly on
 arena memory. The library is the copy the pyeclib wheel bundles
 (``pyeclib.libs/libisal*.so*``), else the system ``libisal``; when neither
 loads, :func:`load` returns ``None`` and the codec falls back to pyeclib's

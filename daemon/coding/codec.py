@@ -1,4 +1,4 @@
-"""Reed-Solomon erasure coding and CRC32C over caller-owned memory.
+"""Reed-Solomon erasure coding over caller-owned memory (CRC32C: coding/checksum.py).
 
 The daemon protects each stripe (DESIGN.md §3) with :class:`Codec`: ``k``
 data pieces and ``m`` parity pieces of equal length ``P``, parity
@@ -25,13 +25,14 @@ import functools
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, cast
 
 import numpy as np
 from pyeclib.ec_iface import ECDriver, ECDriverError
 
-from shardguard.daemon import _isal
+from shardguard.daemon.coding import _isal
 from shardguard.daemon.errors import CodecError, InsufficientPiecesError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -80,150 +81,6 @@ def _check_range(start: int, stop: int | None, size: int) -> tuple[int, int]:
     if not 0 <= start <= stop <= size:
         raise InvalidRequestError(f"range [{start}, {stop}) is outside pieces of {size} bytes")
     return start, stop
-
-
-# --------------------------------------------------------------------------
-# CRC32C
-# --------------------------------------------------------------------------
-
-_CRC_MASK = 0xFFFFFFFF
-_CRC_POLY = 0x82F63B78  # Castagnoli, reflected
-
-
-def crc32c(buf: Buffer, init: int = 0) -> int:
-    """CRC32C (Castagnoli) of ``buf``, read in place.
-
-    Standard convention (``crc32c(b"123456789") == 0xE3069283``); pass a
-    previous result as ``init`` to continue it, so
-    ``crc32c(b, crc32c(a)) == crc32c(a + b)``.
-
-    Raises:
-        InvalidRequestError: ``buf`` is not a contiguous buffer or ``init``
-            is not a 32-bit value.
-    """
-    if not 0 <= init <= _CRC_MASK:
-        raise InvalidRequestError(f"CRC init {init!r} is not a 32-bit value")
-    arr = _view(buf, writable=False, what="CRC input")
-    # ISA-L's crc32_iscsi neither inverts its seed nor its result; the
-    # standard CRC32C does both, so the inversion happens here.
-    state = init ^ _CRC_MASK
-    lib = _isal.load()
-    if lib is None:
-        state = _crc32c_numpy(arr, state)
-    else:
-        addr, size = arr.ctypes.data, arr.size
-        for off in range(0, size, _isal.MAX_CALL_BYTES):
-            state = lib.crc32_iscsi(addr + off, min(_isal.MAX_CALL_BYTES, size - off), state)
-    return state ^ _CRC_MASK
-
-
-def _crc_mulmod(a: int, b: int) -> int:
-    """a * b modulo the CRC polynomial, both in the reflected representation."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-def _crc_x2n_table() -> list[int]:
-    table, p = [], 1 << 30  # x^1
-    for _ in range(32):
-        table.append(p)  # x^(2^n)
-        p = _crc_mulmod(p, p)
-    return table
-
-
-_CRC_X2N = _crc_x2n_table()
-
-
-@functools.lru_cache(maxsize=256)
-def crc32c_shift(nbytes: int) -> int:
-    """The operator that :func:`crc32c_combine` applies for ``nbytes`` bytes (x^(8n) mod P);
-    cached, since pieces and blocks repeat a few lengths."""
-    if nbytes < 0:
-        raise InvalidRequestError(f"byte count {nbytes} is negative")
-    p, k = 1 << 31, 3  # x^0; x^(8n) = x^(n * 2^3)
-    while nbytes:
-        if nbytes & 1:
-            p = _crc_mulmod(_CRC_X2N[k & 31], p)
-        nbytes >>= 1
-        k += 1
-    return p
-
-
-def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the bytes."""
-    return _crc_mulmod(crc32c_shift(len2), crc1) ^ crc2
-
-
-def crc32c_blocks(buf: Buffer, block_bytes: int) -> tuple[int, list[int]]:
-    """The CRC32C of ``buf`` and of each of its ``block_bytes`` blocks, in one read."""
-    arr = _view(buf, writable=False, what="CRC input")
-    blocks = [crc32c(arr[o:o + block_bytes]) for o in range(0, arr.size, block_bytes)]
-    whole = 0
-    for i, c in enumerate(blocks):
-        whole = crc32c_combine(whole, c, min(block_bytes, arr.size - i * block_bytes))
-    return whole, blocks
-
-
-def _crc_byte_table() -> np.ndarray:
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(_CRC_POLY), table >> 1)
-    return table.astype(np.uint32)
-
-
-_CRC_TABLE = _crc_byte_table()
-_CRC_TABLE_LIST: list[int] = [int(v) for v in _CRC_TABLE]
-
-# The numpy fallback reads the buffer as rows of _CRC_ROW bytes, runs the
-# bytewise recurrence down all rows at once (one vector op per column), then
-# folds the per-row CRCs together; that keeps the Python loop at
-# O(sqrt(block)) steps instead of one per byte.
-_CRC_ROW = 2048
-_CRC_BLOCK = _CRC_ROW * 2048
-
-
-def _crc_feed(state: np.ndarray, column: np.ndarray) -> np.ndarray:
-    fed: np.ndarray = _CRC_TABLE[(state ^ column) & 0xFF] ^ (state >> 8)
-    return fed
-
-
-@functools.cache
-def _crc_row_shift() -> tuple[list[int], ...]:
-    """Tables that advance a raw CRC state over ``_CRC_ROW`` zero bytes.
-
-    Advancing over zeros is linear in the state, so it splits into one
-    256-entry table per state byte.
-    """
-    states = (np.arange(256, dtype=np.uint32)[None, :] << (8 * np.arange(4, dtype=np.uint32))[:, None]).ravel()
-    zeros = np.zeros(states.size, dtype=np.uint32)
-    for _ in range(_CRC_ROW):
-        states = _crc_feed(states, zeros)
-    return tuple(states.reshape(4, 256).tolist())
-
-
-def _crc32c_numpy(data: np.ndarray, state: int) -> int:
-    """Raw (uninverted) CRC32C update, without ISA-L; slow but correct."""
-    z0, z1, z2, z3 = _crc_row_shift()
-    whole = data.size - data.size % _CRC_ROW
-    for start in range(0, whole, _CRC_BLOCK):
-        # Transposed so each step of the recurrence reads one contiguous column.
-        cols = np.ascontiguousarray(data[start : min(start + _CRC_BLOCK, whole)].reshape(-1, _CRC_ROW).T)
-        rows = np.zeros(cols.shape[1], dtype=np.uint32)
-        rows[0] = state
-        for col in cols:
-            rows = _crc_feed(rows, col)
-        state = int(rows[0])
-        for row_crc in rows[1:].tolist():
-            state = z0[state & 0xFF] ^ z1[(state >> 8) & 0xFF] ^ z2[(state >> 16) & 0xFF] ^ z3[state >> 24] ^ row_crc
-    for byte in data[whole:].tobytes():
-        state = _CRC_TABLE_LIST[(state ^ byte) & 0xFF] ^ (state >> 8)
-    return state
 
 
 # --------------------------------------------------------------------------
@@ -608,3 +465,25 @@ class Codec:
 
     def __repr__(self) -> str:
         return f"Codec(k={self._k}, m={self._m}, backend={self._backend.name!r}, threads={self._threads})"
+
+
+class Codecs:
+    """One :class:`Codec` per ``(k, m)``, made on first use and kept (one thread each: the
+    daemon's calls already run in parallel, one per stripe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._codecs: dict[tuple[int, int], Codec] = {}
+
+    def get(self, k: int, m: int) -> "Codec":
+        with self._lock:
+            codec = self._codecs.get((k, m))
+            if codec is None:
+                codec = self._codecs[(k, m)] = Codec(k, m, threads=1)
+            return codec
+
+    def close(self) -> None:
+        with self._lock:
+            for codec in self._codecs.values():
+                codec.close()
+            self._codecs.clear()

@@ -23,12 +23,14 @@ Piece indices within a stripe follow the codec: ``0..k-1`` data,
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from shardguard.daemon.errors import ConfigError, InsufficientPiecesError, InvalidRequestError
+from shardguard.proto.meta import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +76,30 @@ def split_groups(num_nodes: int, group_size: int, placement: str = "contiguous")
     return groups
 
 
-def piece_size(payload_bytes: Iterable[int], k: int) -> int:
-    """Bytes per piece ``P`` for a group: the largest payload rounded up to ``k * 4096``, over ``k``."""
+def source_piece_bytes(payload_bytes: int, k: int) -> int:
+    """Bytes per piece of one source node: its payload over ``k``, rounded up to a page.
+
+    Each node cuts its own payload into ``k`` pieces (not the group's largest: a node
+    does not wait for the others' sizes); an encoder takes the largest of its
+    stripe's sources (:func:`stripe_piece_bytes`) and the shorter pieces count as
+    zero-padded to it.
+    """
     if k < 1:
         raise InvalidRequestError(f"k must be >= 1, got {k}")
-    largest = max(payload_bytes, default=0)
-    if largest < 0:
-        raise InvalidRequestError(f"payload sizes must be >= 0, got {largest}")
-    unit = k * PIECE_ALIGN_BYTES
-    return -(-largest // unit) * unit // k
+    if payload_bytes < 0:
+        raise InvalidRequestError(f"payload size must be >= 0, got {payload_bytes}")
+    per = -(-payload_bytes // k)
+    return -(-per // PIECE_ALIGN_BYTES) * PIECE_ALIGN_BYTES
+
+
+def stripe_piece_bytes(source_pieces: Iterable[int]) -> int:
+    """A stripe's piece size ``P``: the largest of its sources' pieces (parity is this long)."""
+    return max(source_pieces, default=0)
+
+
+def piece_size(payload_bytes: Iterable[int], k: int) -> int:
+    """The piece size ``P`` of a stripe whose sources' payloads are ``payload_bytes``."""
+    return stripe_piece_bytes(source_piece_bytes(b, k) for b in payload_bytes)
 
 
 def piece_span(payload_bytes: int, piece: int, piece_bytes: int) -> tuple[int, int]:
@@ -349,3 +366,23 @@ def plan(
         placement, num_nodes, len(groups), [g.g for g in groups], parity,
     )
     return Placement(groups)
+
+
+@functools.lru_cache(maxsize=256)
+def placement_of(topology: Topology) -> Placement:
+    """The placement of a job's topology, built once per topology (topologies are frozen)."""
+    return plan(len(topology.nodes), topology.group_size, topology.parity, topology.placement)
+
+
+def peers_of(topology: Topology | None) -> list[tuple[str, str]]:
+    """(control, data) addresses of the nodes this node exchanges a job's pieces with.
+
+    Those are the other nodes of its group (sources, encoders, parity holders)
+    and the job's coordinator, node 0; not the whole job, so that a probe costs
+    each node a group's worth of calls however large the job.
+    """
+    if topology is None:
+        return []
+    nodes = set(placement_of(topology).group_of(topology.node_index).nodes) | {0}
+    nodes.discard(topology.node_index)
+    return sorted({topology.nodes[i] for i in nodes})

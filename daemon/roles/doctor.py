@@ -20,21 +20,20 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import psutil
 
-from shardguard.daemon import cgroup
-from shardguard.daemon.auth import WINDOW_S
-from shardguard.daemon.observe import peers_of
+from shardguard.daemon.base import cgroup
+from shardguard.daemon.base.stalls import Stalls
+from shardguard.daemon.coding.placement import peers_of
+from shardguard.daemon.storage.store import Store
+from shardguard.daemon.transport.auth import WINDOW_S
+from shardguard.daemon.transport.peer_client import PeerClients
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import safefile
 from shardguard.proto.errors import ShardguardError
-
-if TYPE_CHECKING:
-    from shardguard.daemon.protect import Protector
-    from shardguard.daemon.stalls import Stalls
-    from shardguard.daemon.store import Store
+from shardguard.proto.meta import Topology
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 #: Clocks further apart than this share of the token window are a warning.
@@ -49,15 +48,27 @@ class Finding:
     where: str = ""
 
 
-def examine(store: "Store", protector: "Protector | None", stalls: "Stalls", socket_path: str,
-            budget_why: str, defaults: tuple[int, int], job: str = "") -> list[Finding]:
+@dataclass(frozen=True)
+class Reach:
+    """How this daemon reaches its peers, and what it says of itself to them."""
+
+    peers: PeerClients
+    ping: Callable[[str, float], bool]  # the data plane's ping
+    fingerprint: str
+    tls: bool
+    defaults: tuple[int, int]
+    timeout_s: float
+
+
+def examine(store: Store, stalls: Stalls, reach: Reach | None, socket_path: str,
+            budget_why: str, job: str = "") -> list[Finding]:
     """Every finding for this node and (``job``, or every job here) its peers."""
     out = _directories(socket_path, store.shm_dir)
     out += _budget(store.budget_bytes, budget_why)
     jobs = [store.job(job)] if job else store.jobs()
     for rec in jobs:
-        if rec.topology and protector is not None:
-            out += _peers(protector, rec.job, rec.topology, defaults)
+        if rec.topology is not None and reach is not None:
+            out += _peers(reach, rec.job, rec.topology)
         stall = stalls.get(rec.job)
         if stall is not None:
             level = WARN if stall.cause.value == "too_slow" else FAIL
@@ -98,13 +109,9 @@ def _budget(budget: int, why: str) -> list[Finding]:
     return [Finding("budget", OK, text)]
 
 
-def _peers(p: "Protector", job: str, topology: dict[str, Any],
-           defaults: tuple[int, int]) -> list[Finding]:
-    from shardguard.daemon.protect import Topology
-
-    topo = Topology.from_doc(topology)
+def _peers(reach: Reach, job: str, topo: Topology) -> list[Finding]:
     mine = topo.describe()
-    addresses = peers_of(topology)
+    addresses = peers_of(topo)
     if not addresses:
         return []
 
@@ -112,17 +119,17 @@ def _peers(p: "Protector", job: str, topology: dict[str, Any],
         t0 = time.time()
         facts, err = None, ""
         try:
-            facts = p._peer(control).Facts(ppb.FactsRequest(job=job),
-                                           timeout=p.config.peer_timeout_s)
+            facts = reach.peers.stub(control).Facts(ppb.FactsRequest(job=job),
+                                                    timeout=reach.timeout_s)
         except Exception as exc:  # noqa: BLE001 - reported as a finding
             err = f"{type(exc).__name__}: {exc}"
         t1 = time.time()
-        return facts, t0, t1, p.plane.ping(data, min(3.0, p.config.peer_timeout_s)), err
+        return facts, t0, t1, reach.ping(data, min(3.0, reach.timeout_s)), err
 
     out: list[Finding] = []
     with concurrent.futures.ThreadPoolExecutor(min(16, len(addresses))) as pool:
         answers = {a: pool.submit(ask, *a) for a in addresses}
-    here = (defaults, p.auth.fingerprint(), p.tls is not None)
+    here = (reach.defaults, reach.fingerprint, reach.tls)
     for (control, data), fut in answers.items():
         facts, t0, t1, data_up, err = fut.result()
         where = control
@@ -158,13 +165,13 @@ def _peers(p: "Protector", job: str, topology: dict[str, Any],
     return out
 
 
-def facts(p: "Protector", job: str, defaults: tuple[int, int], version: str) -> ppb.FactsReply:
+def facts(store: Store, reach: Reach, job: str, version: str) -> ppb.FactsReply:
     """What this node says of itself to a peer's doctor."""
-    reply = ppb.FactsReply(time_unix=time.time(), default_group_size=defaults[0],
-                           default_parity=defaults[1], secret_fingerprint=p.auth.fingerprint(),
-                           peer_tls=p.tls is not None, version=version)
+    reply = ppb.FactsReply(time_unix=time.time(), default_group_size=reach.defaults[0],
+                           default_parity=reach.defaults[1], secret_fingerprint=reach.fingerprint,
+                           peer_tls=reach.tls, version=version)
     try:
-        topo = p.topology(job) if job else None
+        topo = store.job(job).topology if job else None
     except ShardguardError:
         topo = None
     if topo is not None:

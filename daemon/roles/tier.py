@@ -57,13 +57,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shardguard.daemon.codec import crc32c
-from shardguard.daemon.config import Config
+from shardguard.daemon.coding.checksum import crc32c
+from shardguard.daemon.base.config import Config
 from shardguard.daemon.errors import ConfigError, CorruptionError, ShardguardError
-from shardguard.daemon.store import FlushHold, Store
+from shardguard.daemon.storage.store import FlushHold, Store
 from shardguard.proto import safefile
 from shardguard.proto import tier as layout
 from shardguard.proto.arena import align_up
+from shardguard.proto.meta import FlushedReport
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ FAULT_ENV = "SHARDGUARD_TEST_TIER_FAULT"
 FAULT_POINTS = ("mid-write", "slow-write", "before-pointer")
 
 #: What a node reports to the coordinator when its part of a flush ends.
-Report = Callable[[dict[str, Any]], None]
+Report = Callable[[FlushedReport], None]
 
 
 class FlushError(ShardguardError):
@@ -325,18 +326,18 @@ class Tier:
                 return None
         return self._last[job]
 
-    def flushed(self, job: str, step: int, node: int, doc: dict[str, Any]) -> None:
+    def flushed(self, job: str, step: int, node: int, report: FlushedReport) -> None:
         """A node's report on its part of the flush of ``step``; commits after the last one."""
         with self._lock:
             c = self._claims.get(job)
-            if c is None or c.step != step or c.token != doc.get("token"):
+            if c is None or c.step != step or c.token != report.token:
                 logger.info("late flush report from node %d ignored", node,
                             extra={"job": job, "step": step, "node": node})
                 return
-            if not doc.get("ok"):
+            if not report.ok:
                 del self._claims[job]
                 logger.warning("flush failed on node %d: %s; the next due step is flushed",
-                               node, doc.get("why"), extra={"job": job, "step": step})
+                               node, report.why, extra={"job": job, "step": step})
                 return
             c.done.add(node)
             if len(c.done) < c.nodes:
@@ -607,7 +608,8 @@ def _read_marker(tmp: str, node: int, wait_s: float = 10.0) -> dict[str, Any]:
 
 def _send(report: Report, doc: dict[str, Any], job: str, step: int) -> None:
     try:
-        report(doc)
+        report(FlushedReport(doc["token"], doc.get("ok") is True, str(doc.get("why", "")),
+                             int(doc.get("bytes", 0))))
     except Exception as exc:  # noqa: BLE001 - the coordinator gives the flush up in time
         logger.warning("cannot report the flush to the coordinator: %s", exc,
                        extra={"job": job, "step": step})

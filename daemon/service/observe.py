@@ -11,13 +11,14 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shardguard.daemon.auth import peer_channel
-from shardguard.daemon.metrics import JobState, NodeState
-from shardguard.daemon.protect import Topology
-from shardguard.daemon.store import Store
+from shardguard.daemon.transport.auth import peer_channel
+from shardguard.daemon.base.metrics import JobState, NodeState
+from shardguard.daemon.coding.placement import peers_of
+from shardguard.daemon.storage.store import Store
 from shardguard.proto import arena as fmt
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import peer_pb2 as ppb
+from shardguard.proto.meta import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +47,6 @@ class Health:
 
     def stopping(self) -> None:
         self._servicer.enter_graceful_shutdown()
-
-
-def peers_of(topology: dict | None) -> list[tuple[str, str]]:
-    """(control, data) addresses of the nodes this node exchanges a job's pieces with.
-
-    Those are the other nodes of its group (sources, encoders, parity holders)
-    and the job's coordinator, node 0; not the whole job, so that a probe costs
-    each node a group's worth of calls however large the job.
-    """
-    if not topology:
-        return []
-    topo = Topology.from_doc(topology)
-    nodes = set(topo.placement.group_of(topo.node_index).nodes) | {0}
-    nodes.discard(topo.node_index)
-    return sorted({tuple(topo.nodes[i]) for i in nodes})  # type: ignore[misc]
 
 
 class PeerProbe:
@@ -99,14 +85,14 @@ class PeerProbe:
             ch.close()
         self._channels.clear()
 
-    def counts(self, topology: dict | None) -> tuple[int, int]:
+    def counts(self, topology: Topology | None) -> tuple[int, int]:
         """(peers, peers up) of a job; a peer not yet checked counts as down."""
         addresses = peers_of(topology)
         with self._lock:
             return len(addresses), sum(self._up.get(c, False) and self._up.get(d, False)
                                        for c, d in addresses)
 
-    def down(self, topology: dict | None) -> list[str]:
+    def down(self, topology: Topology | None) -> list[str]:
         """The ports of a job's peers that did not answer the last check, in words (a peer
         not checked yet is not listed)."""
         out = []

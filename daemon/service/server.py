@@ -10,18 +10,26 @@ from concurrent import futures
 
 import grpc
 
-from shardguard.daemon import sdnotify
-from shardguard.daemon.agent import AgentService, DecodeGuard
-from shardguard.daemon.auth import ServerInterceptor, add_peer_port
-from shardguard.daemon.config import Config
+from shardguard.daemon.base import sdnotify
+from shardguard.daemon.base.config import Config
+from shardguard.daemon.base.metrics import Metrics, MetricsServer, StateCollector
+from shardguard.daemon.base.stalls import Stalls
 from shardguard.daemon.errors import ConfigError
-from shardguard.daemon.lock import PidLock
-from shardguard.daemon.metrics import Metrics, MetricsServer, StateCollector
-from shardguard.daemon.observe import AGENT_SERVICE, PEER_SERVICE, Health, PeerProbe, node_state
-from shardguard.daemon.peers import PeerService
-from shardguard.daemon.protect import Protector
-from shardguard.daemon.store import Store
-from shardguard.daemon.tier import Tier
+from shardguard.daemon.roles.tier import Tier
+from shardguard.daemon.service import wiring
+from shardguard.daemon.service.agent import AgentService
+from shardguard.daemon.service.boundary import DecodeGuard
+from shardguard.daemon.service.observe import (
+    AGENT_SERVICE,
+    PEER_SERVICE,
+    Health,
+    PeerProbe,
+    node_state,
+)
+from shardguard.daemon.service.peer_service import PeerService
+from shardguard.daemon.storage.lock import PidLock
+from shardguard.daemon.storage.store import Store
+from shardguard.daemon.transport.auth import ServerInterceptor, add_peer_port
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
 from shardguard.proto import safefile
@@ -63,7 +71,8 @@ class Daemon:
         self._probe: PeerProbe | None = None
         self._health: list[Health] = []
         self._shut_down = False
-        self.protector: Protector | None = None
+        self.stalls = Stalls()
+        self.roles: wiring.Roles | None = None
         self._peer_server: grpc.Server | None = None
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
@@ -109,8 +118,8 @@ class Daemon:
                      ("grpc.max_send_message_length", 64 << 20)])
         control = self._start_peers()
         pb_grpc.add_AgentServicer_to_server(
-            AgentService(self.store, sock, self.protector, control,
-                         (self.config.group_size, self.config.parity),
+            AgentService(self.store, sock, self.roles, control,
+                         (self.config.group_size, self.config.parity, self.config.placement),
                          metrics_address=self.metrics_address, probe=self._probe,
                          budget_why=self.budget_why), server)
         health = Health(server, AGENT_SERVICE)
@@ -133,21 +142,19 @@ class Daemon:
 
     def _start_peers(self) -> str:
         """The peer gRPC service on TCP and the ZeroMQ data plane; returns the control address."""
-        self.protector = Protector(self.store, self.config)
-        self.store.on_node_sealed = self.protector.on_node_sealed
-        self.store.on_roll_back = self.protector.on_roll_back
-        self.protector.tier = self.tier if self.tier.enabled else None
-        auth = ServerInterceptor(self.protector.auth)
+        roles = self.roles = wiring.build(self.config, self.store, self.stalls,
+                                          self.tier if self.tier.enabled else None)
+        auth = ServerInterceptor(roles.auth)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sg-peer"),
             interceptors=[DecodeGuard(), self.metrics.interceptor(self._job_known), auth],
             options=[("grpc.max_receive_message_length", 64 << 20),
                      ("grpc.max_send_message_length", 64 << 20)])
-        ppb_grpc.add_PeerServicer_to_server(PeerService(self.protector), server)
+        ppb_grpc.add_PeerServicer_to_server(PeerService(roles), server)
         health = Health(server, PEER_SERVICE)
         where = f"{self.config.host}:{self.config.control_port}"
         try:
-            port = add_peer_port(server, where, self.protector.tls)
+            port = add_peer_port(server, where, roles.tls)
         except RuntimeError as exc:  # grpc raises on a busy or foreign address
             raise ConfigError(f"cannot listen on {where} (host, control_port): {exc}") from None
         if port == 0:
@@ -159,14 +166,14 @@ class Daemon:
         self._serving(health)
         if self.config.peer_probe_interval_s:
             self._probe = PeerProbe(self.store, self.config.peer_probe_interval_s,
-                                    self.config.peer_timeout_s, tls=self.protector.tls,
-                                    ping=self.protector.plane.ping)
+                                    self.config.peer_timeout_s, tls=roles.tls,
+                                    ping=roles.plane.ping)
             self._probe.start()
-        self.log.info("peers: control %s, data %s", control, self.protector.plane.address)
+        self.log.info("peers: control %s, data %s", control, roles.plane.address)
         return control
 
     def _stall_cause(self, job: str) -> str:
-        stall = self.protector.stalls.get(job) if self.protector is not None else None
+        stall = self.stalls.get(job)
         return stall.cause.value if stall is not None else ""
 
     def _start_metrics(self) -> None:
@@ -224,8 +231,8 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
-        if self.protector is not None:
-            self.protector.close()
+        if self.roles is not None:
+            self.roles.close()
         self.tier.close()
         self.store.close()
         if self._locks[0].held:  # never another daemon's socket

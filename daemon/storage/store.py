@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterable
 import psutil
 
 from shardguard.daemon import faults
-from shardguard.daemon.arena import Arena
-from shardguard.daemon.codec import crc32c, crc32c_blocks
-from shardguard.daemon.metrics import Metrics
+from shardguard.daemon.storage.arena import Arena
+from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c, crc32c_blocks
+from shardguard.daemon.base.metrics import Metrics
 from shardguard.daemon.errors import (
     ArenaFormatError,
     BudgetExceededError,
@@ -50,10 +50,9 @@ from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
 from shardguard.proto import safefile
 from shardguard.proto.arena import ChecksumAlgo, SlotState
+from shardguard.proto.meta import Topology
 
 logger = logging.getLogger(__name__)
-#: Blocks of a slot's data checksummed separately at seal (see Store.block_crcs).
-CRC_BLOCK_BYTES = 4 << 20
 
 JOB_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_WORLD = 1 << 20
@@ -120,8 +119,8 @@ class JobRecord:
     # The restorable step before the current one, while its slots are intact: across
     # nodes the ranks may agree on it (announcements arrive at different times).
     previous_step: int | None = None
-    # Multi-node jobs: {"nodes": [[control, data], ..], "node_index", "group_size", "parity"}.
-    topology: dict[str, Any] | None = None
+    # Multi-node jobs: the node list, this node's number, the code (proto/meta.py).
+    topology: Topology | None = None
 
 
 @dataclass(frozen=True)
@@ -235,7 +234,7 @@ class Store:
 
     def register(self, job: str, rank: int, world_size: int, slot_bytes: int, pid: int,
                  local_ranks: Iterable[int], force: bool = False,
-                 topology: dict[str, Any] | None = None) -> Registration:
+                 topology: Topology | None = None) -> Registration:
         """Claim (job, rank) for process ``pid``; create or grow its arena."""
         local = _check_register_args(job, rank, world_size, slot_bytes, local_ranks)
         slot_bytes = fmt.align_up(slot_bytes)
@@ -384,7 +383,7 @@ class Store:
             raise mf.ManifestError(f"manifest is for step {doc['step']}, sealed as step {step}")
         manifest_crc = crc32c(raw_manifest)
         data_crc, blocks = crc32c_blocks(view[:data_bytes], CRC_BLOCK_BYTES)
-        faults.point("seal", step, (rec.topology or {}).get("node_index", 0))
+        faults.point("seal", step, rec.topology.node_index if rec.topology else 0)
         with self._lock:
             if rr.slots[slot] is not s or s.generation != generation \
                     or s.state != SlotState.WRITING:
@@ -685,7 +684,9 @@ class Store:
         _check_meta_types(meta)
         rec = JobRecord(job, int(meta["world_size"]), tuple(meta["local_ranks"]),
                         restorable_step=meta["restorable_step"],
-                        previous_step=meta.get("previous_step"), topology=meta.get("topology"))
+                        previous_step=meta.get("previous_step"),
+                        topology=Topology.from_doc(meta["topology"]) if meta.get("topology")
+                        else None)
         try:
             self._adopt_ranks(rec, meta)
         except BaseException:
@@ -865,7 +866,9 @@ class Store:
         doc: dict[str, Any] = {
             "version": META_VERSION, "job": rec.job, "world_size": rec.world_size,
             "local_ranks": list(rec.local_ranks), "restorable_step": rec.restorable_step,
-            "previous_step": rec.previous_step, "topology": rec.topology, "written": time.time(),
+            "previous_step": rec.previous_step,
+            "topology": rec.topology.to_doc() if rec.topology is not None else None,
+            "written": time.time(),
             "ranks": {str(r): {"slot_bytes": rr.slot_bytes,
                                "slots": [_slot_doc(s) for s in rr.slots]}
                       for r, rr in rec.ranks.items()},

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import zmq
 
-from shardguard.daemon.auth import Authenticator, reply_from, zmq_context
+from shardguard.daemon.transport.auth import Authenticator, reply_from, zmq_context
 from shardguard.daemon.errors import AuthenticationError, PeerUnavailableError
 
 logger = logging.getLogger(__name__)

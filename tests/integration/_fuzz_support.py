@@ -27,7 +27,7 @@ import zmq
 from hypothesis import strategies as st
 
 from shardguard.daemon import cluster
-from shardguard.daemon.auth import METADATA_KEY, Authenticator, grpc_context, zmq_context
+from shardguard.daemon.transport.auth import METADATA_KEY, Authenticator, grpc_context, zmq_context
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto import errors as E

@@ -20,10 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import shardguard.client as sg
 from shardguard.daemon import cluster
-from shardguard.daemon.config import Config
+from shardguard.daemon.base.config import Config
 from shardguard.daemon.errors import ConfigError
-from shardguard.daemon.observe import AGENT_SERVICE, PEER_SERVICE
-from shardguard.daemon.server import Daemon
+from shardguard.daemon.service.observe import AGENT_SERVICE, PEER_SERVICE
+from shardguard.daemon.service.server import Daemon
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.paths import grpc_target
@@ -123,7 +123,7 @@ def test_metrics_follow_snapshots_and_restores(daemon_factory) -> None:
 
     # The daemon's log lines name the job and rank as fields, one line per record.
     log = d.log_path.read_text()
-    assert re.search(r"^ts=\S+ level=info logger=shardguard\.daemon\.store pid=\d+ job=obs "
+    assert re.search(r"^ts=\S+ level=info logger=shardguard\.daemon\.storage\.store pid=\d+ job=obs "
                      r'rank=0 msg="registered: ', log, re.MULTILINE), log[-2000:]
     assert re.search(r"job=obs step=1 rank=0 msg=\"Begin refused: StepOrderError: ", log)
 

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from shardguard.daemon import cluster
-from shardguard.daemon.auth import (METADATA_KEY, Authenticator, ClientInterceptor, grpc_context,
+from shardguard.daemon.transport.auth import (METADATA_KEY, Authenticator, ClientInterceptor, grpc_context,
                                    zmq_context)
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc

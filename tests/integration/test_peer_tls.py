@@ -88,7 +88,7 @@ def test_a_tls_cluster_protects_and_strangers_cannot_connect(tmp_path: Path) -> 
 
 
 def test_half_a_tls_configuration_is_refused() -> None:
-    from shardguard.daemon.config import Config
+    from shardguard.daemon.base.config import Config
     from shardguard.daemon.errors import ConfigError
 
     with pytest.raises(ConfigError, match="tls_ca_file"):

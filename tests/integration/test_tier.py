@@ -22,9 +22,9 @@ from torch.distributed.checkpoint import FileSystemReader
 import shardguard.client as sg
 from shardguard.client.errors import RestoreError
 from shardguard.daemon import cluster
-from shardguard.daemon.config import Config, ConfigError, replace
-from shardguard.daemon.store import Store
-from shardguard.daemon.tier import Tier
+from shardguard.daemon.base.config import Config, ConfigError, replace
+from shardguard.daemon.storage.store import Store
+from shardguard.daemon.roles.tier import Tier
 from shardguard.proto import tier as layout
 from conftest import record
 from _support import restored_steps

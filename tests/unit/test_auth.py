@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon.auth import (WINDOW_S, Authenticator, grpc_context, read_secret, reply_from,
+from shardguard.daemon.transport.auth import (WINDOW_S, Authenticator, grpc_context, read_secret, reply_from,
                                    zmq_context)
 from shardguard.daemon.errors import ConfigError
 from shardguard.proto.errors import AuthenticationError

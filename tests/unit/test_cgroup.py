@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon import cgroup
-from shardguard.daemon.cgroup import CgroupRoom
+from shardguard.daemon.base import cgroup
+from shardguard.daemon.base.cgroup import CgroupRoom
 
 MiB = 1 << 20
 

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyeclib.ec_iface import ECDriver
 
-from shardguard.daemon import _isal
-from shardguard.daemon.codec import (PYECLIB_HEADER_BYTES, Codec, crc32c, crc32c_blocks,
-                                     crc32c_combine, crc32c_shift)
+from shardguard.daemon.coding import _isal
+from shardguard.daemon.coding.checksum import crc32c, crc32c_blocks, crc32c_combine, crc32c_shift
+from shardguard.daemon.coding.codec import PYECLIB_HEADER_BYTES, Codec
 from shardguard.daemon.errors import CodecError, InsufficientPiecesError, InvalidRequestError
 
 CODES = [(3, 1), (4, 2), (6, 2), (10, 4)]
@@ -369,7 +369,7 @@ def test_crc32c_reads_any_buffer_in_place() -> None:
 @needs_isal
 @pytest.mark.parametrize("size", [0, 1, 2047, 2048, 2049, 4 * (1 << 20) + 2048 + 3])
 def test_crc32c_numpy_fallback_equals_isal(size: int) -> None:
-    from shardguard.daemon.codec import _crc32c_numpy
+    from shardguard.daemon.coding.checksum import _crc32c_numpy
 
     raw = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     seed = 0x12345678

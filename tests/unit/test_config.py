@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import pytest
 
-from shardguard.daemon import config
-from shardguard.daemon.cgroup import CgroupRoom
-from shardguard.daemon.config import Config, ConfigError, load, parse_bytes
+from shardguard.daemon.base import config
+from shardguard.daemon.base.cgroup import CgroupRoom
+from shardguard.daemon.base.config import Config, ConfigError, load, parse_bytes
 from shardguard.proto.paths import default_socket_path
 
 SAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "shardguard.toml"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon import doctor
-from shardguard.daemon.cgroup import CgroupRoom
+from shardguard.daemon.roles import doctor
+from shardguard.daemon.base.cgroup import CgroupRoom
 
 
 def test_a_budget_larger_than_the_cgroup_leaves_fails(monkeypatch: pytest.MonkeyPatch) -> None:

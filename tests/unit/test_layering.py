@@ -14,8 +14,8 @@ def imported_after(module: str) -> set[str]:
 
 
 def test_daemon_imports_neither_torch_nor_the_client() -> None:
-    mods = imported_after("shardguard.daemon.server, shardguard.daemon.cli, "
-                          "shardguard.daemon.cluster, shardguard.daemon.rebuild")
+    mods = imported_after("shardguard.daemon.service.server, shardguard.daemon.cli, "
+                          "shardguard.daemon.cluster, shardguard.daemon.roles.rebuild")
     assert "torch" not in mods
     assert not any(m.startswith("shardguard.client") for m in mods)
 

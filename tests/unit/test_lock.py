@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shardguard.daemon.errors import ConfigError
-from shardguard.daemon.lock import PidLock
+from shardguard.daemon.storage.lock import PidLock
 
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from shardguard.daemon import logs
+from shardguard.daemon.base import logs
 
 LOGGER = "shardguard.daemon.test"
 
@@ -111,8 +111,8 @@ def root_logging() -> Iterator[None]:
 def test_configure_routes_every_logger_through_one_formatter(root_logging: None) -> None:
     out = io.StringIO()
     logs.configure("info", "json", out)
-    logging.getLogger("shardguard.daemon.store").info("dropped", extra={"job": "j"})
-    logging.getLogger("shardguard.daemon.store").debug("not shown")
+    logging.getLogger("shardguard.daemon.storage.store").info("dropped", extra={"job": "j"})
+    logging.getLogger("shardguard.daemon.storage.store").debug("not shown")
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0])["job"] == "j"

@@ -6,8 +6,8 @@ import urllib.request
 
 import pytest
 
-from shardguard.daemon.config import Config, ConfigError, load
-from shardguard.daemon.metrics import JobState, Metrics, MetricsServer, NodeState, StateCollector
+from shardguard.daemon.base.config import Config, ConfigError, load
+from shardguard.daemon.base.metrics import JobState, Metrics, MetricsServer, NodeState, StateCollector
 
 
 def sample(m: Metrics, name: str, **labels: str) -> float | None:

@@ -1,4 +1,4 @@
-"""A piece's CRC32C from the block CRCs its slots' seals computed (protect.range_crc)."""
+"""A piece's CRC32C from the block CRCs its slots' seals computed (checksum.range_crc)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardguard.daemon.codec import crc32c
-from shardguard.daemon.protect import SegmentCrcs, crc_of, range_crc, slice_segments
+from shardguard.daemon.coding.checksum import (
+    SegmentCrcs,
+    crc32c,
+    crc_of,
+    range_crc,
+    slice_segments,
+)
 
 
 @st.composite
@@ -36,7 +41,7 @@ def test_range_crc_equals_reading_the_bytes(layout) -> None:
 
 
 def test_whole_default_blocks() -> None:
-    from shardguard.daemon.store import CRC_BLOCK_BYTES
+    from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES
 
     seg = memoryview(np.random.default_rng(1).integers(0, 256, 3 * CRC_BLOCK_BYTES + 12345,
                                                        dtype=np.uint8).tobytes())

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardguard.daemon.errors import ConfigError, InsufficientPiecesError, InvalidRequestError
-from shardguard.daemon.placement import (
+from shardguard.daemon.coding.placement import (
     GroupLayout,
     NodeLoad,
     PieceRef,

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from shardguard.daemon import sdnotify
+from shardguard.daemon.base import sdnotify
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from shardguard.daemon.codec import crc32c
+from shardguard.daemon.coding.checksum import crc32c
 from shardguard.daemon.errors import (
     ArenaFormatError,
     BudgetExceededError,
@@ -28,7 +28,7 @@ from shardguard.daemon.errors import (
     StepOrderError,
     UnknownJobError,
 )
-from shardguard.daemon.store import Registration, Store
+from shardguard.daemon.storage.store import Registration, Store
 from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
 from shardguard.proto.arena import ChecksumAlgo, SlotState
@@ -36,7 +36,7 @@ from shardguard.proto.arena import ChecksumAlgo, SlotState
 PID = os.getpid()
 SLOT = 4 * fmt.PAGE
 BUDGET = 64 << 20
-STORE_LOG = "shardguard.daemon.store"
+STORE_LOG = "shardguard.daemon.storage.store"
 
 
 class Shm:

@@ -1,0 +1,1 @@
+"""base layer of the daemon (docs/architecture.md)."""

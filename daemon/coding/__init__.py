@@ -1,0 +1,1 @@
+"""coding layer of the daemon (docs/architecture.md)."""

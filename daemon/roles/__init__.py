@@ -1,0 +1,1 @@
+"""roles layer of the daemon (docs/architecture.md)."""

@@ -1,0 +1,131 @@
+"""The protection state of this node, per job: stripes being encoded, parity being received,
+reports being collected, a failed catch-up. Every role reads and changes it here.
+
+Kept in memory only: a daemon that restarts mid-step loses the step in flight (the
+trainers give it up and take the next), never a restorable one (that lives in the
+store, the step metadata and the parity files).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shardguard.daemon.coding.placement import GroupLayout
+from shardguard.daemon.errors import ShardguardError
+from shardguard.proto import peer_pb2 as ppb
+from shardguard.proto.meta import StripeKey, StripeReport
+
+
+@dataclass
+class Encoding:
+    """An encoder's stripe of one step: the sources' offers, the bytes in, the parity out."""
+
+    group: GroupLayout
+    stripe: int
+    offers: dict[int, ppb.OfferRequest] = field(default_factory=dict)
+    got: dict[int, int] = field(default_factory=dict)
+    piece_bytes: int = 0
+    parity: list[np.ndarray] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+
+
+@dataclass
+class Holding:
+    """A parity holder's piece of one step, arriving from its encoder."""
+
+    piece: np.ndarray
+    crc: int
+    got: int = 0
+
+
+@dataclass
+class Collected:
+    """The coordinator's reports of one step."""
+
+    stripes: dict[StripeKey, StripeReport] = field(default_factory=dict)
+    parity: set[tuple[StripeKey, int]] = field(default_factory=set)
+    announced: bool = False
+
+
+@dataclass
+class JobState:
+    """One job's protection state on this node (keys start with the step)."""
+
+    encodings: dict[tuple[int, int, int], Encoding] = field(default_factory=dict)
+    holdings: dict[tuple[int, int, int, int], Holding] = field(default_factory=dict)
+    collected: dict[int, Collected] = field(default_factory=dict)
+    #: Why the last catch-up failed; restore raises it on every rank until one succeeds.
+    failure: ShardguardError | None = None
+
+
+class ProtectionState:
+    """Every job's :class:`JobState`, one lock, and the condition pushed bytes signal."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        # Bytes of pushed pieces arriving (data at encoders, parity at holders): a sender
+        # waits on it through the peer ``Received`` call to learn that a piece arrived.
+        self.arrived = threading.Condition()
+        self._jobs: dict[str, JobState] = {}
+
+    def job(self, job: str) -> JobState:
+        with self.lock:
+            st = self._jobs.get(job)
+            if st is None:
+                st = self._jobs[job] = JobState()
+            return st
+
+    def peek(self, job: str) -> JobState | None:
+        with self.lock:
+            return self._jobs.get(job)
+
+    def failure(self, job: str) -> ShardguardError | None:
+        st = self.peek(job)
+        return None if st is None else st.failure
+
+    def set_failure(self, job: str, exc: ShardguardError | None) -> None:
+        self.job(job).failure = exc
+
+    def release_before(self, job: str, step: int) -> None:
+        """Forget the stripes and parity of steps before ``step``, and their reports."""
+        with self.lock:
+            st = self._jobs.get(job)
+            if st is None:
+                return
+            for table in (st.encodings, st.holdings):
+                for key in [k for k in table if k[0] < step]:
+                    del table[key]
+            for s in [s for s in st.collected if s <= step]:
+                del st.collected[s]
+
+    def drop(self, job: str) -> None:
+        with self.lock:
+            self._jobs.pop(job, None)
+
+    def wait_received(self, job: str, step: int, group: int, stripe: int, index: int,
+                      want: int, wait_s: float) -> int:
+        """Bytes of a pushed piece that arrived, once ``want`` did or ``wait_s`` passed."""
+        deadline = time.monotonic() + wait_s
+        with self.arrived:
+            while True:
+                got = self.received(job, step, group, stripe, index)
+                left = deadline - time.monotonic()
+                if got >= want or left <= 0:
+                    return got
+                self.arrived.wait(left)
+
+    def received(self, job: str, step: int, group: int, stripe: int, index: int) -> int:
+        """Bytes of a pushed piece that arrived: parity at its holder, data at its encoder."""
+        st = self.peek(job)
+        if st is None:
+            return 0
+        held = st.holdings.get((step, group, stripe, index))
+        if held is not None:
+            return held.got
+        enc = st.encodings.get((step, group, stripe))
+        return enc.got.get(index, 0) if enc is not None else 0

@@ -1,0 +1,1 @@
+"""service layer of the daemon (docs/architecture.md)."""

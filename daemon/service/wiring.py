@@ -1,0 +1,157 @@
+"""The roles of a node, built and wired together once: the composition root of the daemon.
+
+Nothing here decides anything: it makes each role with what it needs (the store,
+the per-job protection state, step metadata and piece files, the peer clients and the
+data plane), points the store's hooks at the roles, gives the data plane its table of
+handlers, and hooks the persistent tier onto the coordinator and the follower from
+above (the protection roles know nothing of the tier).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from shardguard.daemon.base.config import Config
+from shardguard.daemon.base.stalls import Stalls
+from shardguard.daemon.coding.codec import Codecs
+from shardguard.daemon.errors import ConfigError, InvalidRequestError
+from shardguard.daemon.roles.catchup import CatchUp
+from shardguard.daemon.roles.coordinator import Coordinator, Reporter
+from shardguard.daemon.roles.doctor import Reach
+from shardguard.daemon.roles.drop import Dropper
+from shardguard.daemon.roles.encoder import Encoder
+from shardguard.daemon.roles.follower import Follower
+from shardguard.daemon.roles.holder import Holder
+from shardguard.daemon.roles.rebuild import Rebuilder
+from shardguard.daemon.roles.serve import PieceReader
+from shardguard.daemon.roles.source import Source
+from shardguard.daemon.roles.state import ProtectionState
+from shardguard.daemon.roles.tier import Tier
+from shardguard.daemon.roles.verify import Verifier
+from shardguard.daemon.storage.pieces import PieceFiles
+from shardguard.daemon.storage.stepmeta import StepMetas
+from shardguard.daemon.storage.store import Store
+from shardguard.daemon.transport.auth import Authenticator, read_secret, tls_files
+from shardguard.daemon.transport.dataplane import DataPlane
+from shardguard.daemon.transport.delivery import Delivery
+from shardguard.daemon.transport.peer_client import PeerClients
+from shardguard.proto.meta import StepMeta, Topology
+
+
+@dataclass
+class Roles:
+    """Every role of a node that protects multi-node jobs, and what they share."""
+
+    config: Config
+    store: Store
+    stalls: Stalls
+    state: ProtectionState
+    metas: StepMetas
+    pieces: PieceFiles
+    auth: Authenticator
+    tls: tuple[bytes, bytes, bytes] | None
+    peers: PeerClients
+    plane: DataPlane
+    codecs: Codecs
+    pool: concurrent.futures.ThreadPoolExecutor
+    source: Source
+    encoder: Encoder
+    holder: Holder
+    coordinator: Coordinator
+    reporter: Reporter
+    follower: Follower
+    reader: PieceReader
+    catchup: CatchUp
+    dropper: Dropper
+    verifier: Verifier
+    reach: Reach
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.plane.close()
+        self.peers.close()
+        self.codecs.close()
+
+
+class _Dispatch:
+    """The data plane's table of handlers, by message kind (filled once the roles exist)."""
+
+    def __init__(self) -> None:
+        self.table: dict[bytes, Any] = {}
+
+    def __call__(self, kind: bytes, header: dict[str, Any], payload: memoryview | None) -> Any:
+        fn = self.table.get(kind)
+        if fn is None:
+            raise InvalidRequestError(f"unknown message kind {kind!r}")
+        return fn(header, payload)
+
+
+def build(config: Config, store: Store, stalls: Stalls, tier: Tier | None) -> Roles:
+    """Make and wire a node's roles; the data plane listens from here on."""
+    timeout = config.peer_timeout_s
+    auth = Authenticator(read_secret(config.secret_file) if config.secret_file else None)
+    tls = tls_files(config)
+    dispatch = _Dispatch()
+    try:
+        plane = DataPlane(config.host, config.data_port, dispatch, timeout, auth)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.data_port} "
+                          f"(host, data_port): {exc}") from None
+    pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="sg-protect")
+    state, metas = ProtectionState(), StepMetas(config.shm_dir, config.shm_prefix)
+    metas.load_all()
+    pieces, peers, codecs = PieceFiles(config.shm_dir, config.shm_prefix), \
+        PeerClients(auth, tls), Codecs()
+    delivery = Delivery(peers, timeout, stalls)
+    coordinator = Coordinator(store, state, peers, pool, timeout)
+    reporter = Reporter(coordinator, peers, timeout)
+    follower = Follower(store, state, metas, pieces, stalls)
+    coordinator.announce_here = follower.announce
+    reader = PieceReader(store, pieces, metas, store.metrics)
+
+    def rebuilder(topo: Topology) -> Rebuilder:
+        return Rebuilder(store, metas, pieces, reader, peers, plane, codecs, pool, timeout, topo)
+
+    encoder = Encoder(store, state, pieces, codecs, plane, delivery, reporter, pool, stalls,
+                      timeout)
+    holder = Holder(store, state, pieces, reporter, pool, stalls)
+    roles = Roles(
+        config, store, stalls, state, metas, pieces, auth, tls, peers, plane, codecs, pool,
+        Source(store, peers, plane, delivery, pool, stalls, timeout), encoder, holder,
+        coordinator, reporter, follower, reader,
+        CatchUp(store, state, metas, stalls, rebuilder),
+        Dropper(store, state, metas, pieces, stalls, peers, pool, timeout),
+        Verifier(store, metas, reader, pieces, peers, stalls, timeout),
+        Reach(peers, plane.ping, auth.fingerprint(), tls is not None,
+              (config.group_size, config.parity), timeout))
+    dispatch.table.update({
+        b"data": encoder.on_data, b"parity": holder.on_parity,
+        b"fetch": lambda header, _: reader.serve_fetch(header),
+        b"ping": lambda header, _: [[b"pong", b"{}"]]})
+    store.on_node_sealed = roles.source.on_node_sealed
+    store.on_roll_back = metas.roll_back
+    if tier is not None:
+        _hook_tier(roles, tier)
+    return roles
+
+
+def _hook_tier(roles: Roles, tier: Tier) -> None:
+    """The persistent tier, from above: it claims completed steps at the coordinator, flushes
+    restorable ones on every node, and takes the nodes' flush reports."""
+    roles.coordinator.claim = tier.claim
+    roles.coordinator.on_flushed = tier.flushed
+    roles.dropper.on_drop = tier.forget
+
+    def on_restorable(job: str, step: int, meta: StepMeta) -> None:
+        tier.prepare(job)  # its staging buffer, ahead of the first flush
+        topo = roles.store.job(job).topology
+        if meta.tier and topo is not None:
+            tier.flush(job, step, meta.tier, topo.node_index,
+                       lambda r: roles.reporter.send(job, step, topo, r))
+
+    roles.follower.on_restorable = on_restorable
+

@@ -1,0 +1,1 @@
+"""storage layer of the daemon (docs/architecture.md)."""

@@ -1,0 +1,146 @@
+"""Parity pieces in shared memory: their files, the pool that reuses them, scratch buffers.
+
+A parity piece of step ``s`` is the file ``<prefix>.<job>.p<s>.g<group>.s<stripe>.i<index>``
+beside the arenas, so that it survives a daemon restart like the arenas do. When a newer
+step is restorable the older step's files are released into a pool
+(``<prefix>.<job>.q.g<group>.s<stripe>.i<index>``, one per piece position) and the next
+step's same piece reuses the file: clearing allocated pages runs at memset speed,
+allocating fresh tmpfs pages ten times slower, and this sits between the last offer and
+the first byte sent. Files are opened through proto/safefile.py: this daemon's own
+regular files only, never through a planted link.
+"""
+
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import threading
+
+import numpy as np
+
+from shardguard.daemon.errors import UnsafePathError
+from shardguard.proto import safefile
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+class PieceFiles:
+    """This node's parity piece files and scratch buffers, for every job."""
+
+    def __init__(self, shm_dir: str, prefix: str) -> None:
+        self.shm_dir, self.prefix = shm_dir, prefix
+        self._lock = threading.Lock()
+        self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
+
+    def path(self, job: str, step: int, group: int, stripe: int, index: int) -> str:
+        return os.path.join(self.shm_dir,
+                            f"{self.prefix}.{job}.p{step}.g{group}.s{stripe}.i{index}")
+
+    def _pool_path(self, job: str, group: int, stripe: int, index: int) -> str:
+        return os.path.join(self.shm_dir, f"{self.prefix}.{job}.q.g{group}.s{stripe}.i{index}")
+
+    def create(self, job: str, step: int, group: int, stripe: int, index: int,
+               nbytes: int) -> np.ndarray:
+        """A zeroed, allocated file for a parity piece, mapped as a uint8 array."""
+        path = self.path(job, step, group, stripe, index)
+        pool = self._pool_path(job, group, stripe, index)
+        fd, reused = _reopen(pool), True
+        if fd is not None:
+            try:
+                safefile.replace(pool, path)  # the descriptor follows the file
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            reused = False
+            fd = _reopen(path)  # this step's own file, offered again
+            if fd is not None:
+                os.ftruncate(fd, 0)
+            else:
+                fd = safefile.open_new(path, os.O_RDWR, 0o600)
+        try:
+            if not nbytes:
+                os.ftruncate(fd, 0)
+                return np.zeros(0, dtype=np.uint8)
+            if os.fstat(fd).st_size != nbytes:
+                os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
+            # MAP_POPULATE maps every page in one call: clearing a reused file then runs at
+            # memset speed instead of taking a page fault per 4 KiB (133 -> 40 ms for 341 MiB).
+            piece = np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED | _POPULATE),
+                                  dtype=np.uint8)
+            if reused:
+                piece[:] = 0
+            return piece
+        finally:
+            os.close(fd)
+
+    def read(self, job: str, step: int, group: int, stripe: int, index: int) -> memoryview:
+        """A stored parity piece, mapped read-only (FileNotFoundError when not held)."""
+        fd = safefile.open_owned(self.path(job, step, group, stripe, index))
+        try:
+            if not os.fstat(fd).st_size:
+                return memoryview(b"")
+            return memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
+
+    def scratch(self, job: str, group: int, stripe: int, j: int, nbytes: int) -> np.ndarray:
+        """A zeroed buffer for parity ``j >= 1`` of a stripe, reused step after step.
+
+        Reuse is safe: the next step of the job is offered only once this one is
+        restorable, which needs the holder to have stored what was sent from here.
+        """
+        key = (job, group, stripe, j)
+        with self._lock:
+            buf = self._scratches.get(key)
+            if buf is None or len(buf) < nbytes:
+                buf = self._scratches[key] = np.zeros(nbytes, dtype=np.uint8)
+                return buf
+        view = buf[:nbytes]
+        view[:] = 0
+        return view
+
+    def release_before(self, job: str, step: int) -> None:
+        """Release the parity of steps before ``step`` into the pool (or delete it)."""
+        base = os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.") + "p*")
+        head = f"{self.prefix}.{job}.p"
+        for path in glob.glob(base):
+            name = os.path.basename(path)
+            s, dot, where = name[len(head):].partition(".")
+            if not s.isdigit() or int(s) >= step or safefile.is_temp(name):
+                continue
+            pool = os.path.join(self.shm_dir, f"{self.prefix}.{job}.q.{where}") if dot else ""
+            if not pool or os.path.exists(pool):
+                _unlink(path)
+            else:
+                os.rename(path, pool)
+
+    def drop(self, job: str) -> None:
+        """Delete every piece file of ``job`` and its scratch buffers."""
+        for path in glob.glob(os.path.join(self.shm_dir, glob.escape(f"{self.prefix}.{job}.")
+                                           + "[pq]*")):
+            _unlink(path)
+        with self._lock:
+            for key in [k for k in self._scratches if k[0] == job]:
+                del self._scratches[key]
+
+
+def _reopen(path: str) -> int | None:
+    """A read-write descriptor of this daemon's own file at ``path``; None when there is
+    none. Anything else there (a symlink, another user's file) is removed, never opened."""
+    try:
+        return safefile.open_owned(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except UnsafePathError:
+        safefile.remove(path)  # UnsafePathError again when this user may not remove it
+        return None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,1 @@
+"""transport layer of the daemon (docs/architecture.md)."""

@@ -1,0 +1,443 @@
+"""What daemons tell each other about a step, typed: parsed and checked once, at the boundary.
+
+The peer wire carries these as JSON (proto/peer.proto's ``bytes`` fields); inside a
+daemon they are frozen dataclasses and nothing is looked up by string key. The
+documents, in the order a step meets them (DESIGN §3):
+
+- :class:`NodeLayout`: a source node's payload (its ranks' sealed slots, in rank order)
+  and its piece size; it travels with each ``Offer``.
+- :class:`Report` (:class:`StripeReport`, :class:`ParityReport`, :class:`FlushedReport`):
+  what encoders, parity holders and tier flushers tell the coordinator.
+- :class:`StepMeta`: what the coordinator announces with "step N is restorable":
+  every node's layout and every stripe's pieces (node, length, CRC32C), which a
+  rebuild and ``verify`` need; keyed by ``(group, stripe)``.
+- :class:`NodeCheck`: one node's answer to ``verify``.
+
+:class:`Topology` is the job as the client handed it over at register. This module
+imports nothing of ours but the errors: the daemon adds placement maths on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+from shardguard.proto.errors import InvalidRequestError
+
+#: ``(group, stripe)``: a stripe of the job.
+StripeKey = tuple[int, int]
+
+
+def _int(x: Any, what: str, lo: int = 0) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or x < lo:
+        raise InvalidRequestError(f"{what} is not an integer >= {lo}: {x!r}")
+    return x
+
+
+def _obj(x: Any, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise InvalidRequestError(f"{what} is not an object")
+    return x
+
+
+def _json(raw: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"{what} is not JSON: {exc}") from None
+
+
+# ------------------------------------------------------------------ the job
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A multi-node job: every node's (control, data) address, this node's number, the code."""
+
+    nodes: tuple[tuple[str, str], ...]
+    node_index: int
+    group_size: int
+    parity: int
+    #: How nodes form groups: "contiguous" or "stride" (daemon/coding/placement.py).
+    placement: str = "contiguous"
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "Topology":
+        d = _obj(doc, "topology")
+        nodes = d.get("nodes")
+        if not (isinstance(nodes, list) and all(
+                isinstance(n, (list, tuple)) and len(n) == 2 and all(isinstance(a, str) for a in n)
+                for n in nodes)):
+            raise InvalidRequestError("topology nodes are not (control, data) address pairs")
+        placement = d.get("placement", "contiguous")
+        if not isinstance(placement, str):
+            raise InvalidRequestError("topology placement is not a name")
+        return cls(tuple((c, a) for c, a in nodes), _int(d.get("node_index"), "node_index"),
+                   _int(d.get("group_size"), "group_size"), _int(d.get("parity"), "parity"),
+                   placement)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"nodes": [list(n) for n in self.nodes], "node_index": self.node_index,
+                "group_size": self.group_size, "parity": self.parity,
+                "placement": self.placement}
+
+    @property
+    def me(self) -> tuple[str, str]:
+        return self.nodes[self.node_index]
+
+    def describe(self) -> str:
+        """The job as every node must see it (not which node this is), in words."""
+        digest = hashlib.sha256(json.dumps([list(n) for n in self.nodes]).encode()
+                                ).hexdigest()[:8]
+        return (f"{len(self.nodes)} nodes (list {digest}), group_size {self.group_size}, "
+                f"parity {self.parity}, placement {self.placement}")
+
+    def with_node(self, index: int, address: tuple[str, str]) -> "Topology":
+        nodes = list(self.nodes)
+        nodes[index] = address
+        return replace(self, nodes=tuple(nodes))
+
+
+# ------------------------------------------------------------- a node's payload
+
+
+@dataclass(frozen=True)
+class SlotDoc:
+    """A sealed slot's record, as the store keeps it (proto/arena.py's SlotDesc fields)."""
+
+    state: int
+    step: int
+    data_bytes: int
+    manifest_offset: int
+    manifest_bytes: int
+    data_crc: int
+    manifest_crc: int
+    generation: int
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "SlotDoc":
+        d = _obj(doc, "slot record")
+        return cls(*(_int(d.get(k), f"slot {k}", -1 if k == "step" else 0)
+                     for k in cls.__dataclass_fields__))
+
+    def to_doc(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class RankEntry:
+    """One rank's slot inside its node's payload: bytes ``[off, off + used)``."""
+
+    rank: int
+    off: int
+    used: int
+    slot_bytes: int
+    record: SlotDoc
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "RankEntry":
+        d = _obj(doc, "rank entry")
+        return cls(_int(d.get("rank"), "rank"), _int(d.get("off"), "off"),
+                   _int(d.get("used"), "used"), _int(d.get("slot_bytes"), "slot_bytes"),
+                   SlotDoc.from_doc(d.get("record")))
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"rank": self.rank, "off": self.off, "used": self.used,
+                "slot_bytes": self.slot_bytes, "record": self.record.to_doc()}
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """A source node's payload of a step: its size, its piece size, its ranks' places."""
+
+    bytes: int
+    plen: int
+    ranks: tuple[RankEntry, ...]
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "NodeLayout":
+        d = _obj(doc, "layout")
+        ranks = d.get("ranks")
+        if not isinstance(ranks, list):
+            raise InvalidRequestError("layout ranks is not a list")
+        return cls(_int(d.get("bytes"), "bytes"), _int(d.get("plen"), "plen"),
+                   tuple(RankEntry.from_doc(r) for r in ranks))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "NodeLayout":
+        return cls.from_doc(_json(raw, "layout"))
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "plen": self.plen, "ranks": [r.to_doc() for r in self.ranks]}
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_doc()).encode()
+
+
+# ---------------------------------------------------------------- pieces
+
+
+@dataclass(frozen=True)
+class PieceMeta:
+    """A piece of a stripe: the node holding it, its real length and its CRC32C."""
+
+    node: int
+    len: int
+    crc: int
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "PieceMeta":
+        d = _obj(doc, "piece")
+        return cls(_int(d.get("node"), "piece node"), _int(d.get("len"), "piece len"),
+                   _int(d.get("crc"), "piece crc"))
+
+    def to_doc(self) -> dict[str, int]:
+        return {"node": self.node, "len": self.len, "crc": self.crc}
+
+
+def _pieces(doc: Any) -> dict[int, PieceMeta]:
+    out = {}
+    for idx, piece in _obj(doc, "pieces").items():
+        if not str(idx).isdigit():
+            raise InvalidRequestError(f"piece index {idx!r} is not a number")
+        out[int(idx)] = PieceMeta.from_doc(piece)
+    return out
+
+
+@dataclass(frozen=True)
+class StripeMeta:
+    """A stripe of a step: its piece size and where each of its ``k + m`` pieces is."""
+
+    plen: int
+    pieces: Mapping[int, PieceMeta]
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"plen": self.plen, "pieces": {str(i): p.to_doc() for i, p in
+                                              sorted(self.pieces.items())}}
+
+
+def _stripe_key(where: str) -> StripeKey:
+    g, sep, s = where.partition("/")
+    if not (sep and g.isdigit() and s.isdigit()):
+        raise InvalidRequestError(f"stripe key {where!r} is not group/stripe")
+    return int(g), int(s)
+
+
+# ------------------------------------------------------------------- a step
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """What the coordinator announces with a restorable step."""
+
+    job: str
+    step: int
+    topology: Topology
+    layouts: Mapping[int, NodeLayout]
+    stripes: Mapping[StripeKey, StripeMeta]
+    #: The persistent tier's claim on the step ("": none).
+    tier: str = ""
+
+    @classmethod
+    def from_doc(cls, doc: Any, job: str, step: int) -> "StepMeta":
+        d = _obj(doc, "step metadata")
+        if d.get("job") != job or d.get("step") != step:
+            raise InvalidRequestError(f"job {job} step {step}: step metadata names job "
+                                      f"{d.get('job')!r} step {d.get('step')!r}")
+        layouts, stripes = _obj(d.get("layouts"), "layouts"), _obj(d.get("stripes"), "stripes")
+        if any(not str(n).isdigit() for n in layouts):
+            raise InvalidRequestError("layouts are not keyed by node number")
+        try:
+            return cls(job, step, Topology.from_doc(d.get("topology")),
+                       {int(n): NodeLayout.from_doc(lay) for n, lay in layouts.items()},
+                       {_stripe_key(w): StripeMeta(_int(_obj(st, "stripe").get("plen"), "plen"),
+                                                   _pieces(st.get("pieces")))
+                        for w, st in stripes.items()},
+                       d.get("tier") if isinstance(d.get("tier"), str) else "")
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"job {job} step {step}: step metadata: {exc}") from None
+
+    @classmethod
+    def decode(cls, raw: bytes | str, job: str, step: int) -> "StepMeta":
+        return cls.from_doc(_json(raw, f"job {job} step {step}: step metadata"), job, step)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = {"job": self.job, "step": self.step, "topology": self.topology.to_doc(),
+               "layouts": {str(n): lay.to_doc() for n, lay in sorted(self.layouts.items())},
+               "stripes": {f"{g}/{s}": st.to_doc() for (g, s), st in sorted(self.stripes.items())}}
+        if self.tier:
+            doc["tier"] = self.tier
+        return doc
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_doc()).encode()
+
+    def owner_of(self, rank: int) -> tuple[int, RankEntry]:
+        """The node whose payload holds ``rank``, and its entry there (LookupError if none)."""
+        for node, lay in self.layouts.items():
+            for entry in lay.ranks:
+                if entry.rank == rank:
+                    return node, entry
+        raise LookupError(rank)
+
+
+# ----------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class StripeReport:
+    """An encoder's: the stripe is encoded, its parity stored; its pieces and sources' layouts."""
+
+    group: int
+    stripe: int
+    plen: int
+    pieces: Mapping[int, PieceMeta]
+    layouts: Mapping[int, NodeLayout]
+    kind: str = field(default="stripe", init=False)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """A parity holder's: it stored piece ``index`` of the stripe."""
+
+    group: int
+    stripe: int
+    index: int
+    kind: str = field(default="parity", init=False)
+
+
+@dataclass(frozen=True)
+class FlushedReport:
+    """A node's part of a persistent-tier flush: written (``ok``), or why not."""
+
+    token: str
+    ok: bool
+    why: str = ""
+    bytes: int = 0
+    kind: str = field(default="flushed", init=False)
+
+
+Report = Union[StripeReport, ParityReport, FlushedReport]
+
+
+def encode_report(r: Report) -> bytes:
+    if isinstance(r, StripeReport):
+        doc: dict[str, Any] = {"group": r.group, "stripe": r.stripe, "plen": r.plen,
+                               "pieces": {str(i): p.to_doc() for i, p in r.pieces.items()},
+                               "layouts": {str(n): lay.to_doc() for n, lay in r.layouts.items()}}
+    elif isinstance(r, ParityReport):
+        doc = {"group": r.group, "stripe": r.stripe, "index": r.index}
+    else:
+        doc = {"token": r.token, "ok": r.ok, "why": r.why, "bytes": r.bytes}
+    return json.dumps({"kind": r.kind, **doc}).encode()
+
+
+def decode_report(raw: bytes) -> Report:
+    d = _obj(_json(raw, "report"), "report")
+    kind = d.get("kind")
+    if kind == "stripe":
+        layouts = _obj(d.get("layouts"), "layouts")
+        if any(not str(n).isdigit() for n in layouts):
+            raise InvalidRequestError("layouts are not keyed by node number")
+        return StripeReport(_int(d.get("group"), "group"), _int(d.get("stripe"), "stripe"),
+                            _int(d.get("plen"), "plen"), _pieces(d.get("pieces")),
+                            {int(n): NodeLayout.from_doc(v) for n, v in layouts.items()})
+    if kind == "parity":
+        return ParityReport(_int(d.get("group"), "group"), _int(d.get("stripe"), "stripe"),
+                            _int(d.get("index"), "index"))
+    if kind == "flushed":
+        token = d.get("token")
+        if not isinstance(token, str):
+            raise InvalidRequestError("a flushed report names its token")
+        return FlushedReport(token, d.get("ok") is True, str(d.get("why", ""))[:2000],
+                             d.get("bytes") if isinstance(d.get("bytes"), int) else 0)
+    raise InvalidRequestError("a report is an object whose kind is stripe, parity or flushed")
+
+
+# ------------------------------------------------------------------ verify
+
+
+@dataclass(frozen=True)
+class RankCheck:
+    rank: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PieceCheck:
+    group: int
+    stripe: int
+    index: int
+    node: int  # the node of the step's topology whose piece it is
+    parity: bool
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class NodeCheck:
+    """One node's part of ``verify``: its ranks' slots and the pieces it holds."""
+
+    node: int
+    step: int
+    superseded: bool = False
+    ranks: list[RankCheck] = field(default_factory=list)
+    pieces: list[PieceCheck] = field(default_factory=list)
+    bytes: int = 0
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"node": self.node, "step": self.step, "superseded": self.superseded,
+                "ranks": [vars(r) for r in self.ranks], "pieces": [vars(p) for p in self.pieces],
+                "bytes": self.bytes}
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_doc()).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "NodeCheck":
+        d = _obj(_json(raw, "verify report"), "verify report")
+        try:
+            return cls(int(d["node"]), int(d["step"]), bool(d["superseded"]),
+                       [RankCheck(int(r["rank"]), bool(r["ok"]), str(r["error"]))
+                        for r in d["ranks"]],
+                       [PieceCheck(int(c["group"]), int(c["stripe"]), int(c["index"]),
+                                   int(c["node"]), bool(c["parity"]), bool(c["ok"]),
+                                   str(c["error"])) for c in d["pieces"]],
+                       int(d["bytes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"verify report is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StripeCheck:
+    group: int
+    stripe: int
+    k: int
+    total: int
+    good: int  # pieces sound on the nodes that answered
+
+
+@dataclass
+class JobCheck:
+    """``verify`` of a step across the job: every node's answer, every stripe's count."""
+
+    job: str
+    step: int
+    superseded: bool = False
+    nodes: list[NodeCheck] = field(default_factory=list)
+    unreachable: list[tuple[int, str]] = field(default_factory=list)  # (node, why)
+    stripes: list[StripeCheck] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n.bytes for n in self.nodes)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"job": self.job, "step": self.step, "superseded": self.superseded,
+                "nodes": [n.to_doc() for n in self.nodes],
+                "unreachable": [{"node": n, "error": e} for n, e in self.unreachable],
+                "stripes": [vars(s) for s in self.stripes], "bytes": self.bytes}
