@@ -1,0 +1,113 @@
+"""The copy engine: a snapshot's leaves into the rank's arena slot, off the training path.
+
+Small host leaves are copied at once, CUDA leaves on a side stream into the arena
+registered as pinned memory, the rest on a background thread, which then writes the
+manifest and seals the slot. The next ``optimizer.step()`` waits for the copy (the
+tensors are immutable during forward and backward: that is the window the copy
+hides in).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from shardguard.client._faults import fault_point
+from shardguard.client.arena_map import ArenaMap
+from shardguard.client.handle import SnapshotHandle
+from shardguard.proto.state_layout import Leaf, copy_leaf
+
+logger = logging.getLogger(__name__)
+
+# Tensors up to this size are copied inside snapshot() itself, so that small
+# buffers a forward pass may update in place (BatchNorm statistics, counters)
+# are captured as they were at the snapshot, not as forward left them.
+SYNC_COPY_BYTES = 256 << 10
+
+#: Seals a copied slot with the daemon; returns the restorable step, if it says.
+Seal = Callable[[], int | None]
+
+
+class Copier:
+    """One rank's copies: its background thread and its CUDA side stream."""
+
+    def __init__(self, job: str, rank: int) -> None:
+        self.job = job
+        self.rank = rank
+        self._side_stream: Any = None
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name=f"sg-copy-r{rank}", daemon=True)
+        self._worker.start()
+
+    def start(self, h: SnapshotHandle, arena: ArenaMap, base: int, leaves: list[Leaf],
+              manifest: bytes, manifest_offset: int, seal: Seal) -> None:
+        """Copy ``leaves`` into the slot at ``base``, then write ``manifest`` at
+        ``manifest_offset`` of it and ``seal`` it; ``h`` tells how far it got."""
+        cuda = [lf for lf in leaves if lf.kind == "tensor" and lf.value.is_cuda]
+        if cuda:
+            h.copying_on_gpu(self._copy_cuda(arena, cuda, base))
+        host = [lf for lf in leaves if not (lf.kind == "tensor" and lf.value.is_cuda)]
+        deferred = [lf for lf in host if lf.nbytes > SYNC_COPY_BYTES and lf.kind != "pickle"]
+        inline = [lf for lf in host if lf.nbytes <= SYNC_COPY_BYTES or lf.kind == "pickle"]
+        for i, lf in enumerate(inline):
+            if not deferred and i == len(inline) // 2:
+                fault_point("mid-copy", h.step, self.rank)
+            copy_leaf(lf, arena.u8, arena.arr, base)
+        self._queue.put(lambda: self._finish(h, arena, base, deferred,
+                                             base + manifest_offset, manifest, seal))
+
+    def close(self, timeout_s: float) -> None:
+        """Stop the thread once the copies queued before are done."""
+        self._queue.put(None)
+        self._worker.join(timeout=timeout_s)
+
+    def _finish(self, h: SnapshotHandle, arena: ArenaMap, base: int, deferred: list[Leaf],
+                manifest_at: int, manifest: bytes, seal: Seal) -> None:
+        try:
+            fault_point("before-copy", h.step, self.rank)
+            half = len(deferred) // 2
+            for i, lf in enumerate(deferred):
+                if i == half:
+                    fault_point("mid-copy", h.step, self.rank)
+                copy_leaf(lf, arena.u8, arena.arr, base)
+            h.copied()
+            arena.arr[manifest_at:manifest_at + len(manifest)] = np.frombuffer(
+                manifest, dtype=np.uint8)
+            fault_point("before-seal", h.step, self.rank)
+            restorable = seal()
+            if restorable is not None:
+                h.restorable_step = restorable
+            fault_point("after-seal", h.step, self.rank)
+            h.sealed()
+        except BaseException as exc:  # noqa: BLE001 - handed to the trainer via the handle
+            logger.warning("job=%s rank=%d step=%d snapshot failed: %s", self.job, self.rank,
+                           h.step, exc)
+            h.fail(exc)
+
+    def _copy_cuda(self, arena: ArenaMap, leaves: list[Leaf], base: int) -> Any:
+        """Queue device-to-host copies on a side stream; returns the event that marks them done."""
+        arena.pin_for_cuda()
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        stream = self._side_stream
+        # The copy must start after the kernels that produced the tensors.
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for lf in leaves:
+                copy_leaf(lf, arena.u8, arena.arr, base, non_blocking=True)
+                lf.value.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            job()
