@@ -404,6 +404,7 @@ def _make_node(root: str, spec: ClusterSpec, i: int) -> None:
     ns = spec.netns(i)
     if not _netns_exists(ns):
         try:
+            _remove_switch_port(spec, i)  # left by a half-made node
             _ip("netns", "add", ns)
             _ip("-n", spec.switch_netns, "link", "add", "name", spec.switch_port(i), "type", "veth",
                 "peer", "name", NODE_IFACE, "netns", ns)
@@ -426,7 +427,8 @@ def _make_node(root: str, spec: ClusterSpec, i: int) -> None:
 
 
 def _remove_node(root: str, spec: ClusterSpec, i: int) -> None:
-    """Node i's namespace (its veth pair goes with it) and tmpfs, whatever is left of them."""
+    """Node i's link, namespace and tmpfs, whatever is left of them."""
+    _remove_switch_port(spec, i)
     ns = spec.netns(i)
     if _netns_exists(ns):
         # Anything still running in the node (a daemon whose pid file was lost).
@@ -440,6 +442,16 @@ def _remove_node(root: str, spec: ClusterSpec, i: int) -> None:
         # Lazily: a rank of the node that still maps an arena keeps only its own pages,
         # until it exits; the directory is empty for whoever looks next.
         _run(["umount", "--lazy", shm])
+
+
+def _remove_switch_port(spec: ClusterSpec, i: int) -> None:
+    """Delete node i's veth pair from the switch's end, at once: a deleted namespace's
+    interfaces go later, when the kernel gets round to freeing it."""
+    if _netns_exists(spec.switch_netns):
+        try:
+            _ip("-n", spec.switch_netns, "link", "delete", spec.switch_port(i))
+        except ConfigError:
+            pass  # none: never made, or gone with the node's namespace
 
 
 def _netns_exists(name: str) -> bool:
