@@ -19,19 +19,24 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard proto/*.proto) | $(
 
 install: $(STAMP)
 
-# Tools the deploy checks run (tests/integration/test_deploy.py): shellcheck, installed
-# when we are root with apt-get; anywhere else, or when the install fails, those checks
-# skip and say why. systemd-analyze comes with the systemd package, which is not ours to
-# install into a machine: where it is missing its check skips too.
+# Tools the tests use, installed when we are root with apt-get; anywhere else, or when the
+# install fails, the tests that need them skip and say why: shellcheck (the deploy checks,
+# tests/integration/test_deploy.py); nftables and iproute2 (network faults made by the
+# kernel, tests/integration/test_network_faults.py and test_isolated_network_faults.py).
+# systemd-analyze comes with the systemd package, which is not ours to install into a
+# machine: where it is missing its check skips too.
 tools:
-	@command -v shellcheck >/dev/null 2>&1 || { \
+	@for tool in shellcheck:shellcheck nft:nftables ip:iproute2 tc:iproute2; do \
+	  cmd=$${tool%%:*}; pkg=$${tool#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null 2>&1 \
-	      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null 2>&1; } \
-	      || echo "note: apt-get could not install shellcheck; the shellcheck test will skip"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1; } \
+	      || echo "note: apt-get could not install $$pkg; the tests that need $$cmd will skip"; \
 	  else \
-	    echo "note: shellcheck is not installed (needs root and apt-get here); the shellcheck test will skip"; \
-	  fi; }
+	    echo "note: $$cmd is not installed (needs root and apt-get here); the tests that need it will skip"; \
+	  fi; \
+	done
 	@command -v systemd-analyze >/dev/null 2>&1 \
 	  || echo "note: systemd-analyze is not installed; the unit-file check will skip"
 
@@ -53,7 +58,7 @@ FAULT_TESTS := tests/integration/test_daemon_faults.py tests/integration/test_fu
 	tests/integration/test_soak.py tests/integration/test_hostile_local.py \
 	tests/integration/test_network_faults.py tests/integration/test_job_config.py \
 	tests/integration/test_placement_restore.py tests/integration/test_torchrun.py \
-	tests/integration/test_ddp.py
+	tests/integration/test_ddp.py tests/integration/test_isolated_network_faults.py
 faults: install
 	rm -f .faults.jsonl
 	SHARDGUARD_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/python -m pytest -q $(FAULT_TESTS) $(PYTEST_ARGS)
