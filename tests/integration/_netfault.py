@@ -28,16 +28,23 @@ def _run(*argv: str) -> None:
 
 
 class Firewall:
-    """One nftables table with an input and an output chain whose rules drop what a test
-    says; in network namespace ``netns`` (an isolated node) or else the host's."""
+    """One nftables table whose rules drop what a test says, in network namespace
+    ``netns`` (an isolated node) or else the host's."""
 
     def __init__(self, netns: str | None = None) -> None:
         self._in_ns = ("ip", "netns", "exec", netns) if netns else ()
         self.table = f"sgtest_{os.getpid()}_{secrets.token_hex(3)}"
+        self._chains: list[str] = []
         self._nft("add", "table", "inet", self.table)
-        for chain in ("input", "output"):
-            self._nft("add", "chain", "inet", self.table, chain,
-                      f"{{ type filter hook {chain} priority -10 ; policy accept ; }}")
+        self._chain("input")
+
+    def _chain(self, hook: str) -> None:
+        """The table's chain on ``hook`` (made on first use: the host gets no chain it
+        does not need)."""
+        if hook not in self._chains:
+            self._nft("add", "chain", "inet", self.table, hook,
+                      f"{{ type filter hook {hook} priority -10 ; policy accept ; }}")
+            self._chains.append(hook)
 
     def _nft(self, *args: str) -> None:
         _run(*self._in_ns, "nft", *args)
@@ -55,12 +62,13 @@ class Firewall:
         """Drop ``percent`` % of every packet in and out at random (a lossy link: meant for
         an isolated node's namespace, where all traffic is the node's)."""
         for chain in ("input", "output"):
+            self._chain(chain)
             self._nft("add", "rule", "inet", self.table, chain, "meta", "iifname", "!=", "lo",
                       "meta", "oifname", "!=", "lo", "numgen", "random", "mod", "100", "<",
                       str(percent), "drop")
 
     def clear(self) -> None:
-        for chain in ("input", "output"):
+        for chain in self._chains:
             self._nft("flush", "chain", "inet", self.table, chain)
 
     def close(self) -> None:
