@@ -1,5 +1,5 @@
 """``shardguard`` command line: ``daemon`` (serve a node), ``status``, ``ls``, ``drop``,
-``verify``, ``doctor``, ``cluster``."""
+``verify``, ``doctor``, ``cluster``, ``plan``."""
 
 from __future__ import annotations
 
@@ -211,6 +211,19 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """What each (group_size, parity) costs a job and how likely it loses a step."""
+    from shardguard.daemon.coding import plan
+
+    job = plan.Job(args.nodes, cfg.parse_bytes(args.state_per_node), args.mtbf_hours,
+                   args.nic_gbps, args.interval_s, args.rebuild_hours_floor, args.job_days,
+                   args.placement)
+    rows = plan.table(job, args.group_sizes, args.parities)
+    print(json.dumps(plan.as_json(job, rows), indent=2) if args.json
+          else plan.format_table(job, rows))
+    return EXIT_OK if any(isinstance(r, plan.Option) for r in rows) else EXIT_ERROR
+
+
 def _node(args: argparse.Namespace) -> int:
     if args.node is None:
         raise ShardguardError(f"cluster {args.action} needs --node")
@@ -275,6 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-memory", action="store_true",
                    help="kill: only the daemon dies, its shared memory stays (a daemon crash)")
     c.set_defaults(fn=_cmd_cluster)
+    from shardguard.daemon.coding import plan
+    c = sub.add_parser("plan", help="per (group size, parity): network, memory, rebuild time "
+                       "and the chance of losing a step, for a job (docs/operators.md)")
+    c.add_argument("--nodes", type=int, required=True)
+    c.add_argument("--state-per-node", required=True, help="e.g. 80GiB")
+    c.add_argument("--mtbf-hours", type=float, required=True, help="one node's MTBF")
+    c.add_argument("--nic-gbps", type=float, required=True, help="NIC line rate, Gb/s")
+    c.add_argument("--interval-s", type=float, required=True, help="between snapshots")
+    c.add_argument("--group-sizes", type=plan.int_list, default=plan.DEFAULT_GROUP_SIZES)
+    c.add_argument("--parities", type=plan.int_list, default=plan.DEFAULT_PARITIES)
+    c.add_argument("--rebuild-hours-floor", type=float, default=plan.DEFAULT_REBUILD_HOURS_FLOOR,
+                   help="the least a group stays exposed after a loss (detect, relaunch, "
+                   "replace): the window is this or the rebuild time if longer")
+    c.add_argument("--job-days", type=float, default=plan.DEFAULT_JOB_DAYS)
+    c.add_argument("--placement", choices=["contiguous", "stride"], default="contiguous")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=_cmd_plan)
     return p
 
 
