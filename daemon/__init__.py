@@ -1,1 +1,1 @@
-"""The shardguard node daemon: arena store, codec, peers, coordinator, restore, CLI."""
+"""The shardguard node daemon, in layers (docs/architecture.md): base, coding, storage, transport, roles, service."""

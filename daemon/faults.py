@@ -14,7 +14,7 @@ Points, one per protocol step (DESIGN.md §3-§5):
 ``mid-transfer``   a source sent the first frame of a piece, not the rest
 ``mid-encode``     an encoder received data frames of a stripe, not all
 ``partial-parity`` an encoder finished its parity, not forwarded or reported it
-``announce``       the coordinator announced the step to some nodes, not all
+``announce``       a group leader announced the step to some nodes of its group, not all
 ``sync``           a restarted or replacement daemon starts catching up
 ``mid-rebuild``    a rebuilding daemon wrote part of a rank, not all of it
 =================  ===========================================================

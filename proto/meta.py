@@ -54,6 +54,29 @@ def _json(raw: bytes | str, what: str) -> Any:
 
 
 @dataclass(frozen=True)
+class Code:
+    """How a job's nodes are grouped and coded: what placement needs, no addresses."""
+
+    nodes: int
+    group_size: int
+    parity: int
+    placement: str = "contiguous"
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "Code":
+        d = _obj(doc, "code")
+        placement = d.get("placement", "contiguous")
+        if not isinstance(placement, str):
+            raise InvalidRequestError("code placement is not a name")
+        return cls(_int(d.get("nodes"), "nodes", 1), _int(d.get("group_size"), "group_size"),
+                   _int(d.get("parity"), "parity"), placement)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"nodes": self.nodes, "group_size": self.group_size, "parity": self.parity,
+                "placement": self.placement}
+
+
+@dataclass(frozen=True)
 class Topology:
     """A multi-node job: every node's (control, data) address, this node's number, the code."""
 
@@ -87,6 +110,10 @@ class Topology:
     @property
     def me(self) -> tuple[str, str]:
         return self.nodes[self.node_index]
+
+    @property
+    def code(self) -> Code:
+        return Code(len(self.nodes), self.group_size, self.parity, self.placement)
 
     def describe(self) -> str:
         """The job as every node must see it (not which node this is), in words."""
@@ -231,11 +258,19 @@ def _stripe_key(where: str) -> StripeKey:
 
 @dataclass(frozen=True)
 class StepMeta:
-    """What the coordinator announces with a restorable step."""
+    """One group's part of a restorable step, as its leader announces it to the group.
+
+    A node keeps the metadata of the group whose pieces it holds: its layouts (the
+    members' payloads) and stripes (where each piece is, its length and CRC32C), the
+    members' addresses when the step was protected, and the job's code, so that its
+    size is the group's, not the job's.
+    """
 
     job: str
     step: int
-    topology: Topology
+    code: Code
+    group: int
+    members: Mapping[int, tuple[str, str]]  # node -> (control, data) when protected
     layouts: Mapping[int, NodeLayout]
     stripes: Mapping[StripeKey, StripeMeta]
     #: The persistent tier's claim on the step ("": none).
@@ -248,10 +283,15 @@ class StepMeta:
             raise InvalidRequestError(f"job {job} step {step}: step metadata names job "
                                       f"{d.get('job')!r} step {d.get('step')!r}")
         layouts, stripes = _obj(d.get("layouts"), "layouts"), _obj(d.get("stripes"), "stripes")
-        if any(not str(n).isdigit() for n in layouts):
-            raise InvalidRequestError("layouts are not keyed by node number")
+        members = _obj(d.get("members"), "members")
+        if any(not str(n).isdigit() for n in (*layouts, *members)):
+            raise InvalidRequestError("layouts and members are not keyed by node number")
+        if not all(isinstance(a, (list, tuple)) and len(a) == 2
+                   and all(isinstance(x, str) for x in a) for a in members.values()):
+            raise InvalidRequestError("members are not (control, data) address pairs")
         try:
-            return cls(job, step, Topology.from_doc(d.get("topology")),
+            return cls(job, step, Code.from_doc(d.get("code")), _int(d.get("group"), "group"),
+                       {int(n): (a[0], a[1]) for n, a in members.items()},
                        {int(n): NodeLayout.from_doc(lay) for n, lay in layouts.items()},
                        {_stripe_key(w): StripeMeta(_int(_obj(st, "stripe").get("plen"), "plen"),
                                                    _pieces(st.get("pieces")))
@@ -265,7 +305,9 @@ class StepMeta:
         return cls.from_doc(_json(raw, f"job {job} step {step}: step metadata"), job, step)
 
     def to_doc(self) -> dict[str, Any]:
-        doc = {"job": self.job, "step": self.step, "topology": self.topology.to_doc(),
+        doc = {"job": self.job, "step": self.step, "code": self.code.to_doc(),
+               "group": self.group,
+               "members": {str(n): list(a) for n, a in sorted(self.members.items())},
                "layouts": {str(n): lay.to_doc() for n, lay in sorted(self.layouts.items())},
                "stripes": {f"{g}/{s}": st.to_doc() for (g, s), st in sorted(self.stripes.items())}}
         if self.tier:
@@ -282,6 +324,13 @@ class StepMeta:
                 if entry.rank == rank:
                     return node, entry
         raise LookupError(rank)
+
+    def with_member(self, node: int, address: tuple[str, str]) -> "StepMeta":
+        """The same, with ``node``'s pieces served from ``address`` (a daemon that rebuilt them)."""
+        return replace(self, members={**self.members, node: address})
+
+    def with_tier(self, token: str) -> "StepMeta":
+        return replace(self, tier=token)
 
 
 # ----------------------------------------------------------------- reports
@@ -310,6 +359,14 @@ class ParityReport:
 
 
 @dataclass(frozen=True)
+class GroupReport:
+    """A group leader's to the root: every stripe and parity piece of its group is stored."""
+
+    group: int
+    kind: str = field(default="group", init=False)
+
+
+@dataclass(frozen=True)
 class FlushedReport:
     """A node's part of a persistent-tier flush: written (``ok``), or why not."""
 
@@ -320,7 +377,7 @@ class FlushedReport:
     kind: str = field(default="flushed", init=False)
 
 
-Report = Union[StripeReport, ParityReport, FlushedReport]
+Report = Union[StripeReport, ParityReport, GroupReport, FlushedReport]
 
 
 def encode_report(r: Report) -> bytes:
@@ -330,6 +387,8 @@ def encode_report(r: Report) -> bytes:
                                "layouts": {str(n): lay.to_doc() for n, lay in r.layouts.items()}}
     elif isinstance(r, ParityReport):
         doc = {"group": r.group, "stripe": r.stripe, "index": r.index}
+    elif isinstance(r, GroupReport):
+        doc = {"group": r.group}
     else:
         doc = {"token": r.token, "ok": r.ok, "why": r.why, "bytes": r.bytes}
     return json.dumps({"kind": r.kind, **doc}).encode()
@@ -348,13 +407,16 @@ def decode_report(raw: bytes) -> Report:
     if kind == "parity":
         return ParityReport(_int(d.get("group"), "group"), _int(d.get("stripe"), "stripe"),
                             _int(d.get("index"), "index"))
+    if kind == "group":
+        return GroupReport(_int(d.get("group"), "group"))
     if kind == "flushed":
         token = d.get("token")
         if not isinstance(token, str):
             raise InvalidRequestError("a flushed report names its token")
         return FlushedReport(token, d.get("ok") is True, str(d.get("why", ""))[:2000],
                              d.get("bytes") if isinstance(d.get("bytes"), int) else 0)
-    raise InvalidRequestError("a report is an object whose kind is stripe, parity or flushed")
+    raise InvalidRequestError("a report is an object whose kind is stripe, parity, group or "
+                              "flushed")
 
 
 # ------------------------------------------------------------------ verify

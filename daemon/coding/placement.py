@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from shardguard.daemon.errors import ConfigError, InsufficientPiecesError, InvalidRequestError
-from shardguard.proto.meta import Topology
+from shardguard.proto.meta import Code, Topology
 
 logger = logging.getLogger(__name__)
 
@@ -369,20 +369,31 @@ def plan(
 
 
 @functools.lru_cache(maxsize=256)
-def placement_of(topology: Topology) -> Placement:
-    """The placement of a job's topology, built once per topology (topologies are frozen)."""
-    return plan(len(topology.nodes), topology.group_size, topology.parity, topology.placement)
+def _planned(code: Code) -> Placement:
+    return plan(code.nodes, code.group_size, code.parity, code.placement)
+
+
+def placement_of(of: Topology | Code) -> Placement:
+    """The placement of a job (its topology or its code), built once per code."""
+    return _planned(of.code if isinstance(of, Topology) else of)
+
+
+def leader_of(grp: GroupLayout) -> int:
+    """The group's leader: its first node. It collects the group's reports, tells the
+    root when the group stored a step, and announces the step to the group."""
+    return grp.nodes[0]
 
 
 def peers_of(topology: Topology | None) -> list[tuple[str, str]]:
     """(control, data) addresses of the nodes this node exchanges a job's pieces with.
 
-    Those are the other nodes of its group (sources, encoders, parity holders)
-    and the job's coordinator, node 0; not the whole job, so that a probe costs
-    each node a group's worth of calls however large the job.
+    Those are the other nodes of its group (sources, encoders, parity holders, its
+    leader) and, for a group's leader, the root (node 0); not the whole job, so that a
+    probe costs each node a group's worth of calls however large the job.
     """
     if topology is None:
         return []
-    nodes = set(placement_of(topology).group_of(topology.node_index).nodes) | {0}
+    grp = placement_of(topology).group_of(topology.node_index)
+    nodes = set(grp.nodes) | ({0} if leader_of(grp) == topology.node_index else set())
     nodes.discard(topology.node_index)
     return sorted({topology.nodes[i] for i in nodes})

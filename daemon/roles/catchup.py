@@ -57,8 +57,8 @@ class CatchUp:
         meta, rec = self.metas.get(job), self.store.job(job)
         if meta is None or rec.topology is None:
             raise NotRestorableError(f"job {job}: no step metadata to repair from")
-        self._rebuilder(rec.topology).rebuild_rank(job, meta, rank, rec.world_size,
-                                                   list(rec.local_ranks), distrust_self=True)
+        self._rebuilder(rec.topology).repair(job, meta, rank, rec.world_size,
+                                             list(rec.local_ranks))
         logger.warning("corrupt snapshot repaired from parity", extra={
             "job": job, "rank": rank, "step": meta.step, "node": rec.topology.node_index})
 

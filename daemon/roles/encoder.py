@@ -27,7 +27,7 @@ from shardguard.daemon.errors import (
     PeerUnavailableError,
 )
 from shardguard.daemon.roles import checks
-from shardguard.daemon.roles.coordinator import Reporter
+from shardguard.daemon.roles.leader import Reporter
 from shardguard.daemon.roles.state import Encoding, ProtectionState
 from shardguard.daemon.storage.pieces import PieceFiles
 from shardguard.daemon.storage.store import Store

@@ -1,10 +1,10 @@
-"""Every node's side of "step N is restorable": keep the step's metadata, mark the step
-restorable, release what older steps held.
+"""Every node's side of "step N is restorable": keep its group's metadata of the step, mark
+the step restorable, release what older steps held.
 
 Checked before anything is written: the job is held here, the metadata is a step's
 metadata for this job and step with a code placement accepts, and every local rank
-sealed the step. Then the metadata is kept (with which node of its topology this
-daemon holds the pieces of: its own number as the coordinator listed it), the store
+sealed the step. Then the metadata is kept (with which node of the step this daemon
+holds the pieces of: its own number as its group's leader listed it), the store
 marks the step restorable, the job's stall is cleared, and the parity, metadata and
 in-flight state of older steps are released (the previous step's metadata stays
 while its slots do: ranks may still agree on it). Observers (the persistent tier)
@@ -46,7 +46,10 @@ class Follower:
             raise InvalidRequestError(f"job {job} step {step}: metadata of job {meta.job} "
                                       f"step {meta.step}")
         try:
-            placement.placement_of(meta.topology)
+            grp = placement.placement_of(meta.code).groups[meta.group]
+        except IndexError:
+            raise InvalidRequestError(f"job {job} step {step}: step metadata of group "
+                                      f"{meta.group}, which the code has not") from None
         except ShardguardError as exc:
             raise InvalidRequestError(f"job {job} step {step}: step metadata has an "
                                       f"impossible code: {exc}") from None
@@ -55,6 +58,9 @@ class Follower:
                 return  # announced again (a retry): nothing to do
             raise StepOrderError(f"job {job}: step {step} is older than the restorable step "
                                  f"{rec.restorable_step}")
+        if set(meta.members) != set(grp.nodes):
+            raise InvalidRequestError(f"job {job} step {step}: group {meta.group}'s metadata "
+                                      f"lists nodes {sorted(meta.members)}, not {list(grp.nodes)}")
         self.store.check_sealed(job, step)
         self.metas.save(meta, self._own_index(job, meta))
         self.store.mark_restorable(job, step)
@@ -68,8 +74,8 @@ class Follower:
             self.on_restorable(job, step, meta)
 
     def _own_index(self, job: str, meta: StepMeta) -> int | None:
-        """This daemon's number in ``meta``'s topology (by its current address), if there."""
+        """This daemon's number among ``meta``'s members (by its current address), if there."""
         topo = self.store.job(job).topology
-        if topo is None or topo.me not in meta.topology.nodes:
+        if topo is None:
             return None
-        return meta.topology.nodes.index(topo.me)
+        return next((n for n, a in meta.members.items() if a == topo.me), None)

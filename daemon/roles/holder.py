@@ -17,7 +17,7 @@ from shardguard.daemon.base.stalls import Stalls
 from shardguard.daemon.coding.checksum import crc32c
 from shardguard.daemon.errors import InvalidRequestError
 from shardguard.daemon.roles import checks
-from shardguard.daemon.roles.coordinator import Reporter
+from shardguard.daemon.roles.leader import Reporter
 from shardguard.daemon.roles.state import Holding, ProtectionState
 from shardguard.daemon.storage.pieces import PieceFiles
 from shardguard.daemon.storage.store import Store

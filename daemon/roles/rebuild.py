@@ -83,32 +83,49 @@ class Rebuilder:
     def run(self, job: str, world_size: int, local_ranks: list[int]) -> None:
         """Bring this node to the job's newest restorable step."""
         started = time.monotonic()
-        meta = self.surveyor.newest_meta(job)
-        if meta is None:
+        newest = self.surveyor.newest(job)
+        if newest is None:
             return
-        need = [r for r in local_ranks if not self._holds(job, r, meta.step)]
-        survey = self.surveyor.survey(meta)
+        step = newest.step
+        need = [r for r in local_ranks if not self._holds(job, r, step)]
+        survey = self.surveyor.survey(newest)
+        keep = None
         for rank in need:
+            try:
+                meta, _, _ = newest.owner_of(rank)
+            except LookupError:
+                raise NotRestorableError(
+                    f"job {job} step {step}: no node that answered holds the metadata of the "
+                    f"group of rank {rank} (more than its parity lost?)") from None
             self.rebuild_rank(job, meta, rank, world_size, local_ranks, survey.alive)
+            keep = keep or meta
         held, replaced = survey.own, None
+        code = next(iter(newest.metas.values())).code
+        groups = placement.placement_of(code).groups
         if held is None:
-            replaced = survey.stand_in(list(meta.topology.nodes), list(self.topo.nodes),
+            old = {n: a for m in newest.metas.values() for n, a in m.members.items()}
+            replaced = survey.stand_in(code.nodes, old, list(self.topo.nodes),
                                        self.topo.node_index)
-            if replaced is not None:
-                meta = self._recreate_parity(job, meta, replaced, survey.alive)
+            meta = newest.meta_of_node(replaced, groups) if replaced is not None else None
+            if meta is not None:
+                keep = self._recreate_parity(job, meta, replaced, survey.alive)
                 held = replaced
-        self.metas.save(meta, held)
-        self.store.set_restorable(job, meta.step)
+            else:
+                replaced = None
+        elif (mine := newest.meta_of_node(held, groups)) is not None:
+            keep = mine
+        self.metas.save(keep or next(iter(newest.metas.values())), held)
+        self.store.set_restorable(job, step)
         if need or replaced is not None:
             self.store.metrics.rebuild_pass(job, time.monotonic() - started)
             logger.info("rebuilt ranks %s%s", need,
                         f" and the parity of node {replaced}" if replaced is not None else "",
-                        extra={"job": job, "step": meta.step, "node": self.topo.node_index})
+                        extra={"job": job, "step": step, "node": self.topo.node_index})
 
     def _recreate_parity(self, job: str, meta: StepMeta, node: int,
                          alive: dict[int, str]) -> StepMeta:
         """Decode the parity pieces the lost node held, so the group is protected again."""
-        grp = placement.placement_of(meta.topology).group_of(node)
+        grp = placement.placement_of(meta.code).groups[meta.group]
         for ref in grp.parity_pieces(grp.position(node)):
             plen = meta.stripes[(grp.group, ref.stripe)].plen
             out = self.pieces.create(job, meta.step, grp.group, ref.stripe, ref.index, plen)
@@ -117,8 +134,16 @@ class Rebuilder:
                                  {i: a for i, a in alive.items() if i != node}, into=out)
             self.store.metrics.rebuilt(job, len(piece))
         # This daemon now serves the lost node's pieces: point the metadata at it.
-        return StepMeta(meta.job, meta.step, meta.topology.with_node(node, self.topo.me),
-                        meta.layouts, meta.stripes, meta.tier)
+        return meta.with_member(node, self.topo.me)
+
+    def repair(self, job: str, meta: StepMeta, rank: int, world_size: int,
+               local_ranks: list[int]) -> None:
+        """Rebuild ``rank``'s slot of the meta's step from its stripes, not reading this
+        daemon's own pieces (its bytes failed their checksum)."""
+        newest = self.surveyor.newest(job)
+        alive = self.surveyor.survey(newest).alive if newest is not None \
+            and newest.step == meta.step else {}
+        self.rebuild_rank(job, meta, rank, world_size, local_ranks, alive, distrust_self=True)
 
     def _holds(self, job: str, rank: int, step: int) -> bool:
         try:
@@ -130,18 +155,16 @@ class Rebuilder:
     # ---------------------------------------------------------------- ranks
 
     def rebuild_rank(self, job: str, meta: StepMeta, rank: int, world_size: int,
-                     local_ranks: list[int], alive: dict[int, str] | None = None,
+                     local_ranks: list[int], alive: dict[int, str],
                      distrust_self: bool = False) -> None:
-        """Put ``rank``'s snapshot of the meta's step into this node's store.
-
-        ``distrust_self``: this daemon's own pieces are not read (its bytes failed).
-        """
+        """Put ``rank``'s snapshot of the meta's step into this node's store (``meta``: the
+        metadata of the rank's group). ``distrust_self``: this daemon's own pieces are not
+        read (its bytes failed)."""
         try:
             owner, entry = meta.owner_of(rank)
         except LookupError:
             raise NotRestorableError(f"job {job} step {meta.step} holds no rank {rank}") from None
         lay = meta.layouts[owner]
-        alive = dict(self.surveyor.survey(meta).alive if alive is None else alive)
         if distrust_self:
             alive = {i: a for i, a in alive.items() if a != LOCAL}
         r = entry.record
@@ -174,7 +197,7 @@ class Rebuilder:
 
     def _data_piece(self, job: str, meta: StepMeta, owner: int, q: int,
                     alive: dict[int, str]) -> np.ndarray:
-        grp = placement.placement_of(meta.topology).group_of(owner)
+        grp = placement.placement_of(meta.code).groups[meta.group]
         stripe = (grp.position(owner) - grp.m - q) % grp.g
         want = meta.stripes[(grp.group, stripe)].pieces[q]
         if owner in alive:

@@ -33,7 +33,7 @@ class PieceReader:
             raise NotRestorableError(f"job {job}: step {step} is not the restorable step here")
         try:
             piece = meta.stripes[(group, stripe)].pieces[index]
-            k = placement.placement_of(meta.topology).groups[group].k
+            k = placement.placement_of(meta.code).groups[group].k
         except (KeyError, IndexError):
             raise InvalidRequestError(f"job {job} step {step} has no piece {index} of group "
                                       f"{group} stripe {stripe}") from None

@@ -17,7 +17,7 @@ import numpy as np
 from shardguard.daemon.coding.placement import GroupLayout
 from shardguard.daemon.errors import ShardguardError
 from shardguard.proto import peer_pb2 as ppb
-from shardguard.proto.meta import StripeKey, StripeReport
+from shardguard.proto.meta import StepMeta, StripeKey, StripeReport
 
 
 @dataclass
@@ -45,11 +45,15 @@ class Holding:
 
 @dataclass
 class Collected:
-    """The coordinator's reports of one step."""
+    """What a group leader (and the root) collected of one step."""
 
     stripes: dict[StripeKey, StripeReport] = field(default_factory=dict)
     parity: set[tuple[StripeKey, int]] = field(default_factory=set)
-    announced: bool = False
+    #: The group's metadata, once every stripe and parity piece of it is stored.
+    meta: StepMeta | None = None
+    #: The root's: the groups that stored the step; committed once all did.
+    groups: set[int] = field(default_factory=set)
+    committed: bool = False
 
 
 @dataclass

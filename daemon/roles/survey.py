@@ -9,7 +9,7 @@ that holds nothing stands in for one lost node: new daemons and lost nodes are p
 in a fixed order (a new daemon at a lost node's old address takes that node), so that
 the new daemons of one relaunch, each deciding alone, choose different lost nodes.
 
-A node that does not answer is unknown, never empty (:meth:`Surveyor.newest_meta`).
+A node that does not answer is unknown, never empty (:meth:`Surveyor.newest`).
 """
 
 from __future__ import annotations
@@ -48,14 +48,18 @@ class Survey:
     new: tuple[int, ...]
     own: int | None  # the old node whose pieces this daemon holds
 
-    def stand_in(self, old_nodes: list[tuple[str, str]], cur_nodes: list[tuple[str, str]],
-                 me: int) -> int | None:
-        """The lost old node that current node ``me`` (a new daemon) stands in for, if any."""
-        lost = [i for i in range(len(old_nodes)) if i not in self.alive]
+    def stand_in(self, old_count: int, old_addresses: dict[int, tuple[str, str]],
+                 cur_nodes: list[tuple[str, str]], me: int) -> int | None:
+        """The lost old node that current node ``me`` (a new daemon) stands in for, if any.
+
+        ``old_addresses``: the old nodes' addresses as far as known (their groups'
+        metadata)."""
+        lost = [i for i in range(old_count) if i not in self.alive]
+        by_address = {a: i for i, a in old_addresses.items()}
         pairs: dict[int, int] = {}
         for c in self.new:  # at a lost node's old address: that node
-            if cur_nodes[c] in old_nodes and old_nodes.index(cur_nodes[c]) in lost:
-                i = old_nodes.index(cur_nodes[c])
+            i = by_address.get(cur_nodes[c])
+            if i is not None and i in lost:
                 pairs[c] = i
                 lost.remove(i)
         for c, i in zip([c for c in self.new if c not in pairs], lost):
@@ -96,8 +100,9 @@ class Surveyor:
                         errors[control] = exc
         return out
 
-    def newest_meta(self, job: str) -> StepMeta | None:
-        """The newest step metadata this node or any other node of the job holds.
+    def newest(self, job: str) -> "Newest | None":
+        """The newest restorable step this node or any other node of the job holds, and the
+        metadata of each of its groups that a node answered with.
 
         A node that does not answer is unknown, not empty: it is asked again until
         ``peer_timeout_s`` has passed (a network blip, a peer still starting), and if
@@ -106,20 +111,25 @@ class Surveyor:
         a secret mismatch) goes to every rank's restore, instead of a job that starts
         again from step 0 while other nodes hold its snapshots.
         """
-        best = self.metas.get(job)
+        mine, mine_holder = self.metas.current(job)
+        found: dict[int, list[tuple[StepMeta, int | None, str | None]]] = {}
+        if mine is not None:
+            found.setdefault(mine.step, []).append((mine, mine_holder, None))
         pending = [c for i, (c, _) in enumerate(self.topo.nodes) if i != self.topo.node_index]
         deadline = time.monotonic() + self.timeout_s
         errors: dict[str, Exception] = {}
         while pending:
             errors.clear()
-            for reply in self.step_infos(job, pending, errors).values():
-                if reply.HasField("step") and (best is None or reply.step > best.step):
-                    best = StepMeta.decode(reply.meta, job, reply.step)
+            for control, reply in self.step_infos(job, pending, errors).items():
+                if reply.HasField("step"):
+                    meta = StepMeta.decode(reply.meta, job, reply.step)
+                    found.setdefault(reply.step, []).append(
+                        (meta, reply.holder if reply.HasField("holder") else None, control))
             pending = list(errors)
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        if errors and best is None:
+        if errors and not found:
             first = next(iter(errors.values()))
             cause = cause_of_error(first)
             names = ", ".join(sorted(errors))
@@ -129,44 +139,87 @@ class Surveyor:
             if isinstance(first, AuthenticationError):
                 raise AuthenticationError(text)
             raise PeerUnavailableError(text)
-        return best
+        if not found:
+            return None
+        step = max(found)
+        metas = {m.group: m for m, _, _ in found[step]}
+        holders = {control: holder for m, holder, control in found[step]
+                   if control is not None and holder is not None}
+        return Newest(step, metas, holders, mine_holder if mine is not None
+                      and mine.step == step else None)
 
-    def survey(self, meta: StepMeta) -> Survey:
-        """Ask the job's daemons (current nodes and the step's old addresses) which old
-        node's pieces of the meta's step each holds; count this daemon too."""
-        old, me = meta.topology, self.topo.node_index
-        own = self.own_holder(meta)
+    def survey(self, newest: "Newest") -> Survey:
+        """Which old node's pieces of the step each daemon holds, this one counted: from the
+        answers :meth:`newest` collected, and the old members' addresses of each known group
+        (the daemons there that did not answer yet)."""
+        me = self.topo.node_index
+        own = self.own_holder(newest)
         alive: dict[int, str] = {} if own is None else {own: LOCAL}
-        # Current addresses first: a daemon found at both keeps its current data address.
-        candidates = dict.fromkeys(a for i, a in enumerate(self.topo.nodes) if i != me)
-        candidates.update((a, None) for a in old.nodes
-                          if a != self.topo.me and a not in candidates)
-        replies = self.step_infos(meta.job, (c for c, _ in candidates))
-        holds: dict[tuple[str, str], int] = {}
-        for control, data in candidates:
-            reply = replies.get(control)
-            if (reply is not None and reply.HasField("step") and reply.step == meta.step
-                    and reply.HasField("holder") and reply.holder < len(old.nodes)):
-                holds[(control, data)] = reply.holder
-                alive.setdefault(reply.holder, data)
-        new = tuple(i for i, a in enumerate(self.topo.nodes)
-                    if (i == me and own is None) or (i != me and a not in holds))
+        datas = {c: d for c, d in self.topo.nodes}
+        extra = {a for m in newest.metas.values() for a in m.members.values()
+                 if a[0] not in newest.holders and a != self.topo.me and a[0] not in datas}
+        replies = self.step_infos(newest.metas[next(iter(newest.metas))].job,
+                                  (c for c, _ in extra)) if extra else {}
+        holds = dict(newest.holders)
+        for control, reply in replies.items():
+            if (reply.HasField("step") and reply.step == newest.step
+                    and reply.HasField("holder")):
+                holds[control] = reply.holder
+        for control, holder in holds.items():
+            data = datas.get(control) or next((a[1] for m in newest.metas.values()
+                                               for a in m.members.values() if a[0] == control),
+                                              None)
+            if data is not None:
+                alive.setdefault(holder, data)
+        new = tuple(i for i, (c, _) in enumerate(self.topo.nodes)
+                    if (i == me and own is None) or (i != me and c not in holds))
         return Survey(alive, new, own)
 
-    def own_holder(self, meta: StepMeta) -> int | None:
-        """The old node whose pieces of the meta's step this daemon holds, if any.
+    def own_holder(self, newest: "Newest") -> int | None:
+        """The old node whose pieces of the step this daemon holds, if any.
 
-        What it recorded for that step; else, when its address is in the step's
-        topology and its store holds that node's ranks sealed at the step (it
-        stored the step but missed the announcement), that node.
+        What it recorded for that step; else, when its address is among a group's
+        members and its store holds that node's ranks sealed at the step (it stored
+        the step but missed the announcement), that node.
         """
-        mine, holder = self.metas.current(meta.job)
-        if mine is not None and mine.step == meta.step:
-            return holder
-        if self.topo.me not in meta.topology.nodes:
-            return None
-        i = meta.topology.nodes.index(self.topo.me)
-        lay = meta.layouts.get(i)
-        if lay is None or not all(self._holds(meta.job, r.rank, meta.step) for r in lay.ranks):
-            return None
-        return i
+        if newest.own is not None:
+            return newest.own
+        for meta in newest.metas.values():
+            i = next((n for n, a in meta.members.items() if a == self.topo.me), None)
+            if i is None:
+                continue
+            lay = meta.layouts.get(i)
+            if lay is not None and all(self._holds(meta.job, r.rank, meta.step)
+                                       for r in lay.ranks):
+                return i
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Newest:
+    """The job's newest restorable step as the daemons answered: each known group's
+    metadata, which daemon (control address) holds which old node's pieces, and the
+    old node this daemon itself holds (None: none)."""
+
+    step: int
+    metas: dict[int, StepMeta]
+    holders: dict[str, int]
+    own: int | None
+
+    def meta_of_node(self, node: int, code_groups: Any) -> StepMeta | None:
+        """The metadata of old node ``node``'s group, if a daemon answered with it."""
+        for grp in code_groups:
+            if node in grp.nodes:
+                return self.metas.get(grp.group)
+        return None
+
+    def owner_of(self, rank: int) -> tuple[StepMeta, int, Any]:
+        """The group metadata, old node and entry of ``rank`` (LookupError if no group's
+        metadata that a daemon answered with lists it)."""
+        for meta in self.metas.values():
+            try:
+                node, entry = meta.owner_of(rank)
+                return meta, node, entry
+            except LookupError:
+                continue
+        raise LookupError(rank)

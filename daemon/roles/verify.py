@@ -61,7 +61,7 @@ class Verifier:
         # The pieces of the node of the step's topology that this daemon holds: after a
         # relaunch that moved ranks, not necessarily the one with its current number.
         held = self.metas.holder(job) if self.metas is not None else None
-        groups = placement.placement_of(meta.topology).groups
+        groups = placement.placement_of(meta.code).groups
         for (group, s), stripe in sorted(meta.stripes.items()):
             k = groups[group].k
             for index, piece in sorted(stripe.pieces.items()):
@@ -115,8 +115,9 @@ class Verifier:
         meta = self._meta_of(job, step)
         if meta is None:  # replaced while this began: the caller checks the new step
             return JobCheck(job, step, True)
-        addresses = topo.nodes if len(topo.nodes) == len(meta.topology.nodes) \
-            else meta.topology.nodes
+        # Every node answers for the pieces it holds (whatever its number was when the
+        # step was protected); the stripes' counts come from the code.
+        addresses = topo.nodes
         report = JobCheck(job, step)
         with concurrent.futures.ThreadPoolExecutor(min(32, len(addresses))) as pool:
             futs = {i: pool.submit(self.check_node, job, step) if i == topo.node_index
@@ -130,11 +131,10 @@ class Verifier:
                                    step, i, exc)
                     report.unreachable.append((i, f"{type(exc).__name__}: {exc}"))
         sound = {(c.group, c.stripe, c.index) for n in report.nodes for c in n.pieces if c.ok}
-        groups = placement.placement_of(meta.topology).groups
-        for (group, s), stripe in sorted(meta.stripes.items()):
-            good = sum((group, s, i) in sound for i in stripe.pieces)
-            report.stripes.append(StripeCheck(group, s, groups[group].k, len(stripe.pieces),
-                                              good))
+        for grp in placement.placement_of(meta.code).groups:
+            for s in range(grp.g):
+                good = sum((grp.group, s, i) in sound for i in range(grp.g))
+                report.stripes.append(StripeCheck(grp.group, s, grp.k, grp.g, good))
         report.superseded = any(n.superseded for n in report.nodes)
         report.nodes.sort(key=lambda n: n.node)
         return report

@@ -29,8 +29,14 @@ class PeerService(ppb_grpc.PeerServicer):
 
     @handler
     def Report(self, req: ppb.ReportRequest, context: grpc.ServicerContext) -> ppb.ReportReply:
-        self.roles.coordinator.report(req.job, req.step, req.node, decode_report(req.report))
+        assert self.roles.reporter.local is not None
+        self.roles.reporter.local(req.job, req.step, req.node, decode_report(req.report))
         return ppb.ReportReply()
+
+    @handler
+    def Commit(self, req: ppb.CommitRequest, context: grpc.ServicerContext) -> ppb.CommitReply:
+        self.roles.leader.commit(req.job, req.step, req.tier)
+        return ppb.CommitReply()
 
     @handler
     def Announce(self, req: ppb.AnnounceRequest,

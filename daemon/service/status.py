@@ -79,7 +79,7 @@ def _parity_status(js: pb.JobStatus, rec: JobRecord, roles: Roles | None, probe:
         js.in_flight_step = max(newer)
     meta, held = roles.metas.current(rec.job) if roles is not None else (None, None)
     if meta is not None and meta.step == rec.restorable_step and held is not None:
-        groups = placement.placement_of(meta.topology).groups
+        groups = placement.placement_of(meta.code).groups
         js.parity_pieces = sum(1 for (g, _), st in meta.stripes.items()
                                for idx, piece in st.pieces.items()
                                if piece.node == held and idx >= groups[g].k)

@@ -3,7 +3,7 @@
 Nothing here decides anything: it makes each role with what it needs (the store,
 the per-job protection state, step metadata and piece files, the peer clients and the
 data plane), points the store's hooks at the roles, gives the data plane its table of
-handlers, and hooks the persistent tier onto the coordinator and the follower from
+handlers, and hooks the persistent tier onto the root and the follower from
 above (the protection roles know nothing of the tier).
 """
 
@@ -20,13 +20,14 @@ from shardguard.daemon.base.stalls import Stalls
 from shardguard.daemon.coding.codec import Codecs
 from shardguard.daemon.errors import ConfigError, InvalidRequestError
 from shardguard.daemon.roles.catchup import CatchUp
-from shardguard.daemon.roles.coordinator import Coordinator, Reporter
+from shardguard.daemon.roles.leader import GroupLeader, Reporter
 from shardguard.daemon.roles.doctor import Reach
 from shardguard.daemon.roles.drop import Dropper
 from shardguard.daemon.roles.encoder import Encoder
 from shardguard.daemon.roles.follower import Follower
 from shardguard.daemon.roles.holder import Holder
 from shardguard.daemon.roles.rebuild import Rebuilder
+from shardguard.daemon.roles.root import Root
 from shardguard.daemon.roles.serve import PieceReader
 from shardguard.daemon.roles.source import Source
 from shardguard.daemon.roles.state import ProtectionState
@@ -39,7 +40,15 @@ from shardguard.daemon.transport.auth import Authenticator, read_secret, tls_fil
 from shardguard.daemon.transport.dataplane import DataPlane
 from shardguard.daemon.transport.delivery import Delivery
 from shardguard.daemon.transport.peer_client import PeerClients
-from shardguard.proto.meta import StepMeta, Topology
+from shardguard.proto.meta import (
+    FlushedReport,
+    GroupReport,
+    ParityReport,
+    Report,
+    StepMeta,
+    StripeReport,
+    Topology,
+)
 
 
 @dataclass
@@ -61,7 +70,8 @@ class Roles:
     source: Source
     encoder: Encoder
     holder: Holder
-    coordinator: Coordinator
+    leader: GroupLeader
+    root: Root
     reporter: Reporter
     follower: Follower
     reader: PieceReader
@@ -107,10 +117,13 @@ def build(config: Config, store: Store, stalls: Stalls, tier: Tier | None) -> Ro
     pieces, peers, codecs = PieceFiles(config.shm_dir, config.shm_prefix), \
         PeerClients(auth, tls), Codecs()
     delivery = Delivery(peers, timeout, stalls)
-    coordinator = Coordinator(store, state, peers, pool, timeout)
-    reporter = Reporter(coordinator, peers, timeout)
+    reporter = Reporter(peers, timeout)
+    leader = GroupLeader(store, state, peers, reporter, pool, timeout)
+    root = Root(store, state, peers, pool, timeout)
     follower = Follower(store, state, metas, pieces, stalls)
-    coordinator.announce_here = follower.announce
+    leader.announce_here = follower.announce
+    root.commit_here = leader.commit
+    reporter.local = _local_reports(leader, root)
     reader = PieceReader(store, pieces, metas, store.metrics)
 
     def rebuilder(topo: Topology) -> Rebuilder:
@@ -122,7 +135,7 @@ def build(config: Config, store: Store, stalls: Stalls, tier: Tier | None) -> Ro
     roles = Roles(
         config, store, stalls, state, metas, pieces, auth, tls, peers, plane, codecs, pool,
         Source(store, peers, plane, delivery, pool, stalls, timeout), encoder, holder,
-        coordinator, reporter, follower, reader,
+        leader, root, reporter, follower, reader,
         CatchUp(store, state, metas, stalls, rebuilder),
         Dropper(store, state, metas, pieces, stalls, peers, pool, timeout),
         Verifier(store, metas, reader, pieces, peers, stalls, timeout),
@@ -139,11 +152,25 @@ def build(config: Config, store: Store, stalls: Stalls, tier: Tier | None) -> Ro
     return roles
 
 
+def _local_reports(leader: GroupLeader, root: Root) -> Any:
+    """Where a report to this node goes: a stripe or parity report to its group's leader
+    role, a group or flush report to its root role."""
+    def take(job: str, step: int, node: int, report: Report) -> None:
+        if isinstance(report, (StripeReport, ParityReport)):
+            leader.report(job, step, report)
+        elif isinstance(report, GroupReport):
+            root.group_stored(job, step, report.group)
+        elif isinstance(report, FlushedReport):
+            root.flushed(job, step, node, report)
+
+    return take
+
+
 def _hook_tier(roles: Roles, tier: Tier) -> None:
-    """The persistent tier, from above: it claims completed steps at the coordinator, flushes
+    """The persistent tier, from above: it claims completed steps at the root, flushes
     restorable ones on every node, and takes the nodes' flush reports."""
-    roles.coordinator.claim = tier.claim
-    roles.coordinator.on_flushed = tier.flushed
+    roles.root.claim = tier.claim
+    roles.root.on_flushed = tier.flushed
     roles.dropper.on_drop = tier.forget
 
     def on_restorable(job: str, step: int, meta: StepMeta) -> None:

@@ -1,7 +1,7 @@
 """The step metadata this node keeps: what a rebuild and ``verify`` need, and whose pieces it has.
 
 When a step becomes restorable every node keeps its :class:`~shardguard.proto.meta.StepMeta`
-(announced by the coordinator, or brought by a catch-up) in memory and in a file
+(the group it holds pieces of, announced by its leader, or brought by a catch-up) in memory and in a file
 ``<prefix>.<job>.x<step>`` beside the arenas, so that a restarted daemon has it. With it
 goes the **holder**: which node of that step's topology this daemon holds the pieces of
 (itself as numbered when the step was protected, or the lost node it rebuilt), since a
