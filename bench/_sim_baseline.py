@@ -89,7 +89,7 @@ if __name__ == "__main__":
     import json
 
     p = argparse.ArgumentParser()
-    for a in ("--nodes", "--groups", "--parities"):
+    for a in ("--nodes", "--configs"):
         p.add_argument(a)
     p.add_argument("--steps", type=int)
     p.add_argument("--latency-us", type=float)
@@ -98,9 +98,8 @@ if __name__ == "__main__":
     ns = design()
     rows = []
     for n in map(int, a.nodes.split(",")):
-        for g in map(int, a.groups.split(",")):
-            for m in map(int, a.parities.split(",")):
-                if m < g <= n:
-                    rows.append(sim_scale.run(ns, n, g, m, a.latency_us, a.gbps, a.steps))
-                    print(f"baseline {n} g={g} m={m} done", file=sys.stderr, flush=True)
+        for g, m in (map(int, c.split(":")) for c in a.configs.split(",")):
+            if m < g <= n:
+                rows.append(sim_scale.run(ns, n, g, m, a.latency_us, a.gbps, a.steps))
+                print(f"baseline {n} g={g} m={m} done", file=sys.stderr, flush=True)
     print(json.dumps(rows))

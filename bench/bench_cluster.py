@@ -1,6 +1,6 @@
 """Four local nodes: snapshot-to-restorable latency and the rebuild of a lost node, against their floors.
 
-A local cluster (``shardguard.daemon.cluster``: real daemons, each with its own
+A local cluster (``shardguard.daemon.service.cluster``: real daemons, each with its own
 socket, ports and shared memory) of 4 nodes in one group with parity 1
 (``k = 3``), one trainer rank per node. The ranks are started the way
 ``tests/integration/trainer.py`` starts them: a launcher process forks them
@@ -72,7 +72,7 @@ from _common import (base_parser, gbps, load_average, median_time, print_rows, r
 from bench_node import fs_type
 
 import shardguard.client as sg
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.daemon.coding import placement
 from shardguard.daemon.transport.dataplane import FRAME_BYTES
 from shardguard.proto import agent_pb2 as pb

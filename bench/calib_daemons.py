@@ -1,7 +1,7 @@
 """Many real daemons on this machine: the control plane's cost per step, to calibrate the simulator.
 
 For each job size (16, 32 and 64 nodes; ``--quick``: 16) a local cluster
-(``shardguard.daemon.cluster``: real daemons, each with its own socket, ports and
+(``shardguard.daemon.service.cluster``: real daemons, each with its own socket, ports and
 shared-memory prefix, peers authenticated) runs one rank per node, with a tiny state
 (``--state-kib``, 4 KiB by default), so that what is measured is the control plane and
 not the bytes. The ranks are threads of this process, each a real
@@ -69,7 +69,7 @@ from _common import base_parser, load_average, print_rows, raise_interrupt, writ
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardguard.client.client import Client
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.paths import grpc_target

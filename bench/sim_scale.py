@@ -519,8 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-us", type=float, default=50.0)
     p.add_argument("--gbps", type=float, default=100.0)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--configs", default=None,
+                   help="group_size:parity pairs, e.g. 4:1,8:1,16:1,8:2 (instead of the grid)")
     p.add_argument("--baseline", default=BASELINE_REV,
                    help="git revision of the design to compare with ('' to skip)")
+    p.add_argument("--baseline-max-nodes", type=int, default=1024,
+                   help="the baseline's whole-job metadata to every node is O(N^2) to "
+                        "simulate: larger sizes are left out of its rows")
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     nodes = [int(x) for x in (args.nodes or ("64,256" if args.quick else
@@ -528,12 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     groups = [int(x) for x in ("8" if args.quick else args.groups).split(",")]
     parities = [int(x) for x in ("1" if args.quick else args.parities).split(",")]
     steps = args.steps or (1 if args.quick else 2)
+    pairs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")] \
+        if args.configs else [(g, m) for g in groups for m in parities]
     ns = current_design()
     rows = []
     load0 = load_average()
     for n in nodes:
-        for g in groups:
-            for m in parities:
+        for g, m in pairs:
+            if True:
                 if m >= g or g > n:
                     continue
                 r = run(ns, n, g, m, args.latency_us, args.gbps, steps)
@@ -546,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_only:
         print(json.dumps(rows))
         return 0
-    base = baseline(args, nodes, groups, parities, steps) if args.baseline else []
+    small = [n for n in nodes if n <= args.baseline_max_nodes]
+    base = baseline(args, small, pairs, steps) if args.baseline and small else []
     all_rows = base + rows
     print_rows(all_rows, [
         ("design", "design", "{}"), ("nodes", "nodes", "{}"), ("group_size", "g", "{}"),
@@ -569,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def baseline(args: Any, nodes: list[int], groups: list[int], parities: list[int],
+def baseline(args: Any, nodes: list[int], pairs: list[tuple[int, int]],
              steps: int) -> list[dict[str, Any]]:
     """The same measurements of the design at ``args.baseline``, in a subprocess over a
     checkout of that revision (bench/_sim_baseline.py adapts the harness to its roles)."""
@@ -593,8 +601,8 @@ def baseline(args: Any, nodes: list[int], groups: list[int], parities: list[int]
                  "runpy.run_path(sys.argv[0], run_name='__main__')",
                  str(pkg.parent), _site_packages(), str(Path(__file__).with_name(
                      "_sim_baseline.py")),
-                 "--nodes", ",".join(map(str, nodes)), "--groups", ",".join(map(str, groups)),
-                 "--parities", ",".join(map(str, parities)), "--steps", str(steps),
+                 "--nodes", ",".join(map(str, nodes)),
+                 "--configs", ",".join(f"{g}:{m}" for g, m in pairs), "--steps", str(steps),
                  "--latency-us", str(args.latency_us), "--gbps", str(args.gbps)],
                 env=env, check=True, capture_output=True, text=True)
             rows = json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,6 +2,6 @@
 
 import sys
 
-from shardguard.daemon.cli import main
+from shardguard.daemon.service.cli import main
 
 sys.exit(main(["daemon", *sys.argv[1:]]))

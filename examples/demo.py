@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 import gpt
 import shardguard.client as sg
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_ROOT = REPO / "demo-out"

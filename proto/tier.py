@@ -16,7 +16,7 @@ marker is there, the job's coordinator writes ``step.json``, renames the directo
 ``step-<N>``, fsyncs the job directory, and only then replaces ``latest`` (write, fsync,
 rename, fsync). ``latest`` therefore never names a partial step: what a crash leaves
 behind is a ``.tmp`` directory, or a complete ``step-<N>`` that ``latest`` never named;
-the commits that follow delete both (daemon/tier.py). Every name is made here, so the
+the commits that follow delete both (daemon/roles/tier.py). Every name is made here, so the
 two sides agree.
 """
 

@@ -85,7 +85,7 @@ class Config:
     metrics_port: int = -1
     # Seconds between health checks of the peer nodes (the peers_up gauge); 0: none.
     peer_probe_interval_s: float = 5.0
-    # Persistent tier (daemon/tier.py): restorable steps written in DCP's format to this
+    # Persistent tier (daemon/roles/tier.py): restorable steps written in DCP's format to this
     # directory (a shared file system for multi-node jobs). Empty: off.
     tier_dir: str = ""
     # Flush the first restorable step of every window of this many steps.

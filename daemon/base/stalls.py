@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from shardguard.proto.errors import AuthenticationError, ConfigError, PeerUnavailableError
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,8 +39,6 @@ class Stall:
 
 def cause_of_error(exc: BaseException) -> Cause:
     """The cause a peer failure points at (by its class and message)."""
-    from shardguard.proto.errors import AuthenticationError, ConfigError, PeerUnavailableError
-
     text = str(exc)
     if isinstance(exc, AuthenticationError) or "AuthenticationError" in text:
         return Cause.CLOCK_SKEW if "clocks disagree" in text else Cause.AUTH_FAILED

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from shardguard.daemon import faults
+from shardguard.daemon.base import faults
 from shardguard.daemon.base.stalls import Stalls
 from shardguard.daemon.errors import NotRestorableError, ShardguardError
 from shardguard.daemon.roles.rebuild import Rebuilder

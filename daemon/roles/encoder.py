@@ -16,7 +16,7 @@ import concurrent.futures
 import logging
 from typing import Any
 
-from shardguard.daemon import faults
+from shardguard.daemon.base import faults
 from shardguard.daemon.base.stalls import Stalls
 from shardguard.daemon.coding.checksum import crc32c
 from shardguard.daemon.coding.codec import Codecs

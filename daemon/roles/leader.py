@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 from typing import Callable
 
-from shardguard.daemon import faults
+from shardguard.daemon.base import faults
 from shardguard.daemon.coding import placement
 from shardguard.daemon.errors import InvalidRequestError
 from shardguard.daemon.roles import checks

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from shardguard.daemon import faults
+from shardguard.daemon.base import faults
 from shardguard.daemon.coding import placement
 from shardguard.daemon.coding.checksum import crc_of
 from shardguard.daemon.coding.codec import Codecs

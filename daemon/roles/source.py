@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 
-from shardguard.daemon import faults
+from shardguard.daemon.base import faults
 from shardguard.daemon.base.stalls import Stalls
 from shardguard.daemon.coding import placement
 from shardguard.daemon.coding.checksum import SegmentCrcs, crc_of, range_crc, slice_segments

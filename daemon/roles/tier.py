@@ -20,7 +20,7 @@ for the disk, and the flush does not lose its step to the next snapshots. Holdin
 slots for the whole write instead would stall or skip snapshots for as long as the file
 system takes; checking the slot's generation after the write instead would lose the
 race to any file system slower than a training step. 2) A flusher process
-(``python -m shardguard.client.tier_flush``; the daemon never imports torch) maps the
+(``python -m shardguard.flusher``; the daemon never imports torch) maps the
 staging buffer, rebuilds each rank's state from its manifest and writes it with DCP's
 FileSystemWriter into ``step-<N>.<token>.tmp/rank-<r>/``, fsyncing every file and
 directory. 3) The node writes its marker ``node-<i>.json`` (write, fsync, rename, fsync)
@@ -68,7 +68,7 @@ from shardguard.proto.meta import FlushedReport
 
 logger = logging.getLogger(__name__)
 
-FLUSHER = "shardguard.client.tier_flush"
+FLUSHER = "shardguard.flusher"
 #: ``SHARDGUARD_TEST_TIER_FAULT=point@step[,...]`` arms a test fault, fired once per
 #: daemon process at the first flush of a step >= ``step``: ``mid-write`` (the flusher
 #: SIGKILLs itself once its first rank is written), ``slow-write`` (the flusher waits

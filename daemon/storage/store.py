@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import psutil
 
-from shardguard.daemon import faults
+from shardguard.daemon.base import faults
 from shardguard.daemon.storage.arena import Arena
 from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c, crc32c_blocks
 from shardguard.daemon.base.metrics import Metrics

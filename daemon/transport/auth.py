@@ -37,7 +37,7 @@ from typing import Any, Callable
 import grpc
 
 from shardguard.daemon.errors import ConfigError
-from shardguard.proto.errors import AuthenticationError
+from shardguard.proto.errors import ERROR_METADATA_KEY, AuthenticationError
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +201,6 @@ class ServerInterceptor(grpc.ServerInterceptor):
             try:
                 auth.check(token, grpc_context(audience, method, request.SerializeToString()))
             except AuthenticationError as exc:
-                from shardguard.proto.errors import ERROR_METADATA_KEY
-
                 logger.warning("refused %s from %s: %s", method, context.peer(), exc)
                 context.set_trailing_metadata(((ERROR_METADATA_KEY, type(exc).__name__),))
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))

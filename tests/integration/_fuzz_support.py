@@ -26,7 +26,7 @@ import psutil
 import zmq
 from hypothesis import strategies as st
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.daemon.transport.auth import METADATA_KEY, Authenticator, grpc_context, zmq_context
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
@@ -156,7 +156,7 @@ def jobs_of(socket: str) -> list[str]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", *args],
+    return subprocess.run([sys.executable, "-m", "shardguard.daemon.service.cli", *args],
                           capture_output=True, text=True, timeout=240)
 
 

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 
 
 def _run(*argv: str) -> None:

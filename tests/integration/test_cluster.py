@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from _support import restored_steps
 from _support import (
     assert_matches_reference,

@@ -1,6 +1,6 @@
 """Every daemon fault point x every fault, on a real 4-node cluster, with the invariants checked.
 
-A fault is armed in the daemons' environment (daemon/faults.py:
+A fault is armed in the daemons' environment (daemon/base/faults.py:
 ``point@step@node:action``) and fires for real inside the daemon: SIGKILL
 (a crash), SIGSTOP (a hung daemon) or a dropped connection. Points cover
 every protocol step: a seal, the sealed node before sending, mid-transfer,
@@ -34,7 +34,7 @@ import psutil
 import pytest
 import torch
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from conftest import record
 from _support import restored_steps
 from _support import (assert_matches_reference, assert_same_state, environ, reference_run, finish, run_trainer, status_of_socket,
@@ -122,7 +122,7 @@ def down_and_check_no_leaks(root: Path) -> None:
 
 
 def verify_healthy(root: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", "verify", "--job", "job",
+    r = subprocess.run([sys.executable, "-m", "shardguard.daemon.service.cli", "verify", "--job", "job",
                         "--socket", cluster.sockets(str(root))[1]],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import shardguard.client as sg  # noqa: E402
 from _support import finish, status_of_socket  # noqa: E402
-from shardguard.daemon import cluster  # noqa: E402
+from shardguard.daemon.service import cluster  # noqa: E402
 
 HERE = Path(__file__).resolve()
 EXAMPLE = HERE.parents[2] / "examples" / "train_fsdp.py"

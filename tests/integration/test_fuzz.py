@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import shardguard.client as sg
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.daemon.transport.auth import grpc_context
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import arena as fmt

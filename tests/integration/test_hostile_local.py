@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import shardguard.client as sg
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ERROR_METADATA_KEY
@@ -522,7 +522,7 @@ def test_the_default_budget_fits_the_daemons_cgroup(memory_cgroup, daemon_factor
     join = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs]  # join the cgroup, then exec
     d = daemon_factory(start=False, launcher=join)
     d.start()
-    out = subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", "status", "--json",
+    out = subprocess.run([sys.executable, "-m", "shardguard.daemon.service.cli", "status", "--json",
                           "--socket", d.socket], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     budget = int(json.loads(out.stdout)["memoryBudgetBytes"])
@@ -538,7 +538,7 @@ def test_cluster_kill_and_down_free_the_shm_dir_the_daemons_use(tmp_path: Path) 
     node's files stayed, and ``down`` left them all: both looked in /dev/shm."""
     shm = Path(tempfile.mkdtemp(prefix="sg-shm-", dir=SHM))
     root = tmp_path / "c"
-    cli = [sys.executable, "-m", "shardguard.daemon.cli", "cluster"]
+    cli = [sys.executable, "-m", "shardguard.daemon.service.cli", "cluster"]
     try:
         with environ({"SHARDGUARD_SHM_DIR": str(shm)}):
             spec = cluster.up(str(root), 2, 2, 1)

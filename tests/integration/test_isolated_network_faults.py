@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.paths import grpc_target
@@ -270,7 +270,7 @@ def bandwidth(run: Run, link: NodeLink, rng: random.Random) -> str:
 
     ``too_slow`` is recorded once a slow piece has arrived and cleared by the step
     becoming restorable right after, so ``status`` shows it for moments: it is looked
-    for there and in the daemons' logs (the same record, from daemon/stalls.py).
+    for there and in the daemons' logs (the same record, from daemon/base/stalls.py).
     """
     offsets = _log_offsets(run)
     link.limit(LIMIT_MBIT)
@@ -407,7 +407,7 @@ def test_isolated_cluster_from_the_command_line_leaves_nothing_behind(tmp_path: 
     pid file went behind its back; and a cluster that cannot come up leaves nothing."""
     isolated_or_skip()
     root = tmp_path / "c"
-    cli = [sys.executable, "-m", "shardguard.daemon.cli", "cluster"]
+    cli = [sys.executable, "-m", "shardguard.daemon.service.cli", "cluster"]
 
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cli, *args, "--dir", str(root)], capture_output=True, text=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from _ranks import close_all, rank_state
 from _support import environ, finish, run_trainer, status_of_socket, trainer_log
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from _fuzz_support import cli
 from _netfault import firewall_or_skip, port_of
 from _support import environ, finish, run_trainer, status_of_socket, trainer_log

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 import shardguard.client as sg
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.daemon.base.config import Config
 from shardguard.daemon.errors import ConfigError
 from shardguard.daemon.service.observe import AGENT_SERVICE, PEER_SERVICE

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import zmq
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.daemon.transport.auth import (METADATA_KEY, Authenticator, ClientInterceptor, grpc_context,
                                    zmq_context)
 from shardguard.proto import peer_pb2 as ppb

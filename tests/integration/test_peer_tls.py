@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto import peer_pb2_grpc as ppb_grpc
 from _support import environ, finish, run_trainer, status_of_socket, trainer_log

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.daemon.coding import placement
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc

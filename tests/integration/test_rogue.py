@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from _support import finish, run_trainer, status_of_socket, trainer_log, unreachable_for_others
 
 FAULT_CATEGORY = "rogue process of another user without the secret: read, write, drop, spoof"
@@ -166,7 +166,7 @@ def test_a_rogue_user_without_the_secret_gets_nothing(tmp_path: Path) -> None:
         # The job is untouched and restores bit-exactly.
         st2 = status_of_socket(cluster.sockets(str(root))[1])
         assert next(j for j in st2.jobs if j.job == "job").restorable_step == step
-        v = subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", "verify", "--job",
+        v = subprocess.run([sys.executable, "-m", "shardguard.daemon.service.cli", "verify", "--job",
                             "job", "--socket", cluster.sockets(str(root))[0]],
                            capture_output=True, text=True, timeout=120)
         assert v.returncode == 0, v.stdout + v.stderr

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from conftest import record
 from _support import (assert_same_state, finish, read_losses, reference_run, run_trainer,
                       trainer_log)

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 import shardguard.client as sg
 from shardguard.client.errors import RestoreError
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from shardguard.daemon.base.config import Config, ConfigError, replace
 from shardguard.daemon.storage.store import Store
 from shardguard.daemon.roles.tier import Tier

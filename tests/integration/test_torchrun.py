@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from shardguard.daemon import cluster
+from shardguard.daemon.service import cluster
 from _support import assert_matches_reference, read_losses, status_of_socket
 
 TRAINER = str(Path(__file__).with_name("torchrun_trainer.py"))

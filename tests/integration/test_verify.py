@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import shardguard.client as sg
-from shardguard.daemon import cluster
-from shardguard.daemon.cli import EXIT_DEGRADED, EXIT_LOST, EXIT_OK, EXIT_UNAVAILABLE
+from shardguard.daemon.service import cluster
+from shardguard.daemon.service.cli import EXIT_DEGRADED, EXIT_LOST, EXIT_OK, EXIT_UNAVAILABLE
 from shardguard.proto import arena as fmt
 from _support import finish, run_trainer, status_of_socket, trainer_log
 
@@ -31,7 +31,7 @@ FAULT_OUTCOME = 'named by verify (degraded/lost), nothing touched; drop frees ev
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", *args],
+    return subprocess.run([sys.executable, "-m", "shardguard.daemon.service.cli", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -104,7 +104,7 @@ def test_a_sound_step_verifies_healthy_on_every_node(trained: Path) -> None:
     r = cli("verify", "--job", "nosuchjob", "--socket", sock(trained, 0))
     assert r.returncode == 1 and "UnknownJobError" in r.stderr, r.stderr
     # drop asks first; without --yes and without a terminal it refuses and keeps the job.
-    r = subprocess.run([sys.executable, "-m", "shardguard.daemon.cli", "drop", "--job", "job",
+    r = subprocess.run([sys.executable, "-m", "shardguard.daemon.service.cli", "drop", "--job", "job",
                         "--socket", sock(trained, 0)], stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--yes" in r.stderr

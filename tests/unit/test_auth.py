@@ -1,4 +1,4 @@
-"""Peer authentication tokens (daemon/auth.py): fake clock, no sockets."""
+"""Peer authentication tokens (daemon/transport/auth.py): fake clock, no sockets."""
 
 from __future__ import annotations
 

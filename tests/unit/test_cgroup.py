@@ -1,4 +1,4 @@
-"""The memory a process's cgroup still allows (daemon/cgroup.py), on fake cgroup trees.
+"""The memory a process's cgroup still allows (daemon/base/cgroup.py), on fake cgroup trees.
 
 Issue 15, item 6: inside a 320 MiB cgroup the default budget was half the host's available
 memory. tests/integration/test_hostile_local.py checks a real cgroup where one can be made.

@@ -22,7 +22,7 @@ def imported_after(module: str) -> set[str]:
 def test_the_package_imports_no_framework_and_the_daemon_not_the_package() -> None:
     mods = imported_after("shardguard.integrations")
     assert not {"transformers", "accelerate", "lightning", "torchtitan"} & mods
-    mods = imported_after("shardguard.daemon.cli")
+    mods = imported_after("shardguard.daemon.service.cli")
     assert not any(m.startswith("shardguard.integrations") for m in mods)
 
 

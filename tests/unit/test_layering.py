@@ -1,6 +1,7 @@
-"""The dependency rule of DESIGN.md §2: client -> proto <- daemon; the daemon never imports torch;
-the tier's flusher imports only proto (and torch); proto imports nothing else of ours; no import
-cycle inside the client.
+"""The dependency rules of docs/design.md §2: client -> proto <- daemon; the daemon never imports
+torch, the client, the flusher or the integrations (run-time module names included); inside the
+daemon each layer imports only the layers below it, without cycles; the tier's flusher imports
+only proto (and torch); proto imports nothing else of ours; no import cycle inside the client.
 
 Run-time checks import the modules and look at what came with them; static checks read every
 import statement of a folder, function-level ones included (what runs only in a subprocess,
@@ -22,8 +23,8 @@ def imported_after(module: str) -> set[str]:
 
 
 def test_daemon_imports_neither_torch_nor_the_client() -> None:
-    mods = imported_after("shardguard.daemon.service.server, shardguard.daemon.cli, "
-                          "shardguard.daemon.cluster, shardguard.daemon.roles.rebuild")
+    mods = imported_after("shardguard.daemon.service.server, shardguard.daemon.service.cli, "
+                          "shardguard.daemon.service.cluster, shardguard.daemon.roles.rebuild")
     assert "torch" not in mods
     assert not any(m.startswith("shardguard.client") for m in mods)
 
@@ -140,3 +141,52 @@ def test_no_import_cycle_in_the_client() -> None:
 def test_the_cycle_finder_finds_one() -> None:
     assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle_in({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+# ------------------------------------------------------------------ the daemon's layers
+
+#: Lowest first: a module may import its own layer and those below (never above).
+LAYERS = ("base", "coding", "storage", "transport", "roles", "service")
+
+
+def layer_of(module: str) -> int:
+    """The layer of a daemon module; the package, its ``errors`` re-export and
+    ``__main__`` count as base and service."""
+    parts = module.split(".")
+    if len(parts) > 2 and parts[2] in LAYERS:
+        return LAYERS.index(parts[2])
+    return LAYERS.index("service") if parts[-1] == "__main__" else 0
+
+
+def test_each_daemon_layer_imports_only_the_layers_below() -> None:
+    wrong = {}
+    for name, path in modules_of("daemon").items():
+        mine = layer_of(name)
+        up = {m for m in imports_of(name, path)
+              if m.startswith("shardguard.daemon") and layer_of(m) > mine}
+        if up:
+            wrong[name] = up
+    assert not wrong, wrong
+
+
+def test_no_import_cycle_in_the_daemon() -> None:
+    graph = {name: {m for m in imports_of(name, path) if m.startswith("shardguard.daemon")}
+             for name, path in modules_of("daemon").items()}
+    assert cycle_in(graph) == []
+
+
+def test_the_daemon_never_names_the_client_torch_or_the_integrations() -> None:
+    assert not foreign_imports("daemon", ("shardguard.daemon", "shardguard.proto"))
+    banned = ("torch", "shardguard.client", "shardguard.integrations")
+    for name, path in modules_of("daemon").items():
+        tree = ast.parse(path.read_text(), str(path))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        # Run-time names too: a module the daemon starts by name (``python -m ...``).
+        names |= {n.value for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                  and n.value.startswith("shardguard.")}
+        assert not {m for m in names if m.split(".")[0] == "torch"
+                    or m.startswith(banned[1:])}, (name, names)
+    # The daemon starts the tier's flusher by module name: the flusher, not the client.
+    assert "shardguard.flusher" in (ROOT / "daemon" / "roles" / "tier.py").read_text()

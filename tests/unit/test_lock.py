@@ -1,4 +1,4 @@
-"""One daemon per socket and per prefix (daemon/lock.py): the lock, its pid, its file.
+"""One daemon per socket and per prefix (daemon/storage/lock.py): the lock, its pid, its file.
 
 Issue 15, item 1; the real second daemon is in tests/integration/test_hostile_local.py.
 """

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from shardguard.daemon import cli
+from shardguard.daemon.service import cli
 from shardguard.daemon.coding import placement, plan
 from shardguard.daemon.errors import ConfigError
 

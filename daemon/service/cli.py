@@ -188,7 +188,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from shardguard.daemon import cluster
+    from shardguard.daemon.service import cluster
 
     if args.action == "up":
         spec = cluster.up(args.dir, args.nodes, args.group_size, args.parity, args.base_port,
