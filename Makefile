@@ -58,14 +58,15 @@ FAULT_TESTS := tests/integration/test_daemon_faults.py tests/integration/test_fu
 	tests/integration/test_soak.py tests/integration/test_hostile_local.py \
 	tests/integration/test_network_faults.py tests/integration/test_job_config.py \
 	tests/integration/test_placement_restore.py tests/integration/test_torchrun.py \
-	tests/integration/test_ddp.py tests/integration/test_isolated_network_faults.py
+	tests/integration/test_ddp.py tests/integration/test_isolated_network_faults.py \
+	tests/integration/test_integrations_resume.py
 faults: install
 	rm -f .faults.jsonl
 	SHARDGUARD_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/python -m pytest -q $(FAULT_TESTS) $(PYTEST_ARGS)
 	$(BIN)/python tests/fault_table.py .faults.jsonl | tee .faults.md
 
 demo: install
-	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[demo]'
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -c constraints.txt -e '.[demo]'
 	$(BIN)/python examples/demo.py
 
 bench: install
