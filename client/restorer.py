@@ -77,7 +77,8 @@ class Restorer:
         agreed = self.agreed_step(wanted)
         if agreed < 0:
             raise NotRestorableError(f"job {reg.job} has no restorable step")
-        state, error = None, None
+        state: Any = None
+        error: BaseException | None = None
         for _ in range(1 if self.from_tier else 2):
             try:
                 state = (self._from_tier(agreed, into, map_location, allow_pickle)

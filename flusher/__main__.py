@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(10)
     except OSError:
         pass
-    armed = faults.Faults("--test-fault", [faults.Fault(p, args.step, action=ACTION_OF[p])
-                                           for p in args.test_fault], slow_s=SLOW_WRITE_S)
+    armed = faults.Faults([faults.Fault(p, args.step, action=ACTION_OF[p])
+                           for p in args.test_fault], slow_s=SLOW_WRITE_S)
 
     # Imported once the watchdog is up (not at the top): torch takes a while to import,
     # and an orphan must not outlive the daemon meanwhile.

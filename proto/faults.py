@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 ACTIONS = ("kill", "stop", "drop", "slow")
 #: How long ``slow`` holds the operation at hand unless a side says otherwise.
@@ -54,20 +55,20 @@ class Faults:
     """The faults armed in this process, and what firing one does.
 
     Args:
-        label: what armed them (the variable's name), for messages.
         armed: the faults.
         slow_s: how long ``slow`` stalls.
         drop_error: what ``drop`` raises (the daemon's: PeerUnavailableError).
         spell_who: whether a fault's name carries its who (``point@step@who``).
         spell_action: whether a fault's name carries its action (``...:action``).
-        log: where a firing fault is logged (None: not logged), with ``who_name``
-            (``"node"``, ``"rank"``) as the key of its who in the record's extras.
+        log: where a firing fault is logged (None: not logged), with the step and, under
+            ``who_name`` (``"node"``, ``"rank"``; None: not at all), the who in the record's
+            extras.
     """
 
-    def __init__(self, label: str, armed: Sequence[Fault] = (), *, slow_s: float = SLOW_S,
+    def __init__(self, armed: Sequence[Fault] = (), *, slow_s: float = SLOW_S,
                  drop_error: type[Exception] = ConnectionError, spell_who: bool = False,
-                 spell_action: bool = False, log: logging.Logger | None = None, who_name: str = "who") -> None:
-        self.label = label
+                 spell_action: bool = False, log: logging.Logger | None = None,
+                 who_name: str | None = None) -> None:
         self.armed = tuple(armed)
         self.slow_s = slow_s
         self.drop_error = drop_error
@@ -80,7 +81,7 @@ class Faults:
     @classmethod
     def from_env(cls, env: str, *, points: Sequence[str], actions: Sequence[str] = ("kill",),
                  who_in_spec: bool = False, who_env: str | None = None,
-                 environ: Mapping[str, str] = os.environ, **kwargs: object) -> "Faults":
+                 environ: Mapping[str, str] = os.environ, **kwargs: Any) -> "Faults":
         """The faults ``environ[env]`` arms (none when it is unset or empty).
 
         Args:
@@ -98,7 +99,7 @@ class Faults:
         if who_env is not None and environ.get(who_env) is not None:
             who = int(environ[who_env])
             armed = [Fault(f.point, f.step, who, f.action) for f in armed]
-        return cls(env, armed, spell_who=who_in_spec, spell_action=len(actions) > 1, **kwargs)
+        return cls(armed, spell_who=who_in_spec, spell_action=len(actions) > 1, **kwargs)
 
     def fires(self, point: str, step: int, who: int | None = None) -> Fault | None:
         """The fault armed at ``point`` that fires now, if any (each fires once)."""
@@ -110,8 +111,11 @@ class Faults:
                     continue
                 self._fired.add(i)
             if self._log is not None:
+                extra: dict[str, object] = {"step": step}
+                if self._who_name is not None:
+                    extra[self._who_name] = who
                 self._log.error("test fault %s fires at step %d", self.name(f), step,
-                                extra={"step": step, self._who_name: who})
+                                extra=extra)
             return f
         return None
 

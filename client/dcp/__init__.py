@@ -69,6 +69,12 @@ through :func:`sharded_state_dict_to_local` (each DTensor becomes its local shar
 plus its placements, global shape and mesh, as plain data) and
 :func:`sharded_state_dict_from_local`; it restores on the same world and mesh only.
 Resharding is the DCP path's job.
+
+**Modules.** ``connect`` (the client and group for DCP, job listing and drop),
+``writer``, ``reader``, ``items`` (the plain-data form of DCP's write items that a
+snapshot holds), ``resharding`` (which new rank restores which old rank, and those
+restores), ``exchange`` (the boxes a load plan reads, moved between new ranks) and
+``dtensor`` (sharded state through the native client).
 """
 
 from shardguard.client.dcp.connect import connect_dcp, drop_job, newest_job
