@@ -47,7 +47,6 @@ import logging
 import mmap
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -61,7 +60,7 @@ from shardguard.daemon.coding.checksum import crc32c
 from shardguard.daemon.base.config import Config
 from shardguard.daemon.errors import ConfigError, CorruptionError, ShardguardError
 from shardguard.daemon.storage.store import FlushHold, Store
-from shardguard.proto import safefile
+from shardguard.proto import faults, safefile
 from shardguard.proto import tier as layout
 from shardguard.proto.arena import align_up
 from shardguard.proto.meta import FlushedReport
@@ -85,32 +84,7 @@ class FlushError(ShardguardError):
     """A flush could not be completed (it is retried at a later step)."""
 
 
-def _parse_faults(spec: str) -> list[tuple[str, int]]:
-    armed = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        point, _, step = item.partition("@")
-        if point not in FAULT_POINTS or not step.isdigit():
-            raise ValueError(f"{FAULT_ENV}: {item!r} is not point@step (points {FAULT_POINTS})")
-        armed.append((point, int(step)))
-    return armed
-
-
-_FAULTS = _parse_faults(os.environ.get(FAULT_ENV, ""))
-_FIRED: set[int] = set()
-_FAULT_LOCK = threading.Lock()
-
-
-def _fault(point: str, step: int) -> bool:
-    """Whether the armed test fault ``point`` fires now (once per process)."""
-    for i, (p, s) in enumerate(_FAULTS):
-        if p == point and step >= s:
-            with _FAULT_LOCK:
-                if i not in _FIRED:
-                    _FIRED.add(i)
-                    logger.error("test fault %s@%d fires at step %d", p, s, step,
-                                 extra={"step": step})
-                    return True
-    return False
+_FAULTS = faults.Faults.from_env(FAULT_ENV, points=FAULT_POINTS, log=logger)
 
 
 @dataclass
@@ -366,8 +340,7 @@ class Tier:
                 layout.remove_tree(final)  # complete but never named by latest: abandoned
             os.rename(tmp, final)
             layout.fsync_dir(layout.job_dir(self.root, job))
-            if _fault("before-pointer", c.step):
-                os.kill(os.getpid(), signal.SIGKILL)
+            _FAULTS.point("before-pointer", c.step)  # SIGKILL
             layout.write_durably(layout.pointer_path(self.root, job), f"{c.step}\n".encode())
             with self._lock:
                 self._last[job] = c.step
@@ -554,7 +527,7 @@ class Tier:
                "--bytes", str(st.size), "--job", f.job, "--step", str(f.step),
                "--world", str(f.world), "--ranks", json.dumps(ranks)]
         for point in ("mid-write", "slow-write"):
-            if _fault(point, f.step):
+            if _FAULTS.fires(point, f.step):
                 cmd += ["--test-fault", point]
         with self._lock:
             if f.cancelled:
