@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from shardguard.client._unwrap import unwrap_optimizer
 from shardguard.client._faults import fault_point
 from shardguard.client.agreement import Agreement, Decision, Verdict
 from shardguard.client.arena_map import ArenaMap
@@ -113,8 +114,12 @@ class Client:
     # ------------------------------------------------------------ public API
 
     def protect(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make ``optimizer.step()`` wait until an in-flight snapshot copy is done."""
-        self._hooks.append(optimizer.register_step_pre_hook(
+        """Make ``optimizer.step()`` wait until an in-flight snapshot copy is done.
+
+        A framework's wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
+        ``LightningOptimizer``) is looked through to the torch optimizer that steps.
+        """
+        self._hooks.append(unwrap_optimizer(optimizer).register_step_pre_hook(
             lambda *_: self._before_optimizer_step()))
 
     def _before_optimizer_step(self) -> None:

@@ -12,7 +12,7 @@ each module accepts are in :data:`SUPPORTED`; another version is refused at impo
 :class:`UnsupportedVersionError`, which names the supported range.
 """
 
-from shardguard.integrations._unwrap import unwrap_optimizer
+from shardguard.client._unwrap import unwrap_optimizer
 from shardguard.integrations._versions import SUPPORTED, UnsupportedVersionError, require
 
 __all__ = ["SUPPORTED", "UnsupportedVersionError", "require", "unwrap_optimizer"]

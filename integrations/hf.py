@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import shardguard.client as sg
-from shardguard.integrations._unwrap import unwrap_optimizer
+from shardguard.client._unwrap import unwrap_optimizer
 from shardguard.integrations._versions import require
 
 require("transformers")

@@ -262,3 +262,25 @@ def test_a_dtensor_is_refused_with_a_pointer_to_the_helpers(daemon) -> None:
             c.snapshot(1, {"w": torch.ones(4)}).wait()
     finally:
         dist.destroy_process_group()
+
+
+def test_protect_looks_through_accelerates_optimizer_wrapper(daemon) -> None:
+    """``protect(trainer.optimizer)`` under accelerate used to raise AttributeError
+    ('AcceleratedOptimizer' has no '_optimizer_step_pre_hooks'): the hook now goes on the
+    torch optimizer inside, and a step still waits for the copy in flight."""
+    accelerate = pytest.importorskip("accelerate")
+
+    model = torch.nn.Linear(64, 64)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, wrapped = accelerate.Accelerator(cpu=True).prepare(model, inner)
+    assert type(wrapped).__name__ == "AcceleratedOptimizer"
+    with sg.connect(daemon.socket, "accel") as c:
+        c.protect(wrapped)
+        assert len(inner._optimizer_step_pre_hooks) == 1
+        h = c.snapshot(0, {"model": model.state_dict()})
+        model(torch.ones(1, 64)).sum().backward()
+        wrapped.step()  # waits for the copy: the snapshot holds the weights before the step
+        h.wait()
+        _, got = c.restore()
+    assert not torch.equal(got["model"]["weight"], model.weight.detach())
+    assert accelerate.__version__
