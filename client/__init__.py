@@ -31,6 +31,7 @@ from shardguard.client.errors import (
     CorruptionError,
     DaemonUnavailableError,
     InsufficientPiecesError,
+    IntoMismatchError,
     JobNameError,
     NoSpaceError,
     NotRestorableError,
@@ -38,14 +39,15 @@ from shardguard.client.errors import (
     RestoreError,
     ShardguardError,
     StepOrderError,
+    UnsafePathError,
 )
 from shardguard.client.rng import rng_state, set_rng_state
 
 __all__ = [
     "BudgetExceededError", "Client", "ClockSkewError", "ConfigMismatchError", "CorruptionError", "DaemonUnavailableError",
-    "InsufficientPiecesError", "JobNameError", "NoSpaceError", "NotRestorableError", "RankClaimedError", "RestoreError",
+    "InsufficientPiecesError", "IntoMismatchError", "JobNameError", "NoSpaceError", "NotRestorableError", "RankClaimedError", "RestoreError",
     "ShardguardError", "ShardguardReader", "ShardguardWriter", "SnapshotHandle",
-    "StepOrderError", "connect", "connect_dcp", "drop_job", "newest_job", "rng_state",
+    "StepOrderError", "UnsafePathError", "connect", "connect_dcp", "drop_job", "newest_job", "rng_state",
     "set_rng_state", "sharded_state_dict_from_local", "sharded_state_dict_to_local",
     "DdpResumeWarning", "ddp_state", "load_ddp_state",
 ]

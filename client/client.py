@@ -41,6 +41,7 @@ from shardguard.client.restorer import Restorer
 from shardguard.client.session import DEFAULT_TIMEOUT_S, Registration, Session
 from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
+from shardguard.proto.safefile import check_socket
 from shardguard.proto.errors import (
     DaemonUnavailableError,
     LeaseError,
@@ -247,8 +248,10 @@ class Client:
 
         Args:
             step: a specific step; it must be the restorable one.
-            into: a state of the same structure whose tensors are overwritten in place
-                where dtype and shape match (others are allocated).
+            into: a state restored in place: each tensor and numpy array in it must be at a
+                path the snapshot holds, with the same dtype and shape, and each key of it in
+                the snapshot (else IntoMismatchError, a RestoreError, and nothing is copied);
+                what it leaves out is allocated.
             map_location: device for restored tensors; default: where they were,
                 if that device exists here, else CPU.
 
@@ -346,6 +349,7 @@ def connect_with(make_group: Callable[[], Any], socket: str | None = None,
     """:func:`connect`, with the client agreeing on the gloo group ``make_group()`` returns
     (None: this rank alone), made once the job and rank are known; collective over it."""
     socket_path = socket or default_socket_path()
+    check_socket(socket_path)  # an explicit path too: never another (non-root) user's daemon
     job = job or detect_job()
     det_rank, det_world = detect_rank_world()
     rank = det_rank if rank is None else rank
