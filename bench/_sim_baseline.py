@@ -11,7 +11,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sim_scale  # noqa: E402
-from sim_scale import RANK_BYTES, RANKS_PER_NODE, now  # noqa: E402
+from sim_scale import now  # noqa: E402
 
 
 def design() -> SimpleNamespace:
@@ -60,11 +60,12 @@ def design() -> SimpleNamespace:
         raise NotImplementedError(method)
 
     def layout(i, step):
-        ranks = tuple(RankEntry(r, (r % RANKS_PER_NODE) * RANK_BYTES, RANK_BYTES, RANK_BYTES,
-                                SlotDoc(2, step, RANK_BYTES - 4096, RANK_BYTES - 4096, 4096,
+        rpn, rb = sim_scale.RANKS_PER_NODE, sim_scale.RANK_BYTES
+        ranks = tuple(RankEntry(r, (r % rpn) * rb, rb, rb,
+                                SlotDoc(2, step, rb - 4096, rb - 4096, 4096,
                                         0xDEADBEEF, 0xFEEDF00D, step + 1))
-                      for r in range(i * RANKS_PER_NODE, (i + 1) * RANKS_PER_NODE))
-        return NodeLayout(RANKS_PER_NODE * RANK_BYTES, 0, ranks)
+                      for r in range(i * rpn, (i + 1) * rpn))
+        return NodeLayout(rpn * rb, 0, ranks)
 
     def offer_request(job, step, grp, stripe, q, node, lay):
         plen = -(-lay.bytes // grp.k) // 4096 * 4096 + 4096
@@ -94,7 +95,10 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int)
     p.add_argument("--latency-us", type=float)
     p.add_argument("--gbps", type=float)
+    p.add_argument("--ranks-per-node", type=int)
+    p.add_argument("--rank-bytes", type=int)
     a = p.parse_args()
+    sim_scale.configure(a.ranks_per_node, a.rank_bytes)
     ns = design()
     rows = []
     for n in map(int, a.nodes.split(",")):

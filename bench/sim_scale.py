@@ -67,6 +67,12 @@ BASELINE_REV = "29258f7"
 _now = threading.local()
 
 
+def configure(ranks_per_node: int, rank_bytes: int) -> None:
+    """The shape of every node's payload: ranks per node and each rank's slot size."""
+    global RANKS_PER_NODE, RANK_BYTES
+    RANKS_PER_NODE, RANK_BYTES = ranks_per_node, rank_bytes
+
+
 def now() -> float:
     return getattr(_now, "t", 0.0)
 
@@ -519,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-us", type=float, default=50.0)
     p.add_argument("--gbps", type=float, default=100.0)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--ranks-per-node", type=int, default=RANKS_PER_NODE)
+    p.add_argument("--rank-bytes", type=int, default=RANK_BYTES,
+                   help="the size of each rank's slot the layouts describe (no bytes are sent)")
     p.add_argument("--configs", default=None,
                    help="group_size:parity pairs, e.g. 4:1,8:1,16:1,8:2 (instead of the grid)")
     p.add_argument("--baseline", default=BASELINE_REV,
@@ -527,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the baseline's whole-job metadata to every node is O(N^2) to "
                         "simulate: larger sizes are left out of its rows")
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="sim_scale", help="bench/results/<out>.json")
     args = p.parse_args(argv)
+    configure(args.ranks_per_node, args.rank_bytes)
     nodes = [int(x) for x in (args.nodes or ("64,256" if args.quick else
                                             "64,256,1024,4096,10000")).split(",")]
     groups = [int(x) for x in ("8" if args.quick else args.groups).split(",")]
@@ -570,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.latency_us:.0f} µs, {args.gbps:.0f} Gb/s per node; CPU in ms: "
               f"thread CPU time of the roles' handlers, exclusive of the calls they make)")
     print(f"load average start {load0} end {load_average()}")
-    write_results("sim_scale", {"rows": all_rows, "steps": steps,
+    write_results(args.out, {"rows": all_rows, "steps": steps,
+                             "ranks_per_node": RANKS_PER_NODE, "rank_bytes": RANK_BYTES,
                                 "latency_us": args.latency_us, "gbps": args.gbps,
                                 "baseline_rev": args.baseline,
                                 "load_average": {"start": load0, "end": load_average()}})
@@ -602,6 +614,7 @@ def baseline(args: Any, nodes: list[int], pairs: list[tuple[int, int]],
                  str(pkg.parent), _site_packages(), str(Path(__file__).with_name(
                      "_sim_baseline.py")),
                  "--nodes", ",".join(map(str, nodes)),
+                 "--ranks-per-node", str(RANKS_PER_NODE), "--rank-bytes", str(RANK_BYTES),
                  "--configs", ",".join(f"{g}:{m}" for g, m in pairs), "--steps", str(steps),
                  "--latency-us", str(args.latency_us), "--gbps", str(args.gbps)],
                 env=env, check=True, capture_output=True, text=True)
