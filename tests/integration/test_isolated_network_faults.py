@@ -303,7 +303,8 @@ LOSS = Kind("loss", "packet loss 5-20% each way on an isolated node's link (nfta
 # steps: protection, not training, sets this class's pace.
 BANDWIDTH = Kind("bandwidth", f"bandwidth limit {LIMIT_MBIT} Mbit/s (tc tbf) on an isolated "
                  "node's link, lifted", 2, 1, 400, 1.0, {}, bandwidth)
-OUTCOME_TAIL = "; protection resumed; verify whole; every rank killed, resumed bit-exact"
+# The fault table joins a class's outcomes with "; ".
+OUTCOME_TAIL = ", protection resumed, verify whole, every rank killed and resumed bit-exact"
 
 
 # ------------------------------------------------------------------------ fixtures
@@ -369,7 +370,7 @@ def one_trial(run: Run, kind: Kind, node: int, rng: random.Random, crash: bool =
     run.wait_protected(after=at_heal)
     progress(f"protection resumed: restorable {run.high}")
     if not crash:
-        return outcome + "; protection resumed; the run bit-exact"
+        return outcome + ", protection resumed, the run bit-exact"
     progress(f"every rank killed; the relaunch restored step {run.crash_and_resume()}")
     return outcome + OUTCOME_TAIL
 
