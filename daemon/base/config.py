@@ -94,6 +94,11 @@ class Config:
     tier_keep: int = 2
     # A flush not complete on every node after this long is given up.
     tier_timeout_s: float = 600.0
+    # Save the newest step on the way down: when a job's trainers are gone (they crashed, or
+    # the job ended) or the daemon is stopped, its newest restorable step is flushed too,
+    # whatever tier_every says; a stopping daemon waits up to tier_exit_wait_s for it.
+    tier_on_exit: bool = True
+    tier_exit_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.shm_prefix, str) or not _NAME_RE.fullmatch(self.shm_prefix):

@@ -74,12 +74,17 @@ class Stalls:
         return cause
 
     def clear(self, job: str, cause: Cause | None = None) -> None:
-        """Protection works again (a step became restorable), or ``cause`` is gone."""
+        """Protection works again (a step became restorable), or ``cause`` is gone.
+
+        Without ``cause``, ``too_slow`` stays: a slow link still protects steps, and it is
+        cleared only when a transfer is fast again (transport/delivery.py)."""
         with self._lock:
             old = self._by_job.get(job)
-            if old is not None and (cause is None or old.cause == cause):
+            gone = old is not None and (old.cause == cause if cause is not None
+                                        else old.cause != Cause.TOO_SLOW)
+            if gone:
                 del self._by_job[job]
-        if old is not None and (cause is None or old.cause == cause):
+        if gone and old is not None:
             logger.info("protection no longer stalled (%s)", old.cause.value,
                         extra={"job": job})
 

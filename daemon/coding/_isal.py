@@ -1,11 +1,11 @@
-"""Locate and load Intel ISA-L through ctypes, plus the GF(2^8) arithmetic it uses.
+"""ISA-L's erasure-coding entry points, plus the GF(2^8) arithmetic it uses.
 
 The codec (:mod:`shardguard.daemon.coding.codec`) calls ISA-L's kernels directly on
-arena memory. The library is the copy the pyeclib wheel bundles
-(``pyeclib.libs/libisal*.so*``), else the system ``libisal``; when neither
-loads, :func:`load` returns ``None`` and the codec falls back to pyeclib's
-``ECDriver``. ctypes calls into a ``CDLL`` drop the GIL, which is what lets
-the codec's thread pool scale.
+arena memory. The library is found and opened by :mod:`shardguard.proto.isal` (the
+copy the pyeclib wheel bundles, else the system ``libisal``; the one loader, which
+CRC32C uses too); when none loads, :func:`load` returns ``None`` and the codec falls
+back to pyeclib's ``ECDriver``. ctypes calls into a ``CDLL`` drop the GIL, which is
+what lets the codec's thread pool scale.
 
 The small field helpers (:func:`gf_mul`, :func:`gf_inv`,
 :func:`cauchy1_matrix`) mirror ISA-L's own (polynomial 0x11d, generator 2) so
@@ -16,30 +16,16 @@ library.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import fnmatch
 import functools
-import importlib.metadata
-import importlib.util
-import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from shardguard.daemon.errors import CodecError
+from shardguard.proto.isal import ENV_LIBRARY, MAX_CALL_BYTES, candidate_paths, find, open_cdll
 
-logger = logging.getLogger(__name__)
-
-#: Environment override: a path to the ISA-L shared library to load, or
-#: ``none`` to disable ISA-L (forces the pyeclib fallback, e.g. in tests).
-ENV_LIBRARY = "SHARDGUARD_ISAL_LIBRARY"
-
-_LIB_GLOB = "libisal*.so*"
-
-#: ISA-L takes lengths as C ``int``; callers split larger buffers.
-MAX_CALL_BYTES = 1 << 30
+__all__ = ["ENV_LIBRARY", "MAX_CALL_BYTES", "IsaL", "candidate_paths", "cauchy1_matrix",
+           "gf_inv", "gf_mul", "load", "open_library"]
 
 _u8p = ctypes.POINTER(ctypes.c_ubyte)
 _ptr_array = ctypes.POINTER(ctypes.c_void_p)
@@ -113,8 +99,8 @@ def cauchy1_matrix(rows: int, k: int) -> bytes:
 class IsaL:
     """A loaded ISA-L with typed entry points.
 
-    The ``ec_*`` and ``crc32_iscsi`` attributes are the raw ctypes functions,
-    called directly by the codec's hot path.
+    The ``ec_*`` attributes are the raw ctypes functions, called directly by the
+    codec's hot path (CRC32C is :mod:`shardguard.proto.crc32c`'s).
     """
 
     path: str
@@ -123,7 +109,6 @@ class IsaL:
     ec_encode_data: _CFunc
     ec_encode_data_update: _CFunc
     gf_invert_matrix: _CFunc
-    crc32_iscsi: _CFunc
     gf_gen_cauchy1_matrix: _CFunc | None
 
     def cauchy1_matrix(self, rows: int, k: int) -> bytes:
@@ -170,9 +155,9 @@ def open_library(path: str) -> IsaL:
     Raises:
         CodecError: the file cannot be loaded or lacks a required symbol.
     """
+    cdll = open_cdll(path)
     try:
-        cdll = ctypes.CDLL(path)
-        c_int, c_uint = ctypes.c_int, ctypes.c_uint
+        c_int = ctypes.c_int
         lib = IsaL(
             path=path,
             cdll=cdll,
@@ -187,44 +172,15 @@ def open_library(path: str) -> IsaL:
                 [c_int, c_int, c_int, c_int, _u8p, ctypes.c_void_p, _ptr_array],
             ),
             gf_invert_matrix=_declare(cdll, "gf_invert_matrix", c_int, [_u8p, _u8p, c_int]),
-            crc32_iscsi=_declare(cdll, "crc32_iscsi", c_uint, [ctypes.c_void_p, c_int, c_uint]),
             gf_gen_cauchy1_matrix=(
                 _declare(cdll, "gf_gen_cauchy1_matrix", None, [_u8p, c_int, c_int])
                 if hasattr(cdll, "gf_gen_cauchy1_matrix")
                 else None
             ),
         )
-    except (OSError, AttributeError) as exc:
+    except AttributeError as exc:
         raise CodecError(f"cannot use ISA-L library {path}: {exc}") from exc
     return lib
-
-
-def _pyeclib_candidates() -> Iterator[str]:
-    """ISA-L copies shipped inside the installed pyeclib distribution."""
-    try:
-        for f in importlib.metadata.files("pyeclib") or ():
-            if fnmatch.fnmatch(f.name, _LIB_GLOB):
-                yield str(f.locate())
-    except importlib.metadata.PackageNotFoundError:
-        return
-    # Installs without a RECORD (some system packages) still keep the
-    # auditwheel folder next to the package.
-    spec = importlib.util.find_spec("pyeclib")
-    if spec is not None and spec.origin is not None:
-        libs = Path(spec.origin).resolve().parent.parent / "pyeclib.libs"
-        if libs.is_dir():
-            yield from (str(p) for p in sorted(libs.glob(_LIB_GLOB)))
-
-
-def candidate_paths() -> list[str]:
-    """Where ISA-L may be, best first: pyeclib's bundled copy, then the system one."""
-    seen: dict[str, None] = {}
-    for path in _pyeclib_candidates():
-        seen.setdefault(path, None)
-    system = ctypes.util.find_library("isal")
-    if system:
-        seen.setdefault(system, None)
-    return list(seen)
 
 
 @functools.cache
@@ -234,19 +190,4 @@ def load() -> IsaL | None:
     Raises:
         CodecError: :data:`ENV_LIBRARY` names a library that cannot be used.
     """
-    forced = os.environ.get(ENV_LIBRARY)
-    if forced is not None:
-        if forced.strip().lower() in ("", "none", "0", "off"):
-            logger.info("ISA-L disabled by %s", ENV_LIBRARY)
-            return None
-        return open_library(forced)
-    for path in candidate_paths():
-        try:
-            lib = open_library(path)
-        except CodecError as exc:
-            logger.warning("skipping ISA-L candidate: %s", exc)
-            continue
-        logger.debug("using ISA-L from %s", path)
-        return lib
-    logger.warning("no ISA-L library found; the codec falls back to pyeclib (slow)")
-    return None
+    return find(open_library, "the erasure codec")

@@ -231,8 +231,12 @@ class Tier:
 
     # ----------------------------------------------------------- coordinator
 
-    def claim(self, job: str, step: int, nodes: int, world: int) -> str | None:
-        """Whether the coordinator flushes restorable ``step``: its token if so, else None."""
+    def claim(self, job: str, step: int, nodes: int, world: int, force: bool = False
+              ) -> str | None:
+        """Whether the coordinator flushes restorable ``step``: its token if so, else None.
+
+        ``force``: whatever ``tier_every`` says, as long as the step is newer than the last
+        flushed one (the newest step, saved on the way down: roles/exit_flush.py)."""
         if not self.enabled:
             return None
         now = time.monotonic()
@@ -246,13 +250,25 @@ class Tier:
                                extra={"job": job, "step": c.step})
                 del self._claims[job]
             last = self._last_flushed(job)
-            if last is not None and step // self.every <= last // self.every:
+            if last is not None and (step <= last if force
+                                     else step // self.every <= last // self.every):
                 return None
             c = _Claim(step, secrets.token_hex(8), nodes, world, now)
             self._claims[job] = c
         logger.info("flushing step %d to the persistent tier", step,
                     extra={"job": job, "step": step})
         return c.token
+
+    def flushing(self, job: str) -> bool:
+        """Whether this node is writing its part of a flush of ``job``."""
+        with self._lock:
+            f = self._flushes.get(job)
+        return f is not None and not f.finished.is_set()
+
+    def busy(self, job: str) -> bool:
+        """Whether a flush of ``job`` is claimed and not yet committed or given up."""
+        with self._lock:
+            return job in self._claims
 
     def prepare(self, job: str) -> bool:
         """Whether the job's staging buffer fits its ranks' slots here; if it does not, it

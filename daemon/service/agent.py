@@ -53,6 +53,8 @@ class AgentService(pb_grpc.AgentServicer):
         topology = self._topology(req)
         r = self.store.register(req.job, req.rank, req.world_size, req.slot_bytes, req.pid,
                                 list(req.local_ranks), req.force, topology)
+        if self.roles is not None and self.roles.exit_flush is not None:
+            self.roles.exit_flush.saw_trainer(req.job)
         reply = pb.RegisterReply(arena_path=r.arena_path, arena_bytes=r.arena_bytes,
                                  slot_bytes=r.slot_bytes, lease=r.lease)
         if r.restorable_step is not None:
@@ -105,7 +107,11 @@ class AgentService(pb_grpc.AgentServicer):
                                req.manifest_offset, req.manifest_bytes)
         if step is None:
             return pb.SealReply()
-        self.stalls.clear(req.job)  # a step became restorable: protection works here
+        if step == req.step:
+            # This seal made its step restorable (a one-node job): protection works here.
+            # (A multi-node job's seal answers the previous restorable step: that says
+            # nothing of a stall still going on.)
+            self.stalls.clear(req.job)
         return pb.SealReply(restorable_step=step)
 
     @handler
@@ -118,19 +124,22 @@ class AgentService(pb_grpc.AgentServicer):
         step = req.step if req.step >= 0 else None
         self._raise_failure(req.job)
         try:
-            o = self.store.open_for_restore(req.job, req.rank, req.lease, step)
+            o = self.store.open_for_restore(req.job, req.rank, req.lease, step,
+                                            req.client_checks)
         except CorruptionError:
             if self.roles is None or self.store.job(req.job).topology is None:
                 raise
             # Corruption is repaired from the stripe, not returned.
             self.roles.catchup.repair(req.job, req.rank)
-            o = self.store.open_for_restore(req.job, req.rank, req.lease, step)
+            o = self.store.open_for_restore(req.job, req.rank, req.lease, step,
+                                            req.client_checks)
         return pb.OpenReply(slot=o.slot, step=o.step, data_bytes=o.data_bytes,
-                            manifest_offset=o.manifest_offset, manifest_bytes=o.manifest_bytes)
+                            manifest_offset=o.manifest_offset, manifest_bytes=o.manifest_bytes,
+                            data_crc=o.data_crc, manifest_crc=o.manifest_crc, check=o.check)
 
     @handler
     def Release(self, req: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:
-        self.store.release(req.job, req.rank, req.lease, req.step)
+        self.store.release(req.job, req.rank, req.lease, req.step, req.corrupt)
         return pb.ReleaseReply()
 
     @handler

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from shardguard.daemon.errors import InvalidRequestError
 from shardguard.daemon.roles import doctor
 from shardguard.daemon.roles.state import ProtectionState
 from shardguard.daemon.service.boundary import handler, version
@@ -75,6 +76,13 @@ class PeerService(ppb_grpc.PeerServicer):
         return ppb.ReceivedReply(got=state.wait_received(
             req.job, req.step, req.group, req.stripe, req.index, req.want,
             min(req.wait_ms, RECEIVED_WAIT_MS) / 1000))
+
+    @handler
+    def Flush(self, req: ppb.FlushRequest, context: grpc.ServicerContext) -> ppb.FlushReply:
+        if self.roles.exit_flush is None:
+            raise InvalidRequestError("this daemon has no persistent tier")
+        self.roles.exit_flush.flush(req.job, req.step, req.tier)
+        return ppb.FlushReply()
 
     @handler
     def Facts(self, req: ppb.FactsRequest, context: grpc.ServicerContext) -> ppb.FactsReply:

@@ -219,6 +219,10 @@ class Daemon:
         for health in self._health:
             health.stopping()  # NOT_SERVING while the calls in flight finish
         self._health.clear()
+        if self.roles is not None and self.roles.exit_flush is not None:
+            # Save the newest step on the way down, while the peer service still takes the
+            # nodes' flush reports (a bounded wait: tier_exit_wait_s).
+            self.roles.exit_flush.on_stop(self.config.tier_exit_wait_s)
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None

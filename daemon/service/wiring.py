@@ -24,6 +24,7 @@ from shardguard.daemon.roles.leader import GroupLeader, Reporter
 from shardguard.daemon.roles.doctor import Reach
 from shardguard.daemon.roles.drop import Dropper
 from shardguard.daemon.roles.encoder import Encoder
+from shardguard.daemon.roles.exit_flush import ExitFlush
 from shardguard.daemon.roles.follower import Follower
 from shardguard.daemon.roles.holder import Holder
 from shardguard.daemon.roles.rebuild import Rebuilder
@@ -79,8 +80,12 @@ class Roles:
     dropper: Dropper
     verifier: Verifier
     reach: Reach
+    #: The newest step saved on the way down (None: no tier, or tier_on_exit is off).
+    exit_flush: ExitFlush | None = None
 
     def close(self) -> None:
+        if self.exit_flush is not None:
+            self.exit_flush.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.plane.close()
         self.peers.close()
@@ -149,6 +154,9 @@ def build(config: Config, store: Store, stalls: Stalls, tier: Tier | None) -> Ro
     store.on_roll_back = metas.roll_back
     if tier is not None:
         _hook_tier(roles, tier)
+        if config.tier_on_exit:
+            roles.exit_flush = ExitFlush(store, tier, peers, reporter, timeout)
+            roles.exit_flush.start()
     return roles
 
 

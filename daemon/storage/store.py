@@ -145,11 +145,17 @@ class FlushHold:
 
 @dataclass(frozen=True)
 class OpenSlot:
+    """A slot opened for restore: where its bytes are, and the checksums they must match."""
+
     slot: int
     step: int
     data_bytes: int
     manifest_offset: int
     manifest_bytes: int
+    data_crc: int
+    manifest_crc: int
+    #: Restores are checked (``verify_on_restore``).
+    check: bool
 
 
 #: What a check reports when the bytes it read were rewritten meanwhile.
@@ -166,7 +172,8 @@ class Store:
         shm_dir: where arenas and meta files live (/dev/shm).
         prefix: per-daemon name prefix, so several daemons can share one shm dir.
         budget_bytes: most arena bytes this daemon may hold.
-        verify_on_restore: re-check checksums when a slot is opened for restore.
+        verify_on_restore: check a slot's checksums when it is read for a restore (by a
+            client that checks as it copies, else by the daemon in parallel).
         on_node_sealed: called (job, step) outside the lock when every local rank
             sealed ``step``; the protection layer then makes it restorable. None
             means this node is the whole job: the step is restorable at once.
@@ -430,12 +437,16 @@ class Store:
         with self._lock:
             self._make_restorable(self._job(job), step)
 
-    def open_for_restore(self, job: str, rank: int, lease: str, step: int | None) -> OpenSlot:
+    def open_for_restore(self, job: str, rank: int, lease: str, step: int | None,
+                         client_checks: bool = False) -> OpenSlot:
         """Pin the slot of the restorable step (or of the previous one) for a restore.
 
-        Its checksums are checked on a daemon thread while the client copies;
-        :meth:`release` reports the verdict. Opening the previous restorable step
-        rolls the job on this node back to it: the ranks agreed on it.
+        With ``verify_on_restore`` its bytes are checked as they are read: by a client
+        that says it checks them as it copies them (``client_checks``: it is handed the
+        seal's checksums, and the slot is read once), else on a daemon thread while the
+        client copies. :meth:`release` reports the verdict either way. Opening the
+        previous restorable step rolls the job on this node back to it: the ranks
+        agreed on it.
         """
         with self._lock:
             rec = self._job(job)
@@ -455,10 +466,11 @@ class Store:
                                       "the stored bytes failed their checksum")
             s = dataclasses.replace(rr.slots[index])
             rr.pinned[index] = s.step
-            if self.verify_on_restore:
+            if self.verify_on_restore and not client_checks:
                 view = rr.arena.slot(index, rr.slot_bytes)
                 rr.verifying[index] = self._verifier.submit(self._verify, job, rank, view, s)
-        return OpenSlot(index, s.step, s.data_bytes, s.manifest_offset, s.manifest_bytes)
+        return OpenSlot(index, s.step, s.data_bytes, s.manifest_offset, s.manifest_bytes,
+                        s.data_crc, s.manifest_crc, self.verify_on_restore)
 
     def _roll_back(self, rec: JobRecord, step: int) -> None:
         """Make the previous restorable step the restorable one again, on every local rank."""
@@ -489,8 +501,14 @@ class Store:
         if self.on_roll_back is not None:
             self.on_roll_back(rec.job, step)
 
-    def release(self, job: str, rank: int, lease: str, step: int) -> None:
+    def release(self, job: str, rank: int, lease: str, step: int,
+                corrupt: bool = False) -> None:
         """Unpin a slot opened for restore.
+
+        ``corrupt``: the client's check of what it read failed. The slot is checked
+        here again (only then: a sound restore reads it once): bytes that fail are
+        marked corrupt, never served again (a job with parity repairs them at the next
+        open); bytes that pass mean the client's copy went bad, and it reads again.
 
         Raises:
             CorruptionError: the slot's bytes failed their checksum; what the client
@@ -500,6 +518,10 @@ class Store:
             rr = self._claimed(job, rank, lease)
             slots = [i for i, pinned_step in rr.pinned.items() if pinned_step == step]
             checks = [(i, rr.verifying.pop(i, None)) for i in slots]
+            if corrupt:
+                checks = [(i, check or self._verifier.submit(
+                    self._verify, job, rank, rr.arena.slot(i, rr.slot_bytes),
+                    dataclasses.replace(rr.slots[i]))) for i, check in checks]
         failure = None
         for i, check in checks:
             try:
@@ -514,6 +536,10 @@ class Store:
                 rr.pinned.pop(i, None)
         if failure is not None:
             raise failure
+        if corrupt:
+            logger.warning("the client's check of a restore failed, the stored bytes pass "
+                           "theirs: the client reads them again",
+                           extra={"job": job, "rank": rank, "step": step})
 
     def hold_for_flush(self, job: str, step: int) -> list[FlushHold]:
         """Hold every local rank's slot of ``step`` against reuse while the tier copies it.

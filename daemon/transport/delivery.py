@@ -34,7 +34,7 @@ class Delivery:
         if expected == 0:
             return
         started = last_progress = time.monotonic()
-        have = 0
+        have, slow = 0, False
         req = ppb.ReceivedRequest()
         req.CopyFrom(where)
         req.wait_ms, req.want = RECEIVED_WAIT_MS, expected
@@ -46,6 +46,13 @@ class Delivery:
                 break
             if got > have:
                 have, last_progress = got, now
+            if not slow and now - started > self.timeout_s:
+                slow = True  # named while it lasts, not only once the piece is in
+                self.stalls.record(where.job, Cause.TOO_SLOW, (
+                    f"step {where.step}: sending {expected / 1e6:.1f} MB to node {node} "
+                    f"({data}): {got / 1e6:.1f} MB in {now - started:.0f}s "
+                    f"({got / (now - started) / 1e6:.2f} MB/s); the trainers skip snapshots "
+                    f"meanwhile"))
             elif now - last_progress > self.timeout_s:
                 raise PeerUnavailableError(
                     f"data port {data} of node {node}: {got} of {expected} bytes of piece "
@@ -58,3 +65,5 @@ class Delivery:
                 f"step {where.step}: {expected / 1e6:.1f} MB to node {node} ({data}) took "
                 f"{took:.0f}s ({expected / took / 1e6:.2f} MB/s); the trainers skip snapshots "
                 f"meanwhile"))
+        else:
+            self.stalls.clear(where.job, Cause.TOO_SLOW)  # fast again

@@ -480,10 +480,6 @@ def test_one_fault_of_each_kind_then_a_node_lost_for_real(isolated, reference,
 
 
 @pytest.mark.slow  # 20 s: make test stays under its budget; make faults runs it
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "daemon/service/agent.py Seal clears the job's stall whenever the job already has a "
-    "restorable step (store.seal returns it), so every new snapshot of a multi-node job "
-    "unnames a stall that goes on, until its pieces fail to arrive again"))
 def test_a_stall_stays_named_while_the_partition_lasts(isolated, tmp_path: Path) -> None:
     """Node 2 partitioned for as long as the trainer gives two failed steps up and
     snapshots again: at every look, some node names the stall. Without the peer probe,

@@ -326,3 +326,56 @@ def test_crash_between_rename_and_pointer_resumes_from_the_previous_step(
     assert_resumed_bit_exact(tmp_path, out, 2, steps)
     record("persistent tier: daemon killed between the rename and the pointer write", 1,
            "resumed bit-exact at the last flushed step; never a pointer to a partial step")
+
+
+# ------------------------------------------------- the newest step, saved on the way down
+
+
+def test_the_newest_step_is_saved_when_the_trainer_is_killed(daemon_factory,
+                                                             tmp_path: Path) -> None:
+    """tier_every = 100 flushes step 0 only; the trainer is SIGKILLed after step 7: the
+    daemon sees its ranks gone and flushes step 7, the newest restorable step."""
+    tier = tmp_path / "tier"
+    d = daemon_factory(tier_flags(tier, 100))
+    out = tmp_path / "run"
+    proc = run_trainer(out, "gone", d.socket, 1, 10_000, env={"SHARDGUARD_TIER_DIR": str(tier)},
+                       step_sleep=0.05)
+    try:
+        wait_for(lambda: (out / "snapshots.0").exists()
+                 and len((out / "snapshots.0").read_text().split()) >= 8, what="8 snapshots")
+    finally:
+        kill_group(proc)
+        finish(proc)
+    newest = d.status("gone").jobs[0].restorable_step
+    assert newest >= 7
+    wait_for(lambda: pointer(tier, "gone") == newest, what=f"step {newest} flushed")
+    assert incomplete(str(tier), "gone", newest, 1) is None
+    assert "saving step %d on the way down: its trainers are gone" % newest in d.log()
+
+
+def test_the_newest_step_is_saved_when_the_daemon_is_stopped(daemon_factory,
+                                                             tmp_path: Path) -> None:
+    """The trainer is alive (between steps) when the daemon gets SIGTERM: it flushes the
+    newest restorable step before it stops."""
+    tier = tmp_path / "tier"
+    d = daemon_factory(tier_flags(tier, 100))
+    state = {"w": torch.arange(1000.0)}
+    with sg.connect(d.socket, "stopped", tier_dir=str(tier)) as c:
+        for step in range(5):
+            c.snapshot(step, {"w": state["w"] + step}).wait()
+        wait_for(lambda: pointer(tier, "stopped") == 0, what="step 0 flushed (every 100)")
+        d.stop()
+        assert pointer(tier, "stopped") == 4, d.log()
+    assert incomplete(str(tier), "stopped", 4, 1) is None
+
+
+def test_a_multi_node_job_saves_its_newest_step_when_its_trainers_end(local_cluster,
+                                                                      tmp_path: Path) -> None:
+    tier = tmp_path / "tier"
+    root = local_cluster(3, 3, 1, env={"SHARDGUARD_TIER_DIR": str(tier),
+                                       "SHARDGUARD_TIER_EVERY": "100"})
+    out = tmp_path / "run"
+    assert finish(run_trainer(out, "job", sockets(root), 3, 6,
+                              env={"SHARDGUARD_TIER_DIR": str(tier)})) == 0, trainer_log(out)
+    wait_for(lambda: pointer(tier, "job") == 5, what="step 5 (the last) flushed")
+    assert incomplete(str(tier), "job", 5, 3) is None
