@@ -956,14 +956,16 @@ def test_dropping_a_job_with_an_overlapping_name_leaves_the_other(trained: Train
         for s in t.c.sockets:
             assert_verify_healthy(s, "job")
         # Only job's files are left: its meta, arena, the restorable step's (and the
-        # previous restorable step's) metadata, its parity and parity pool.
+        # previous restorable step's) metadata, its parity and parity pool; and the
+        # daemon's own lock on its prefix.
         for i in range(2):
             step = t.step
             prev = json.loads(Path(f"/dev/shm/{t.c.prefixes[i]}.job.meta").read_text()
                               )["previous_step"]
             allowed = re.compile(rf"\.job\.(meta|r\d+|x({step}|{prev})|p{step}\.g\d+\.s\d+\.i\d+"
                                  rf"|q\.g\d+\.s\d+\.i\d+)\Z")
-            extra = sorted(f for f in files(i) if not allowed.search(f[len(t.c.prefixes[i]):]))
+            extra = sorted(f for f in files(i) if not allowed.search(f[len(t.c.prefixes[i]):])
+                           and f != f"{t.c.prefixes[i]}.lock")
             assert not extra, extra
 
 
@@ -1352,7 +1354,8 @@ def test_jobs_whose_names_share_a_prefix(daemon: DaemonProc) -> None:
                     got["w"], torch.full((1000,), float(i)))
                 assert_verify_healthy(daemon.socket, job)
             files = {os.path.basename(f)[len(daemon.prefix) + 1:] for f in daemon.shm_files()}
-            assert files == {f"{j}.{x}" for j in kept for x in ("meta", "r0")}
+            # The kept jobs' files, and the daemon's own lock on its prefix.
+            assert files == {f"{j}.{x}" for j in kept for x in ("meta", "r0")} | {"lock"}
 
         check()
         daemon.kill()
