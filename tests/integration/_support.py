@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import torch
 
 from shardguard.proto import agent_pb2 as pb
@@ -106,18 +107,33 @@ def trainer_log(out: Path) -> str:
     return (out / "trainer.log").read_text(errors="replace")[-3000:]
 
 
-def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc``'s process group and every descendant: torchrun starts its workers in
+    sessions of their own, so killing the launcher's group alone would orphan a hung worker."""
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        raise
-    # A rank killed mid-collective can leave its peers behind; reap the whole group.
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        proc.wait(10)
+        raise
+    # A rank killed mid-collective can leave its peers behind; reap the whole group.
+    _kill_tree(proc)
     return proc.returncode
 
 
