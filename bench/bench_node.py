@@ -21,12 +21,20 @@ next ``optimizer.step()`` makes before it may mutate), the extra wall time per
 step against the loop without checkpoints, and the time until the checkpoint
 is complete (sealed / written / durable). An asynchronous method whose previous
 checkpoint is still in flight skips the step, as shardguard does; the table
-says how many steps each one took. Restore is timed into fresh tensors and in
-place. Every figure is set against the physical floor: one memcpy of the same
-bytes into a pre-faulted buffer (torch ``copy_`` on one thread and on every
-core, ``numpy.copyto``; the fastest median).
+says how many steps each one took. Every figure is set against the physical floor:
+one memcpy of the same bytes into a pre-faulted buffer (torch ``copy_`` on one
+thread and on every core, ``numpy.copyto``; the fastest median).
 
-Usage: ``python bench/bench_node.py [--quick] [--gib G] [--ranks N] [--repeat N] [--compute-s S]``
+Restore (every byte checked against the seal's CRC32C, the default) is timed into
+the state's own tensors (``restore(into=state)``), into fresh tensors
+(``restore()``) and mapped copy-on-write (``restore(copy=False)``), in interleaved
+rounds with the memcpy floor, so that each ratio to the floor is taken within the
+same rounds; two more rows show what new memory itself costs here. The peers'
+restores (``torch.load``, ``dcp.load``) run once per run. ``--restore-only``
+measures the restore section alone (one snapshot, no training loops, no peers).
+
+Usage: ``python bench/bench_node.py [--quick] [--gib G] [--ranks N] [--repeat N] [--compute-s S]
+[--rounds N] [--restore-only]``
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 import shardguard.client as sg
+from shardguard.proto import hostmem
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -596,22 +605,76 @@ def settle(sgm: Shardguard, agree: Any) -> None:
     _barrier(agree)
 
 
-def restore_times(
-    sgm: Shardguard, saves: dict[str, TorchSave], dcpm: DcpAsync | None, state: dict[str, Any], tries: int = 3
-) -> dict[str, float]:
-    """Each restore path once (shardguard's, the cheap ones, ``tries`` times: the median);
-    into fresh tensors unless it says in place."""
+#: The restore paths measured in interleaved rounds with the memcpy floor (every byte is
+#: checked against the seal's CRC32C on each, the default).
+R_INTO = "shardguard restore(into=state)"
+R_FRESH = "shardguard restore(), fresh tensors"
+R_MAPPED = "shardguard restore(copy=False), mapped"
+#: What fresh memory costs here, for reading the fresh row: the same bytes copied into a
+#: new allocation, on 4 KiB pages and on 2 MiB ones (what restore() asks for).
+NEW_PAGES = "torch.empty + copy_, new 4 KiB pages (info)"
+NEW_HUGE = "torch.empty + copy_, new huge pages (info)"
+
+
+def restore_rounds(sgm: Shardguard, state: dict[str, Any], agree: Any, rounds: int,
+                   cores: int) -> dict[str, float]:
+    """Median time of each restore path and of memcpy into pre-faulted memory over ``rounds``
+    interleaved rounds (each round runs every way once, in turn, every rank together), so
+    a noisy neighbour slows every way of a round alike; :data:`FLOOR` is the fastest memcpy."""
+    n = nbytes_of(state)
+    src = torch.empty(n, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(n, dtype=torch.uint8).fill_(0)
+
+    def memcpy(threads: int) -> Callable[[], None]:
+        def run() -> None:
+            with torch_threads(threads):
+                dst.copy_(src)
+        return run
 
     def fresh() -> None:
         _, got = sgm.client.restore()
         del got  # freed inside the timing, like the peers' results
 
-    out: dict[str, float] = {
-        "shardguard restore()": statistics.median(_timed(fresh) for _ in range(tries)),
-        "shardguard restore(into=state)": statistics.median(
-            _timed(lambda: sgm.client.restore(into=state)) for _ in range(tries)
-        ),
+    def mapped() -> None:
+        _, got = sgm.client.restore(copy=False)
+        del got
+
+    def new_memory(huge: bool) -> Callable[[], None]:
+        def run() -> None:
+            t = torch.empty(n, dtype=torch.uint8)
+            if huge:
+                hostmem.advise_huge_pages(t.data_ptr(), n)
+            with torch_threads(1):
+                t.copy_(src)
+            del t
+        return run
+
+    ways: dict[str, Callable[[], object]] = {
+        "memcpy, torch copy_, 1 thread": memcpy(1),
+        f"memcpy, torch copy_, {cores} threads": memcpy(cores),
+        R_INTO: lambda: sgm.client.restore(into=state),
+        R_FRESH: fresh,
+        R_MAPPED: mapped,
+        NEW_PAGES: new_memory(False),
+        NEW_HUGE: new_memory(True),
     }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for fn in ways.values():
+        _barrier(agree)
+        fn()  # warm caches, thread pools and the daemon
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            _barrier(agree)
+            times[name].append(_timed(fn))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {FLOOR: min(v for k, v in medians.items() if k.startswith("memcpy")), **medians}
+
+
+def restore_times(sgm: Shardguard, saves: dict[str, TorchSave], dcpm: DcpAsync | None,
+                  state: dict[str, Any], agree: Any, rounds: int, cores: int) -> dict[str, float]:
+    """shardguard's restore paths and the memcpy floor in interleaved rounds, then each peer's
+    restore once; into fresh tensors unless it says in place."""
+    out = restore_rounds(sgm, state, agree, rounds, cores)
     for name, m in saves.items():
         if m.path is not None and m.fsync is False:
             label = f"torch.load, {name.removeprefix('torch.save ')}"
@@ -624,9 +687,17 @@ def restore_times(
 
 
 def verify_restore(sgm: Shardguard, state: dict[str, Any]) -> bool:
-    """The restored state equals the state of the last snapshot (which is the current one)."""
-    _, got = sgm.client.restore()
-    return all(torch.equal(a, b) for a, b in zip(tensors_of(got), tensors_of(state), strict=True))
+    """Every restore path gives back the state of the last snapshot (the current one) bit
+    for bit: into fresh tensors, into a zeroed state, and mapped."""
+    def same(got: Any) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(tensors_of(got), tensors_of(state), strict=True))
+
+    fresh = same(sgm.client.restore()[1])
+    into = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}}
+    into_ok = same(sgm.client.restore(into=into)[1])
+    del into
+    mapped = same(sgm.client.restore(copy=False)[1])
+    return fresh and into_ok and mapped
 
 
 # ------------------------------------------------------------------- one rank
@@ -646,6 +717,8 @@ class Config:
     cores: int
     disk_dir: str
     peers: tuple[str, ...]
+    rounds: int
+    restore_only: bool
     socket: str
     job: str
     daemon_pid: int
@@ -682,6 +755,7 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
     daemon = psutil.Process(conf.daemon_pid)
     runs: list[dict[str, dict[str, Any]]] = []
     restores: list[dict[str, float]] = []
+    loads: list[Any] = []  # the load average before and after each run's restore rounds
     verified = None
     step = 0
     load = {"start": load_average()}
@@ -707,12 +781,20 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
                 settle(sgm, agree)
                 verified = _all(agree, verify_restore(sgm, state))
 
-        for r in range(conf.repeat):
-            summary, step = one_run(methods, loop, step, after)
-            runs.append(summary)
+        if conf.restore_only:
+            sgm.client.snapshot(0, state)
             settle(sgm, agree)
+            verified = _all(agree, verify_restore(sgm, state))
+        for r in range(conf.repeat):
+            if not conf.restore_only:
+                summary, step = one_run(methods, loop, step, after)
+                runs.append(summary)
+                settle(sgm, agree)
+            loads.append(load_average())
             with torch_threads(conf.cores):
-                restores.append(restore_times(sgm, saves, dcpm, state))
+                restores.append(restore_times(sgm, saves, dcpm, state, agree, conf.rounds,
+                                              conf.cores))
+            loads[-1] = [loads[-1], load_average()]
             if rank == 0:
                 print(f"  run {r + 1}/{conf.repeat} done (loadavg {load_average()})", flush=True)
         for m in methods:
@@ -736,6 +818,7 @@ def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
             "dcp_staging": next((vars(m.options) for m in methods if isinstance(m, DcpAsync)), None),
             "restore_verified": verified,
             "load_average": load,
+            "restore_load_average": loads,
             "per_rank": gathered,
         }
         torch.save(result, out_path)
@@ -808,22 +891,26 @@ def _gather(group: Any, obj: Any) -> list[Any]:
 # ------------------------------------------------------------------- reporting
 
 
-def node_summary(per_rank: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Median over runs of each figure; a node is as slow as its slowest rank in each run."""
-    names = list(per_rank[0]["runs"][0])
-    repeat = len(per_rank[0]["runs"])
+def node_summary(per_rank: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, float],
+                                                          dict[str, float]]:
+    """Median over runs of each figure; a node is as slow as its slowest rank in each run.
+
+    Returns the checkpoint table, each restore's time and its bandwidth as a ratio to the
+    memcpy floor (floor time over its time), taken within each run's interleaved rounds
+    and then the median over runs."""
+    names = list(per_rank[0]["runs"][0]) if per_rank[0]["runs"] else []
+    repeat = len(per_rank[0]["restores"])
     table: dict[str, dict[str, Any]] = {}
     for name in names:
         per_run = [_max_over_ranks([pr["runs"][r][name] for pr in per_rank]) for r in range(repeat)]
         table[name] = {key: _median([run[key] for run in per_run]) for key in per_run[0]}
         table[name]["taken"] = f"{sum(run['taken'] for run in per_run)}/{sum(run['steps'] for run in per_run)}"
         table[name]["first_call_s"] = per_run[0]["first_call_s"]  # only the first run's is a first call
-    restore_names = list(per_rank[0]["restores"][0])
-    restores = {
-        name: statistics.median(max(pr["restores"][r][name] for pr in per_rank) for r in range(repeat))
-        for name in restore_names
-    }
-    return table, restores
+    runs = [{name: max(pr["restores"][r][name] for pr in per_rank) for name in per_rank[0]["restores"][0]}
+            for r in range(repeat)]
+    restores = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+    ratios = {name: statistics.median(run[FLOOR] / run[name] for run in runs) for name in runs[0]}
+    return table, restores, ratios
 
 
 def _max_over_ranks(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -841,7 +928,7 @@ def _median(values: list[Any]) -> Any:
 
 
 def report(res: dict[str, Any], conf: Config) -> dict[str, Any]:
-    table, restores = node_summary(res["per_rank"])
+    table, restores, restore_ratios = node_summary(res["per_rank"])
     floor_s = res["floor"]["floor_s"]
     node_bytes = sum(pr["bytes"] for pr in res["per_rank"])
     st = res["state"]
@@ -857,6 +944,30 @@ def report(res: dict[str, Any], conf: Config) -> dict[str, Any]:
     )
     for way, s in res["floor"]["ways_s"].items():
         print(f"    {way:<56} {s * 1e3:8.1f} ms  {gbps(node_bytes // conf.ranks, s):5.1f} GB/s")
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else x * 1e3
+
+    rows: list[dict[str, Any]] = [] if conf.restore_only else checkpoint_rows(table, floor_s)
+    per_rank = node_bytes // conf.ranks
+    rrows = [{"name": name if name != FLOOR else f"{FLOOR} (fastest memcpy above)", "ms": ms(t),
+              "gbps": gbps(per_rank, t), "vs": restore_ratios[name]} for name, t in restores.items()]
+    print_rows(rrows, [("name", "restore", "{}"), ("ms", "ms", "{:.1f}"), ("gbps", "GB/s per rank", "{:.1f}"),
+                       ("vs", "x floor bandwidth", "{:.2f}x")],
+               title=f"restore, median over {conf.repeat} runs of {conf.rounds} interleaved rounds "
+                     f"({conf.cores} thread(s); every shardguard restore checks CRC32C; ratios within "
+                     "rounds; 'disk' reads hit the page cache)")
+    print("  (the peers' restores run once per run, after the rounds)")
+    print(f"load average before/after each run's restore rounds: {res['restore_load_average']}")
+    print(f"restore verified (restored state == snapshotted state): {res['restore_verified']}")
+    print(f"load average start {res['load_average']['start']} end {res['load_average']['end']} "
+          f"(other work on this machine shows up in every row)")
+    return {"checkpoint": table, "restore_s": restores, "restore_vs_floor": restore_ratios, "rows": rows,
+            "restore_rows": rrows}
+
+
+def checkpoint_rows(table: dict[str, dict[str, Any]], floor_s: float) -> list[dict[str, Any]]:
+    """The checkpoint table's rows, printed; ratios to the memcpy floor."""
 
     def ms(x: float | None) -> float | None:
         return None if x is None else x * 1e3
@@ -888,18 +999,7 @@ def report(res: dict[str, Any], conf: Config) -> dict[str, Any]:
           " own mean minus median, the noise level; cpu ms: extra CPU time of the trainer process per checkpoint,\n"
           " all threads; +daemon: the daemon's CPU time per checkpoint)")
 
-    rrows = [{"name": f"{FLOOR} (reference)", "ms": ms(floor_s), "gbps": gbps(node_bytes // conf.ranks, floor_s),
-              "vs": 1.0}]
-    for name, s in restores.items():
-        bw = gbps(node_bytes // conf.ranks, s)
-        rrows.append({"name": name, "ms": ms(s), "gbps": bw, "vs": bw / gbps(node_bytes // conf.ranks, floor_s)})
-    print_rows(rrows, [("name", "restore", "{}"), ("ms", "ms", "{:.1f}"), ("gbps", "GB/s per rank", "{:.1f}"),
-                       ("vs", "x floor bandwidth", "{:.2f}x")],
-               title=f"restore, median over runs ({conf.cores} thread(s); 'disk' reads hit the page cache)")
-    print(f"restore verified (restored state == snapshotted state): {res['restore_verified']}")
-    print(f"load average start {res['load_average']['start']} end {res['load_average']['end']} "
-          f"(other work on this machine shows up in every row)")
-    return {"checkpoint": table, "restore_s": restores, "rows": rows, "restore_rows": rrows}
+    return rows
 
 
 # ------------------------------------------------------------------- the daemon
@@ -971,10 +1071,14 @@ def main() -> None:
                         "copy, as a GPU trainer leaves host cores; at least 1)")
     parser.add_argument("--disk-dir", default=tempfile.gettempdir(), help="where the disk peers write")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of the restore paths and the memcpy floor per run (default 5, quick 3)")
+    parser.add_argument("--restore-only", action="store_true",
+                        help="only the restore section: one snapshot, then the restore rounds (no training loops, no peers)")
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
-    peers = tuple(p for p in args.peers.split(",") if p)
+    peers = () if args.restore_only else tuple(p for p in args.peers.split(",") if p)
     if unknown := set(peers) - set(PEERS):
         parser.error(f"unknown peers {sorted(unknown)}")
     threads = args.compute_threads or max(1, (cores - 1) // args.ranks)
@@ -984,6 +1088,7 @@ def main() -> None:
         steps=args.steps or (4 if args.quick else 8), peer_steps=args.peer_steps or (2 if args.quick else 3),
         min_taken=args.min_taken, max_steps=args.max_steps, compute_s=args.compute_s, compute_threads=threads,
         cores=cores, disk_dir=args.disk_dir, peers=peers, quick=args.quick,
+        rounds=args.rounds or (3 if args.quick else 5), restore_only=args.restore_only,
     )
     kind = fs_type(args.disk_dir)
     if kind in ("tmpfs", "ramfs"):
@@ -1012,7 +1117,8 @@ def main() -> None:
         **summary,
         "per_rank_runs": res["per_rank"],
     }
-    write_results("node" + (f"_r{conf.ranks}" if conf.ranks > 1 else "") + ("_quick" if args.quick else ""), payload)
+    write_results("node" + ("_restore" if conf.restore_only else "") + (f"_r{conf.ranks}" if conf.ranks > 1 else "")
+                  + ("_quick" if args.quick else ""), payload)
 
 
 if __name__ == "__main__":

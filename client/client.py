@@ -138,6 +138,7 @@ class Client:
         """
         self._check_open()
         self._pending = None
+        self._restorer.settle()  # a restore without copies lets its slot go first
         fault_point("before-snapshot", step, self.rank)
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         verdict, error = self._progress.verdict()
@@ -243,26 +244,43 @@ class Client:
 
     def restore(self, step: int | None = None, into: Any = None, *,
                 map_location: str | torch.device | None = None,
-                allow_pickle: bool | None = None) -> tuple[int, Any]:
+                allow_pickle: bool | None = None, copy: bool = True) -> tuple[int, Any]:
         """The newest restorable step (or ``step``) and its state, the same on every rank.
+
+        Every byte read from memory is checked against the CRC32C the daemon computed
+        when the snapshot was sealed, as it is copied (each chunk right after its copy,
+        while it is in cache: the snapshot is read once). Bytes that fail are never
+        returned: the daemon re-checks its copy, repairs it from parity where the job
+        has parity, and the restore reads it again; else every rank raises.
 
         Args:
             step: a specific step; it must be the restorable one.
-            into: a state restored in place: each tensor and numpy array in it must be at a
-                path the snapshot holds, with the same dtype and shape, and each key of it in
-                the snapshot (else IntoMismatchError, a RestoreError, and nothing is copied);
-                what it leaves out is allocated.
+            into: a state of the same structure whose tensors are overwritten in place
+                where dtype and shape match (others are allocated).
             map_location: device for restored tensors; default: where they were,
                 if that device exists here, else CPU.
+            copy: False: host tensors and numpy arrays are not copied but mapped
+                copy-on-write from the snapshot in the node's memory (a private mapping:
+                what the trainer writes copies the page it lands on and stays in this
+                process; nothing is copied until then). The snapshot's checksums are
+                checked over the mapped bytes before ``restore`` returns (one read, no
+                copy); they are not checked again afterwards. The snapshot stays pinned
+                (the daemon does not reuse its slot) until this rank's next
+                ``snapshot()``, ``restore()`` or ``close()``, which first copies the pages
+                not yet written into the process. Not with ``into``; tensors for another
+                device, and a restore from the persistent tier, are copied as usual.
 
         Raises:
             NotRestorableError: nothing (or not ``step``) is restorable, on every rank.
-            RestoreError: restore failed on some rank; raised on every rank.
+            RestoreError: restore failed on some rank (bytes that failed their checksum
+                and could not be repaired too); raised on every rank.
         """
         self._check_open()
+        if not copy and into is not None:
+            raise ValueError("restore(copy=False) maps new tensors: it cannot fill into")
         self._drain()
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
-        agreed, state = self._restorer.restore(step, into, map_location, pickle_ok)
+        agreed, state = self._restorer.restore(step, into, map_location, pickle_ok, copy)
         self._progress.last = None
         self._pending = None
         return agreed, state
@@ -280,6 +298,7 @@ class Client:
             if flush and self._pending is not None:
                 self._take_pending(None)
             self._drain()
+            self._restorer.settle()
         finally:
             self._closed = True
             for h in self._hooks:

@@ -118,12 +118,17 @@ class Session:
         return reply.step if reply.HasField("step") else -1
 
     def open_for_restore(self, step: int) -> Any:
+        """Pin the slot of ``step``; the reply names it and the checksums the client checks
+        what it reads against (``client_checks``: the daemon does not read it again)."""
         return self.call("OpenForRestore", pb.OpenRequest(
-            job=self.reg.job, rank=self.reg.rank, lease=self.lease, step=step))
+            job=self.reg.job, rank=self.reg.rank, lease=self.lease, step=step,
+            client_checks=True))
 
-    def release(self, step: int) -> None:
+    def release(self, step: int, corrupt: bool = False) -> None:
+        """Unpin the slot of ``step``; ``corrupt``: what we read failed its checksum (the
+        daemon re-checks the slot and raises CorruptionError if its bytes are bad)."""
         self.call("Release", pb.ReleaseRequest(job=self.reg.job, rank=self.reg.rank,
-                                               lease=self.lease, step=step))
+                                               lease=self.lease, step=step, corrupt=corrupt))
 
     def stall(self) -> str:
         """Why the daemon says protection is stalled ("" when it does not, or is only slow)."""

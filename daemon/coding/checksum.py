@@ -1,9 +1,10 @@
-"""The CRC arithmetic the daemon builds on CRC32C: combination, block and range CRCs.
+"""The CRC arithmetic the daemon builds on CRC32C: block and range CRCs.
 
-CRC32C itself is :mod:`shardguard.proto.crc32c` (ISA-L's ``crc32_iscsi``, shared with
-the client, which checks what a restore copies with it). Checksums combine without the
-bytes (:func:`crc32c_combine`), so a piece's CRC is made from the block CRCs its slots'
-seals computed (:func:`range_crc`) instead of reading the bytes a second time.
+CRC32C itself and its combination are :mod:`shardguard.proto.crc32c` (ISA-L's
+``crc32_iscsi``, shared with the client, which checks what a restore copies with it).
+Checksums combine without the bytes (:func:`crc32c_combine`), so a piece's CRC is made
+from the block CRCs its slots' seals computed (:func:`range_crc`) instead of reading the
+bytes a second time.
 Everything in the daemon that checksums (the store, protection, rebuild, verify, the
 tier) imports this module, not the erasure codec.
 """
@@ -11,61 +12,15 @@ tier) imports this module, not the erasure codec.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Iterator
 
-from shardguard.proto.crc32c import POLY as _CRC_POLY
-from shardguard.proto.crc32c import Buffer, byte_view, crc32c
-from shardguard.daemon.errors import InvalidRequestError
+from shardguard.proto.crc32c import Buffer, byte_view, crc32c, crc32c_combine, crc32c_shift
 
 __all__ = ["Buffer", "CRC_BLOCK_BYTES", "SegmentCrcs", "crc32c", "crc32c_blocks",
            "crc32c_combine", "crc32c_shift", "crc_of", "range_crc", "slice_segments"]
 
 #: Blocks of a slot's data checksummed separately at seal (see Store.block_crcs).
 CRC_BLOCK_BYTES = 4 << 20
-
-
-def _crc_mulmod(a: int, b: int) -> int:
-    """a * b modulo the CRC polynomial, both in the reflected representation."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-def _crc_x2n_table() -> list[int]:
-    table, p = [], 1 << 30  # x^1
-    for _ in range(32):
-        table.append(p)  # x^(2^n)
-        p = _crc_mulmod(p, p)
-    return table
-
-
-_CRC_X2N = _crc_x2n_table()
-
-
-@functools.lru_cache(maxsize=256)
-def crc32c_shift(nbytes: int) -> int:
-    """The operator that :func:`crc32c_combine` applies for ``nbytes`` bytes (x^(8n) mod P);
-    cached, since pieces and blocks repeat a few lengths."""
-    if nbytes < 0:
-        raise InvalidRequestError(f"byte count {nbytes} is negative")
-    p, k = 1 << 31, 3  # x^0; x^(8n) = x^(n * 2^3)
-    while nbytes:
-        if nbytes & 1:
-            p = _crc_mulmod(_CRC_X2N[k & 31], p)
-        nbytes >>= 1
-        k += 1
-    return p
-
-
-def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``, without the bytes."""
-    return _crc_mulmod(crc32c_shift(len2), crc1) ^ crc2
 
 
 def crc32c_blocks(buf: Buffer, block_bytes: int) -> tuple[int, list[int]]:

@@ -17,6 +17,7 @@ from shardguard.daemon.coding import _isal
 from shardguard.daemon.coding.checksum import crc32c, crc32c_blocks, crc32c_combine, crc32c_shift
 from shardguard.daemon.coding.codec import PYECLIB_HEADER_BYTES, Codec
 from shardguard.daemon.errors import CodecError, InsufficientPiecesError, InvalidRequestError
+from shardguard.proto import isal
 
 CODES = [(3, 1), (4, 2), (6, 2), (10, 4)]
 # Empty, one byte, odd, unaligned just past a page, page aligned.
@@ -369,7 +370,7 @@ def test_crc32c_reads_any_buffer_in_place() -> None:
 @needs_isal
 @pytest.mark.parametrize("size", [0, 1, 2047, 2048, 2049, 4 * (1 << 20) + 2048 + 3])
 def test_crc32c_numpy_fallback_equals_isal(size: int) -> None:
-    from shardguard.daemon.coding.checksum import _crc32c_numpy
+    from shardguard.proto.crc32c import _crc32c_numpy
 
     raw = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     seed = 0x12345678
@@ -386,7 +387,8 @@ def test_calls_past_a_c_int_are_split(monkeypatch: pytest.MonkeyPatch) -> None:
     """ISA-L takes lengths as C ints; shrink the limit to check the splitting cheaply."""
     raw = np.random.default_rng(4).integers(0, 256, 10_000, dtype=np.uint8)
     expected = crc32c(raw)
-    monkeypatch.setattr(_isal, "MAX_CALL_BYTES", 999)
+    monkeypatch.setattr(_isal, "MAX_CALL_BYTES", 999)  # the codec's
+    monkeypatch.setattr(isal, "MAX_CALL_BYTES", 999)  # CRC32C's (proto/crc32c.py)
     assert crc32c(raw) == expected
     with pytest.raises(InvalidRequestError, match="chunk_bytes"):
         Codec(2, 1, chunk_bytes=1000)

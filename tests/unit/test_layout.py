@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from shardguard.proto.state_layout import Leaf, Plan, copy_leaf, flatten, rebuild, tensor_view
 from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
-from shardguard.proto.errors import IntoMismatchError, ManifestError, RestoreError
+from shardguard.proto.crc32c import crc32c
+from shardguard.proto.errors import CorruptionError, IntoMismatchError, ManifestError, RestoreError
 
 SLOT_BYTES = 1 << 20
 
@@ -545,3 +546,118 @@ def test_rebuild_into_a_mismatched_tensor_raises(into: torch.Tensor, message: st
     with pytest.raises(RestoreError, match=rf"{path}: snapshot holds {message}"):
         s.rebuild(into={"opt": [{"w": into}]})
     assert torch.equal(into, before)
+
+
+# --------------------------------------------------------------------------
+# checked restore: every byte against the seal's CRC32C, as it is copied
+# --------------------------------------------------------------------------
+
+#: A class whose unpickling is seen: a pickle must not be loaded before the check passes.
+LOADED: list[int] = []
+
+
+class Loud:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __setstate__(self, state: dict) -> None:
+        LOADED.append(state["x"])
+        self.__dict__.update(state)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Loud) and other.x == self.x
+
+
+def checked_state() -> dict:
+    """Leaves that cross chunks (over CHECK_CHUNK_BYTES), small ones, padding between them
+    (odd sizes), arrays, bytes and a pickle."""
+    g = torch.Generator().manual_seed(3)
+    return {"big": torch.randn(700_001, generator=g),  # 2.8 MB: several chunks
+            "small": torch.arange(7, dtype=torch.int16),
+            "t": torch.randn(33, 17, generator=g).t(),
+            "np": np.arange(1001, dtype=np.float64), "b": b"\x05" * 333,
+            "obj": Loud(4), "tail": torch.ones(3)}
+
+
+def data_crc(s: Slot) -> int:
+    return crc32c(s.arr[s.base:s.base + s.plan.data_bytes])
+
+
+def target_for(state: dict, strided: bool) -> dict:
+    """An ``into`` of ``state``'s structure, zeroed; ``strided``: its tensors are strided views
+    (checked at the source, then copied)."""
+    def zero(t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(t.shape[::-1], dtype=t.dtype).t() if strided and t.dim() == 2 \
+            else torch.zeros_like(t)
+    return {k: zero(v) if isinstance(v, torch.Tensor) else
+            np.zeros_like(v) if isinstance(v, np.ndarray) else None for k, v in state.items()}
+
+
+@pytest.mark.parametrize("path", ["fresh", "into", "into-strided"])
+def test_a_checked_restore_is_bit_exact(path: str) -> None:
+    state = checked_state()
+    s = Slot(state, allow_pickle=True)
+    into = None if path == "fresh" else target_for(state, path == "into-strided")
+    got = rebuild(s.doc, s.u8, s.arr, s.base, into, True, cpu, data_crc=data_crc(s))
+    assert_same(state, got)
+    if into is not None:
+        assert got["big"] is into["big"] and got["t"] is into["t"] and got["np"] is into["np"]
+
+
+def test_a_restore_without_copies_views_the_slot() -> None:
+    state = checked_state()
+    s = Slot(state, allow_pickle=True)
+    got = rebuild(s.doc, s.u8, s.arr, s.base, None, True, cpu, copy=False)
+    assert_same(state, got)
+    big = s.base + s.doc["tree"]["v"][0]["off"]
+    assert got["big"].data_ptr() == s.u8[big:].data_ptr()  # the slot's bytes, not a copy
+    with pytest.raises(ValueError, match="without copies"):
+        rebuild(s.doc, s.u8, s.arr, s.base, target_for(state, False), True, cpu, copy=False)
+
+
+def leaf_offsets(s: Slot) -> dict[str, int]:
+    return {k["v"]: v["off"] for k, v in zip(s.doc["tree"]["k"], s.doc["tree"]["v"])
+            if "off" in v}
+
+
+# Places in the data region: the first byte, inside the second chunk of a big tensor, in the
+# padding between two leaves, inside a strided target's bytes, inside the pickle, the last byte.
+WHERE = ["first", "big-mid", "padding", "t", "pickle", "last"]
+
+
+def flip_at(s: Slot, where: str) -> None:
+    offs = leaf_offsets(s)
+    at = {"first": 0, "big-mid": offs["big"] + 700_000, "padding": offs["small"] + 14,
+          "t": offs["t"] + 5, "pickle": offs["obj"] + 3, "last": s.plan.data_bytes - 1}[where]
+    assert where != "padding" or offs["small"] + 14 < offs["t"]  # past "small", before "t"
+    s.arr[s.base + at] ^= 0xFF
+
+
+@pytest.mark.parametrize("path", ["fresh", "into", "into-strided"])
+@pytest.mark.parametrize("where", WHERE)
+def test_a_flipped_byte_fails_the_check_and_no_pickle_is_loaded(path: str, where: str) -> None:
+    state = checked_state()
+    s = Slot(state, allow_pickle=True)
+    crc = data_crc(s)
+    flip_at(s, where)
+    LOADED.clear()
+    into = None if path == "fresh" else target_for(state, path == "into-strided")
+    with pytest.raises(CorruptionError, match="fails its checksum"):
+        rebuild(s.doc, s.u8, s.arr, s.base, into, True, cpu, data_crc=crc)
+    assert LOADED == []  # the pickle (sound or not) was never loaded
+
+
+def test_leaves_out_of_address_order_are_checked_too() -> None:
+    """A manifest the client did not write may list leaves in any order: the region is then
+    checked whole, from the slot."""
+    state = {"a": torch.arange(5000.0), "b": torch.ones(3000)}
+    s = Slot(state)
+    tree = s.doc["tree"]
+    tree["k"].reverse()
+    tree["v"].reverse()  # "b" is decoded first, though "a" lies first in the slot
+    crc = data_crc(s)
+    assert_same({"b": state["b"], "a": state["a"]},
+                rebuild(s.doc, s.u8, s.arr, s.base, None, False, cpu, data_crc=crc))
+    s.arr[s.base + 4 * 4999] ^= 1  # in "a", decoded last
+    with pytest.raises(CorruptionError):
+        rebuild(s.doc, s.u8, s.arr, s.base, None, False, cpu, data_crc=crc)

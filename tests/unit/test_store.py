@@ -777,3 +777,36 @@ def test_a_previous_step_being_overwritten_cannot_be_rolled_back_to(shm: Shm) ->
     store.begin("j", 0, reg.lease, 5)  # overwrites step 3's slot
     with pytest.raises(NotRestorableError, match="step 3 is not restorable"):
         store.open_for_restore("j", 0, reg.lease, 3)
+
+
+def test_a_client_that_checks_gets_the_seal_checksums_and_no_second_read(shm: Shm) -> None:
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    slot, _ = snap(store, reg, "j", 0, payload(0))
+    flip(reg.arena_path, fmt.slot_offset(slot, reg.slot_bytes))
+    o = store.open_for_restore("j", 0, reg.lease, None, client_checks=True)
+    sealed = store.job("j").ranks[0].slots[slot]
+    assert (o.data_crc, o.manifest_crc, o.check) == (sealed.data_crc, sealed.manifest_crc, True)
+    assert not store.job("j").ranks[0].verifying  # the daemon does not read the slot
+    store.release("j", 0, reg.lease, o.step)  # the client said nothing: no verdict here
+
+
+@pytest.mark.parametrize("bad", [True, False])
+def test_a_client_that_reports_corruption_gets_the_daemons_verdict(shm: Shm, bad: bool) -> None:
+    """The client's check failed: bytes bad in the slot are marked corrupt (never served
+    again); bytes sound there mean the client's copy went bad, and it may read again."""
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    slot, _ = snap(store, reg, "j", 0, payload(0))
+    if bad:
+        flip(reg.arena_path, fmt.slot_offset(slot, reg.slot_bytes) + 5)
+    o = store.open_for_restore("j", 0, reg.lease, None, client_checks=True)
+    if bad:
+        with pytest.raises(CorruptionError, match="data checksum fails"):
+            store.release("j", 0, reg.lease, o.step, corrupt=True)
+        with pytest.raises(CorruptionError, match="failed their checksum"):
+            store.open_for_restore("j", 0, reg.lease, None, client_checks=True)
+    else:
+        store.release("j", 0, reg.lease, o.step, corrupt=True)
+        assert store.open_for_restore("j", 0, reg.lease, None, client_checks=True).step == 0
+    assert store.job("j").ranks[0].pinned == ({} if bad else {slot: 0})
