@@ -189,4 +189,4 @@ def test_the_daemon_never_names_the_client_torch_or_the_integrations() -> None:
         assert not {m for m in names if m.split(".")[0] == "torch"
                     or m.startswith(banned[1:])}, (name, names)
     # The daemon starts the tier's flusher by module name: the flusher, not the client.
-    assert "shardguard.flusher" in (ROOT / "daemon" / "roles" / "tier.py").read_text()
+    assert "shardguard.flusher" in (ROOT / "daemon" / "roles" / "tier_flush.py").read_text()
