@@ -72,6 +72,17 @@ demo: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# The peers' table (bench/bench_peers.py; bench/results/peers.json): shardguard against DLRover
+# flash checkpoint, ml-flashpoint, NVRx local checkpointing, torchft's transports and DCP, in
+# rotating rounds on one state. Each peer gets a venv of its own under .bench-venvs/ (torch
+# 2.13.0 first, pinned by constraints.txt, then the peer at a pinned version with the shims
+# bench/peers/requirements/ explains), created or updated here; a peer that cannot be installed
+# or run is a row that says why. On 2 cores: about 25 minutes the first time (ml-flashpoint
+# builds its C++ from source), 15 after.
+.PHONY: bench-peers
+bench-peers: install
+	$(BIN)/python bench/bench_peers.py --install
+
 # The CUDA path, on a machine with a GPU (under 8 minutes): the CUDA tests, then a short
 # benchmark (device-to-host copy into the arena against pinned cudaMemcpy; the step time of
 # a small GPT with a snapshot every step against none) into bench/results/gpu.json.
