@@ -36,7 +36,8 @@ from shardguard.proto.arena import ChecksumAlgo, SlotState
 PID = os.getpid()
 SLOT = 4 * fmt.PAGE
 BUDGET = 64 << 20
-STORE_LOG = "shardguard.daemon.storage.store"
+#: The store logs from its parts (jobs.py, shm_files.py, ...): their common parent.
+STORE_LOG = "shardguard.daemon.storage"
 
 
 class Shm:

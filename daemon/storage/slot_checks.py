@@ -1,0 +1,84 @@
+"""A slot's checksums: computed when it is sealed (with the CRC of each block, from which
+the protection layer derives its pieces' CRCs), checked when it is read back."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+
+from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c, crc32c_blocks
+from shardguard.daemon.errors import CorruptionError
+from shardguard.daemon.storage.records import SlotRecord
+from shardguard.proto import manifest as mf
+
+
+@dataclass(frozen=True)
+class SealSums:
+    """The checksums of a slot being sealed."""
+
+    data_crc: int
+    manifest_crc: int
+    #: CRC32C of each ``CRC_BLOCK_BYTES`` block of the data.
+    blocks: list[int]
+
+
+def seal_sums(view: memoryview, step: int, data_bytes: int, manifest_offset: int,
+              manifest_bytes: int) -> SealSums:
+    """Validate the slot's manifest for ``step`` and checksum what the slot holds.
+
+    Raises:
+        ManifestError: the manifest is malformed, or is for another step.
+    """
+    raw_manifest = view[manifest_offset:manifest_offset + manifest_bytes]
+    doc = mf.parse(raw_manifest, data_bytes)
+    if doc["step"] != step:
+        raise mf.ManifestError(f"manifest is for step {doc['step']}, sealed as step {step}")
+    manifest_crc = crc32c(raw_manifest)
+    data_crc, blocks = crc32c_blocks(view[:data_bytes], CRC_BLOCK_BYTES)
+    return SealSums(data_crc, manifest_crc, blocks)
+
+
+def verify(job: str, rank: int, view: memoryview, s: SlotRecord) -> None:
+    """Raise CorruptionError unless the slot's bytes match the checksums of its seal."""
+    m = view[s.manifest_offset:s.manifest_offset + s.manifest_bytes]
+    if crc32c(m) != s.manifest_crc:
+        raise CorruptionError(f"job {job} rank {rank} step {s.step}: manifest checksum fails")
+    if crc32c(view[:s.data_bytes]) != s.data_crc:
+        raise CorruptionError(f"job {job} rank {rank} step {s.step}: data checksum fails")
+
+
+class SlotChecks:
+    """Checks that run on daemon threads, and the block CRCs of the slots sealed here.
+
+    The block CRCs live in memory only (a restarted daemon reads the bytes again); they
+    are read and changed under the store's lock.
+    """
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="sg-verify")
+        # By (job, rank), then (step, generation).
+        self._blocks: dict[tuple[str, int], dict[tuple[int, int], list[int]]] = {}
+
+    def submit(self, job: str, rank: int, view: memoryview,
+               s: SlotRecord) -> concurrent.futures.Future[None]:
+        """:func:`verify` on a daemon thread."""
+        return self._pool.submit(verify, job, rank, view, s)
+
+    def keep_blocks(self, job: str, rank: int, slots: list[SlotRecord], step: int,
+                    generation: int, blocks: list[int]) -> None:
+        """Remember the block CRCs of ``rank``'s new seal; forget those of the steps its
+        ``slots`` no longer hold."""
+        held = {(x.step, x.generation) for x in slots}  # the other slot's stay
+        mine = self._blocks.get((job, rank), {})
+        self._blocks[(job, rank)] = {k: v for k, v in mine.items() if k in held}
+        self._blocks[(job, rank)][(step, generation)] = blocks
+
+    def blocks(self, job: str, rank: int, step: int, generation: int) -> list[int] | None:
+        return self._blocks.get((job, rank), {}).get((step, generation))
+
+    def forget(self, job: str) -> None:
+        self._blocks = {k: v for k, v in self._blocks.items() if k[0] != job}  # per rank
+
+    def shutdown(self) -> None:
+        """Wait for the checks running, and start no more."""
+        self._pool.shutdown(wait=True)
