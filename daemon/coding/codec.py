@@ -467,6 +467,14 @@ class Codec:
         return f"Codec(k={self._k}, m={self._m}, backend={self._backend.name!r}, threads={self._threads})"
 
 
+def _load_quietly() -> None:
+    """Load ISA-L ahead of need; a failure is raised again, and reported, at first use."""
+    try:
+        _isal.load()
+    except Exception:  # noqa: BLE001 - the codec's own call raises it where it matters
+        pass
+
+
 class Codecs:
     """One :class:`Codec` per ``(k, m)``, made on first use and kept (one thread each: the
     daemon's calls already run in parallel, one per stripe)."""
@@ -474,6 +482,9 @@ class Codecs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._codecs: dict[tuple[int, int], Codec] = {}
+        # Finding the library runs ldconfig and gcc (ctypes.util.find_library): ~0.1 s
+        # that a replacement node's first decode would otherwise wait for, in its rebuild.
+        threading.Thread(target=_load_quietly, name="sg-isal-load", daemon=True).start()
 
     def get(self, k: int, m: int) -> "Codec":
         with self._lock:

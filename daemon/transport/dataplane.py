@@ -33,6 +33,9 @@ FRAME_BYTES = 4 << 20
 # Frames in flight per connection: flow control, so a slow receiver slows its senders
 # instead of queueing whole pieces in memory, and a dead one is noticed.
 WINDOW_FRAMES = 64
+# Frames a fetch's socket queues before it stops reading (and TCP stops the sender): a
+# caller that stops taking frames (a rebuild waiting for a slower piece) holds no more.
+FETCH_WINDOW_FRAMES = 8
 # A handler gets (kind, header, payload) and may return messages to send back to the caller.
 Handler = Callable[[bytes, dict[str, Any], memoryview | None], Iterable[list[Any]] | None]
 
@@ -157,7 +160,24 @@ class DataPlane:
         Raises:
             PeerUnavailableError: no answer within the timeout, or the peer refused.
         """
-        sock = self._dealer(address)
+        def land(off: int, part: memoryview, total: int) -> None:
+            if off + len(part) > len(out):
+                raise PeerUnavailableError(f"peer {address} sent bytes past the piece")
+            out[off:off + len(part)] = np.frombuffer(part, dtype=np.uint8)
+
+        return self.fetch_frames(address, header, land)
+
+    def fetch_frames(self, address: str, header: dict[str, Any],
+                     on_frame: Callable[[int, memoryview, int], None]) -> int:
+        """Ask ``address`` for a piece and hand each frame to ``on_frame(off, bytes, total)``
+        as it arrives, without copying it (``bytes`` is a view of the received frame, valid
+        as long as it is referenced). Returns the bytes received. An exception raised by
+        ``on_frame`` ends the fetch and propagates.
+
+        Raises:
+            PeerUnavailableError: no answer within the timeout, or the peer refused.
+        """
+        sock = self._dealer(address, rcv_window=FETCH_WINDOW_FRAMES)
         try:
             sock.send_multipart(self._signed([b"fetch", json.dumps(header).encode()], address))
             got, total = 0, None
@@ -178,9 +198,11 @@ class DataPlane:
                     raise PeerUnavailableError(f"peer {address} refused fetch: {hdr['error']}")
                 total = hdr["total"]
                 n, off = hdr["n"], hdr["off"]
-                if off + n > len(out):
-                    raise PeerUnavailableError(f"peer {address} sent bytes past the piece")
-                out[off:off + n] = np.frombuffer(frames[3].buffer, dtype=np.uint8)
+                part = frames[3].buffer if len(frames) == 4 else memoryview(b"")
+                if len(part) != n or off < 0 or off + n > total:
+                    raise PeerUnavailableError(f"peer {address} sent a frame of {len(part)} "
+                                               f"bytes as {n} at {off} of {total}")
+                on_frame(off, part, total)
                 got += n
             return got
         finally:
@@ -203,10 +225,10 @@ class DataPlane:
         finally:
             sock.close(linger=0)
 
-    def _dealer(self, address: str, window: int = 0) -> zmq.Socket:
+    def _dealer(self, address: str, window: int = 0, rcv_window: int = 0) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.SNDHWM, window)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, rcv_window)
         sock.connect(f"tcp://{address}")
         return sock
 

@@ -190,6 +190,48 @@ def test_every_pattern_of_up_to_two_lost_nodes_g6_m2(local_cluster, tmp_path: Pa
             assert_same_state(a, b)
 
 
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_lost_node_is_rebuilt_past_corrupt_source_pieces(local_cluster, tmp_path: Path) -> None:
+    """g=5, m=2 (k=3): node 1 is lost, and the first parity piece (index 3) of every stripe
+    on nodes 2, 3 and 4 is corrupt. Each of node 1's data pieces is decoded from two data
+    pieces and one of those parity pieces, streamed frame by frame: the corrupt piece must
+    be found (its checksum, as its frames land), never used, and replaced by the stripe's
+    other parity piece; the job resumes bit-exact."""
+    root = local_cluster(5, 5, 2)
+    out = tmp_path / "run"
+    assert train(root, out, 5, 5) == 0, trainer_log(out)
+    step = restorable(root, 0)
+    spec = cluster.load_spec(str(root))
+    flipped = 0
+    for node in (2, 3, 4):
+        for stripe in range(5):
+            path = os.path.join(cluster.SHM_DIR,
+                                f"{spec.node_prefix(node)}.job.p{step}.g0.s{stripe}.i3")
+            if os.path.exists(path) and os.path.getsize(path) > 4096:
+                flip_byte(path, 4096 + 17)
+                flipped += 1
+    assert flipped == 3, flipped  # stripe s's first parity piece lives on node s
+    cluster.kill(str(root), 1)
+    cluster.start(str(root), 1)
+    check = tmp_path / "check"
+    assert train(root, check, 5, step + 1) == 0, trainer_log(check)
+    ref = reference_run(tmp_path / "ref", 5, step + 1)
+    for rank in range(5):
+        a = torch.load(ref / f"final.{rank}.pt", weights_only=False)
+        b = torch.load(check / f"final.{rank}.pt", weights_only=False)
+        assert_same_state(a, b)
+    log = (root / "node-1" / "daemon.log").read_text()
+    assert "rebuilt ranks [1]" in log
+    assert log.count("unusable") >= 3 and "checksum fails" in log, log[-3000:]
+
+
 def test_ranks_that_land_on_other_nodes_still_restore(local_cluster, reference4,
                                                       tmp_path: Path) -> None:
     root = local_cluster(4, 4, 1)
