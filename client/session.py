@@ -131,9 +131,15 @@ class Session:
                                                lease=self.lease, step=step, corrupt=corrupt))
 
     def stall(self) -> str:
-        """Why the daemon says protection is stalled ("" when it does not, or is only slow)."""
+        """Why the daemon says protection is stalled ("" when it does not, or is only slow);
+        a daemon that does not answer is a stall too (and the session is lost: the next
+        snapshot registers again), so nobody waits ``protect_timeout_s`` for a step that
+        died with it."""
         try:
             st = invoke(self._stub, "Status", pb.StatusRequest(job=self.reg.job), self.timeout_s)
+        except DaemonUnavailableError as exc:
+            self.lost = True
+            return f"daemon_unavailable: the node's daemon does not answer ({exc})"
         except ShardguardError:
             return ""
         for js in st.jobs:
