@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ERROR_METADATA_KEY
 from shardguard.proto.paths import grpc_target
+from conftest import record
 from _support import (environ, finish, python_for_others, run_trainer, trainer_log,
                       unreachable_for_others)
 
@@ -564,3 +566,104 @@ def test_cluster_kill_and_down_free_the_shm_dir_the_daemons_use(tmp_path: Path) 
         if (root / "cluster.json").exists():
             cluster.down(str(root))
         shutil.rmtree(shm, ignore_errors=True)
+
+
+# ------------------------------------------- twenty trials of the neighbour's moves (make faults)
+
+HOSTILE_TRIALS = 20
+
+
+def _attempt_connect(user: pwd.struct_passwd, sock: str) -> str:
+    """As ``user``: connect to ``sock`` and ask the daemon for its status; what happened."""
+    code = ("import sys, socket\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n"
+            "    s.connect(sys.argv[1]); s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n')\n"
+            "    print('connected')\n"
+            "except OSError as e:\n"
+            "    print('refused', type(e).__name__)\n")
+    return python_as(user, ["-c", code, sock]).stdout.strip()
+
+
+def _attempt_read(user: pwd.struct_passwd, path: str) -> str:
+    code = ("import sys\n"
+            "try:\n"
+            "    open(sys.argv[1], 'rb').read(16); print('read')\n"
+            "except OSError as e:\n"
+            "    print('refused', type(e).__name__)\n")
+    return python_as(user, ["-c", code, path]).stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_twenty_trials_of_a_neighbours_moves_against_a_live_job(
+        local_user, daemon_factory, shared_dir, symlinks_followed, tmp_path: Path) -> None:
+    """A live job on a root daemon; another user (and a careless operator) try twenty times
+    each, in a seeded random order, the moves of items 1, 3, 4 and 10: a second daemon on its socket or
+    prefix, planted meta files and arena symlinks, connecting to its socket, reading its
+    arena. After every move: the move was refused, root's file was not touched, and the
+    live job restores exactly its last snapshot and takes the next one."""
+    mallory = local_user()
+    workdir = shared_dir / "daemon"
+    workdir.mkdir(mode=0o755)
+    d = daemon_factory(workdir=workdir)
+    precious = tmp_path / "precious"
+    precious.write_bytes(os.urandom(4096 + 2 * 8192))
+    before = precious.read_bytes()
+    rng = random.Random(15)
+    moves = ["second daemon, same socket", "second daemon, same prefix",
+             "planted meta file and arena symlink", "connect to the daemon's socket",
+             "read the live job's arena"]
+    with sg.connect(d.socket, "live", rank=0, world_size=1) as c:
+        state = {"w": torch.arange(256.0)}
+        c.snapshot(0, state)
+        c.wait(restorable=True)
+        order = moves * HOSTILE_TRIALS  # twenty of each move, in a seeded random order
+        rng.shuffle(order)
+        for trial, move in enumerate(order):
+            if move.startswith("second daemon"):
+                second = daemon_factory(start=False)
+                if "socket" in move:
+                    second.socket = d.socket
+                else:
+                    second.prefix = d.prefix
+                log = refused(second)
+                assert "ConfigError" in log and f"pid {d.proc.pid}" in log, log
+                outcome = "refused at start, naming the daemon that holds it"
+            elif move.startswith("planted"):
+                job = f"evil{trial}"
+                slot = 8192
+                slots = [{"state": 3, "step": 5, "data_bytes": 0, "manifest_offset": 0,
+                          "manifest_bytes": 0, "data_crc": 0, "manifest_crc": 0,
+                          "generation": 1}] * 2
+                meta = {"version": 1, "job": job, "world_size": 1, "local_ranks": [0],
+                        "restorable_step": 5, "previous_step": None, "topology": None,
+                        "ranks": {"0": {"slot_bytes": slot, "slots": slots}}}
+                meta_path = f"{SHM}/{d.prefix}.{job}.meta"
+                arena_path = f"{SHM}/{d.prefix}.{job}.r0"
+                plant(mallory, {meta_path: json.dumps(meta)}, {arena_path: str(precious)})
+                register(d.socket, job, slot)
+                for path in (meta_path, arena_path):
+                    st = os.lstat(path)
+                    assert st.st_uid == 0 and not os.path.islink(path), path
+                stub(d.socket).Drop(pb.DropRequest(job=job), timeout=10)
+                outcome = "replaced by root's own files, nothing followed"
+            elif move.startswith("connect"):
+                got = _attempt_connect(mallory, d.socket)
+                assert got.startswith("refused"), got
+                outcome = f"refused by the kernel ({got.split()[-1]})"
+            else:
+                arena = sorted(glob.glob(f"{SHM}/{glob.escape(d.prefix)}.live.r0"))
+                assert arena, os.listdir(SHM)
+                got = _attempt_read(mallory, arena[0])
+                assert got.startswith("refused"), got
+                outcome = f"refused by the kernel ({got.split()[-1]})"
+            assert precious.read_bytes() == before, move
+            step, got_state = c.restore()
+            assert step == trial and torch.equal(got_state["w"], state["w"]), (move, step)
+            state = {"w": state["w"] + 1}
+            c.snapshot(trial + 1, state)
+            c.wait(restorable=True)
+            record(f"hostile neighbour against a live job: {move}", 1,
+                   f"{outcome}; job intact")
+    assert d.status().pid == d.proc.pid
