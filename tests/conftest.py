@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -171,3 +172,19 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
     category = getattr(item.module, "FAULT_CATEGORY", None)
     if category and report.when == "call" and report.passed:
         record(category, 1, getattr(item.module, "FAULT_OUTCOME", "survived"))
+
+
+# ----------------------------------------------------------- a terminated run tears down
+# ``timeout``, CI and a user's kill send SIGTERM, whose default ends pytest at once: no
+# fixture's teardown runs and the daemons and clusters it started (in sessions of their
+# own, on purpose) stay with their shared memory. As KeyboardInterrupt, pytest stops the
+# run and still tears every fixture down (and no_leaks kills what is left).
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)

@@ -14,7 +14,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-import grpc
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -28,6 +27,7 @@ from shardguard.daemon.storage.store import Store
 from shardguard.daemon.roles.tier import Tier
 from shardguard.proto import tier as layout
 from conftest import record
+from _fuzz_support import restorable
 from _support import restored_steps
 from _support import (assert_matches_reference, assert_same_state, environ, finish, read_losses,
                       reference_run, run_trainer, trainer_log)
@@ -332,14 +332,6 @@ def test_crash_between_rename_and_pointer_resumes_from_the_previous_step(
 # ------------------------------------------------- the newest step, saved on the way down
 
 
-def _restorable(d, job: str) -> int:
-    try:
-        jobs = d.status(job).jobs
-    except grpc.RpcError:  # not registered yet
-        return -1
-    return jobs[0].restorable_step if jobs and jobs[0].HasField("restorable_step") else -1
-
-
 def test_the_newest_step_is_saved_when_the_trainer_is_killed(daemon_factory,
                                                              tmp_path: Path) -> None:
     """tier_every = 100 flushes step 0 only; the trainer is SIGKILLed after step 7: the
@@ -352,7 +344,7 @@ def test_the_newest_step_is_saved_when_the_trainer_is_killed(daemon_factory,
     try:
         # The trainer logs a snapshot when it starts it: wait for the daemon's word that
         # step 7 is restorable, not for the log.
-        wait_for(lambda: _restorable(d, "gone") >= 7, what="step 7 restorable")
+        wait_for(lambda: (restorable(d.socket, "gone") or -1) >= 7, what="step 7 restorable")
     finally:
         kill_group(proc)
         finish(proc)
