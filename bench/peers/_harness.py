@@ -131,6 +131,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class BenchNodePeer(Peer):
+    """A peer that is one of bench_node.py's own methods (``self.inner``): the loop's calls
+    go to it as they do in bench_node."""
+
+    inner: bn.Method
+
+    def protect(self, opt: Any) -> None:
+        self.inner.protect(opt)
+
+    def checkpoint(self, step: int, state: dict[str, Any]) -> Any:
+        return self.inner.checkpoint(step, state)
+
+    def wait(self) -> None:
+        self.inner.drain()
+
+
 class _NoDaemon:
     """For peers whose work runs inside the trainer: no other process's CPU to count."""
 

@@ -8,12 +8,11 @@ from typing import Any
 
 import _harness as h
 import bench_node as bn
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 
-class DcpAsync(h.Peer):
+class DcpAsync(h.BenchNodePeer):
     name = "DCP async_save -> /dev/shm"
     restore_way = "dcp.load into the state's tensors"
 
@@ -24,15 +23,6 @@ class DcpAsync(h.Peer):
         # here to /dev/shm, which outlives the trainer.
         self.inner = bn.DcpAsync(os.path.join(args.scratch, "dcp"), agree=None)
         self.extra["staging"] = vars(self.inner.options)
-
-    def protect(self, opt: torch.optim.Optimizer) -> None:
-        self.inner.protect(opt)
-
-    def checkpoint(self, step: int, state: dict[str, Any]) -> h.Pending | None:
-        return self.inner.checkpoint(step, state)
-
-    def wait(self) -> None:
-        self.inner.drain()
 
     def restore(self, state: dict[str, Any]) -> None:
         assert self.inner.latest is not None

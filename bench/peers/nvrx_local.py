@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import _harness as h
-import bench_node as bn
 import torch
 import torch.distributed as dist
 from _common import free_port

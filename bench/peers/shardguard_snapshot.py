@@ -8,25 +8,15 @@ from typing import Any
 
 import _harness as h
 import bench_node as bn
-import torch
 
 
-class Shardguard(h.Peer):
+class Shardguard(h.BenchNodePeer):
     name = "shardguard snapshot"
     restore_way = "restore(into=state), checksums verified"
 
     def __init__(self, args: Any, state: dict[str, Any]) -> None:
         super().__init__(args, state)
         self.inner = bn.Shardguard(args.options["socket"], args.options["job"])
-
-    def protect(self, opt: torch.optim.Optimizer) -> None:
-        self.inner.protect(opt)
-
-    def checkpoint(self, step: int, state: dict[str, Any]) -> h.Pending | None:
-        return self.inner.checkpoint(step, state)
-
-    def wait(self) -> None:
-        self.inner.drain()
 
     def restore(self, state: dict[str, Any]) -> None:
         self.inner.client.restore(into=state)
