@@ -118,9 +118,16 @@ def test_killed_and_resumed_equals_uninterrupted(name: str, fault: str, daemon, 
     out = tmp_path / "run"
     job = f"{name}-{fault}"
     args, env = FAULTS[fault]
-    assert launch(fw, out, daemon.socket, job, *args, env=env) != 0, log_of(out)
+    rc = launch(fw, out, daemon.socket, job, *args, env=env)
+    assert rc != 0, log_of(out)
+    # One process dies of the fault's SIGKILL. The copy it lands in may be the last step's
+    # (taken by wait() after the loop) when every snapshot from step 5 on was skipped while
+    # an earlier one was in flight (a framework's tiny steps outrun the first seal): its
+    # loss is logged, and the resume must still start before it. Under torchrun the agent's
+    # exit status hides the signal: the fault's step must not have been passed.
     killed_at = max(step for step, _ in read_losses(out, 0))
-    assert killed_at < STEPS, "the fault never fired"
+    fired = rc == -signal.SIGKILL if fw.world == 1 else killed_at < STEPS
+    assert fired, ("the fault never fired", rc, killed_at)
     assert launch(fw, out, daemon.socket, job) == 0, log_of(out)
     restored = (out / "restored.0").read_text().split()[-1]
     assert restored != "None", "the second run started afresh"

@@ -123,7 +123,7 @@ def test_metrics_follow_snapshots_and_restores(daemon_factory) -> None:
 
     # The daemon's log lines name the job and rank as fields, one line per record.
     log = d.log_path.read_text()
-    assert re.search(r"^ts=\S+ level=info logger=shardguard\.daemon\.storage\.store pid=\d+ job=obs "
+    assert re.search(r"^ts=\S+ level=info logger=shardguard\.daemon\.storage\.jobs pid=\d+ job=obs "
                      r'rank=0 msg="registered: ', log, re.MULTILINE), log[-2000:]
     assert re.search(r"job=obs step=1 rank=0 msg=\"Begin refused: StepOrderError: ", log)
 

@@ -365,7 +365,11 @@ def test_the_newest_step_is_saved_when_the_daemon_is_stopped(daemon_factory,
     with sg.connect(d.socket, "stopped", tier_dir=str(tier)) as c:
         for step in range(5):
             c.snapshot(step, {"w": state["w"] + step}).wait()
-        wait_for(lambda: pointer(tier, "stopped") == 0, what="step 0 flushed (every 100)")
+            if step == 0:
+                # The job's first flush allocates its staging buffer before it holds the
+                # slot (design: a step overwritten meanwhile is not flushed): let it finish.
+                wait_for(lambda: pointer(tier, "stopped") == 0,
+                         what="step 0 flushed (every 100)")
         d.stop()
         assert pointer(tier, "stopped") == 4, d.log()
     assert incomplete(str(tier), "stopped", 4, 1) is None
