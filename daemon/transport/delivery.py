@@ -5,21 +5,43 @@ that drops them would lose a piece silently, and closing the socket drops what i
 queued. So a sender keeps the socket open and asks the receiver (peer ``Received``,
 over the control port) how many bytes of the piece it has, until it has them all. As
 long as bytes keep arriving it waits (a slow link is slow, not broken; past
-``peer_timeout_s`` it is named ``too_slow``); no byte for ``peer_timeout_s`` raises
-:class:`PeerUnavailableError` naming the data port.
+``peer_timeout_s`` it is named ``too_slow``); a data port that takes no byte for
+``peer_timeout_s`` raises :class:`PeerUnavailableError` naming it.
+
+The receiver counts whole ZeroMQ frames (up to 4 MiB), and pieces to one node share its
+link: on a slow link a piece may see nothing for a while because another piece to the
+same node is taking the bytes, or because one frame takes longer than the timeout. So
+"no byte" is judged per destination (any piece to it that grows counts), and the quiet
+time allowed is the larger of ``peer_timeout_s`` and :data:`QUIET_FRAMES` times what
+one frame to that node took lately. A cut link shows nothing new after the cut: it is
+still named after ``peer_timeout_s`` (or a few frame times of what it showed before).
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass
 
 from shardguard.daemon.base.stalls import Cause, Stalls
 from shardguard.daemon.errors import PeerUnavailableError
+from shardguard.daemon.transport.dataplane import FRAME_BYTES
 from shardguard.daemon.transport.peer_client import PeerClients
 from shardguard.proto import peer_pb2 as ppb
 
 #: Longest one ``Received`` call waits for a piece's bytes before answering how many came.
 RECEIVED_WAIT_MS = 1000
+#: Frame times (as the link lately showed them) a piece may see no byte arrive.
+QUIET_FRAMES = 3
+#: Weight of a new sample in a link's running frame time.
+SAMPLE_WEIGHT = 0.5
+
+
+@dataclass
+class _Link:
+    """What the pieces sent to one data port saw of it."""
+    last_progress: float = 0.0  # time.monotonic() a byte of any piece last arrived
+    frame_s: float = 0.0        # seconds one frame took, a running mean; 0: not known
 
 
 class Delivery:
@@ -27,6 +49,26 @@ class Delivery:
 
     def __init__(self, peers: PeerClients, timeout_s: float, stalls: Stalls) -> None:
         self.peers, self.timeout_s, self.stalls = peers, timeout_s, stalls
+        self._lock = threading.Lock()
+        self._links: dict[str, _Link] = {}
+
+    def _progress(self, data: str, now: float, got: int, took: float) -> None:
+        """``got`` more bytes (whole frames) reached ``data``, ``took`` seconds after the
+        piece's previous ones (or its start)."""
+        sample = took / -(-got // FRAME_BYTES)
+        with self._lock:
+            link = self._links.setdefault(data, _Link())
+            link.last_progress = max(link.last_progress, now)
+            link.frame_s = sample if link.frame_s == 0 else (
+                SAMPLE_WEIGHT * sample + (1 - SAMPLE_WEIGHT) * link.frame_s)
+
+    def quiet(self, data: str, mine: float, now: float) -> tuple[float, float]:
+        """(seconds since a byte of any piece reached ``data``, or of this piece at
+        ``mine``; seconds allowed) as of ``now``."""
+        with self._lock:
+            link = self._links.get(data, _Link())
+            return (now - max(mine, link.last_progress),
+                    max(self.timeout_s, QUIET_FRAMES * link.frame_s))
 
     def confirm(self, where: ppb.ReceivedRequest, expected: int, node: int, control: str,
                 data: str) -> None:
@@ -45,6 +87,7 @@ class Delivery:
             if got >= expected:
                 break
             if got > have:
+                self._progress(data, now, got - have, now - last_progress)
                 have, last_progress = got, now
             if not slow and now - started > self.timeout_s:
                 slow = True  # named while it lasts, not only once the piece is in
@@ -53,13 +96,16 @@ class Delivery:
                     f"({data}): {got / 1e6:.1f} MB in {now - started:.0f}s "
                     f"({got / (now - started) / 1e6:.2f} MB/s); the trainers skip snapshots "
                     f"meanwhile"))
-            elif now - last_progress > self.timeout_s:
-                raise PeerUnavailableError(
-                    f"data port {data} of node {node}: {got} of {expected} bytes of piece "
-                    f"{where.index} of group {where.group} stripe {where.stripe} arrived, none "
-                    f"for {now - last_progress:.0f}s: the data port is unreachable or the "
-                    f"link dropped them")
-        took = time.monotonic() - started
+            else:
+                quiet, allowed = self.quiet(data, last_progress, now)
+                if quiet > allowed:
+                    raise PeerUnavailableError(
+                        f"data port {data} of node {node}: {got} of {expected} bytes of "
+                        f"piece {where.index} of group {where.group} stripe {where.stripe} "
+                        f"arrived, and no byte of any piece for {quiet:.0f}s: the data port "
+                        f"is unreachable or the link dropped them")
+        self._progress(data, now, expected - have, now - last_progress)
+        took = now - started
         if took > self.timeout_s:
             self.stalls.record(where.job, Cause.TOO_SLOW, (
                 f"step {where.step}: {expected / 1e6:.1f} MB to node {node} ({data}) took "

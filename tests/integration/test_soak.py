@@ -27,7 +27,7 @@ from _support import (assert_same_state, finish, read_losses, reference_run, run
                       trainer_log)
 from test_cluster import free_base_port
 
-STEPS = 1300
+STEPS = 1600
 WANT_SNAPSHOTS = 1000
 # A step of the test's tiny model is faster than protecting it across 4 nodes on 2 cores
 # (the client then skips snapshots); a real step is not. This pause makes nearly every
