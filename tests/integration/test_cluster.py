@@ -98,7 +98,8 @@ def lose_node_while_training(root: Path, out: Path, node: int, world: int, after
     finish(proc)
 
 
-@pytest.mark.parametrize("lost", [0, pytest.param(1, marks=pytest.mark.slow),
+@pytest.mark.parametrize("lost", [pytest.param(0, marks=pytest.mark.slow),
+                                  pytest.param(1, marks=pytest.mark.slow),
                                   pytest.param(2, marks=pytest.mark.slow), 3],
                          ids=lambda n: f"lose-node{n}")
 def test_lost_node_is_rebuilt_and_the_run_resumes_bit_exact(local_cluster, reference4,
@@ -153,6 +154,7 @@ def test_flipped_bytes_are_detected_and_repaired(local_cluster, reference4,
     assert_matches_reference(out, reference4, 4)
 
 
+@pytest.mark.slow
 def test_node_lost_while_encoding_restores_the_previous_step(local_cluster, reference4,
                                                              tmp_path: Path) -> None:
     root = local_cluster(4, 4, 1, env={"SHARDGUARD_TEST_DAEMON_FAULT": "mid-encode@5@2"})
@@ -198,6 +200,7 @@ def flip_byte(path: str, offset: int) -> None:
         fh.write(bytes([b[0] ^ 0xFF]))
 
 
+@pytest.mark.slow
 def test_a_lost_node_is_rebuilt_past_corrupt_source_pieces(local_cluster, tmp_path: Path) -> None:
     """g=5, m=2 (k=3): node 1 is lost, and the first parity piece (index 3) of every stripe
     on nodes 2, 3 and 4 is corrupt. Each of node 1's data pieces is decoded from two data
@@ -232,6 +235,7 @@ def test_a_lost_node_is_rebuilt_past_corrupt_source_pieces(local_cluster, tmp_pa
     assert log.count("unusable") >= 3 and "checksum fails" in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_ranks_that_land_on_other_nodes_still_restore(local_cluster, reference4,
                                                       tmp_path: Path) -> None:
     root = local_cluster(4, 4, 1)
@@ -269,7 +273,8 @@ def free_base_port(count: int) -> int:
     raise RuntimeError("no free port range")
 
 
-@pytest.mark.parametrize("crashed", [0, pytest.param(2, marks=pytest.mark.slow)],
+@pytest.mark.slow
+@pytest.mark.parametrize("crashed", [0, 2],
                          ids=["coordinator", "node2"])
 def test_a_daemon_crash_mid_run_is_taken_over_by_its_restart(local_cluster, reference4,
                                                              tmp_path: Path,

@@ -77,6 +77,7 @@ def crash_loop(tmp_path: Path, daemon, world: int, steps: int, kills: int, seed:
     assert_matches_reference(out, ref, world)
 
 
+@pytest.mark.slow
 def test_five_random_kills_resume_bit_exact(tmp_path: Path, daemon) -> None:
     crash_loop(tmp_path, daemon, world=2, steps=30, kills=5, seed=3)
     record("trainer SIGKILL (random instants and named points), 2 ranks", 5,

@@ -50,7 +50,7 @@ FAULT_STEP = 5
 IN_RUN = ["seal", "sealed", "mid-transfer", "mid-encode", "partial-parity", "announce"]
 REBUILD = ["sync", "mid-rebuild"]
 ACTIONS = ["kill", "stop", "drop", "slow"]
-FAST = {("announce", "kill"), ("mid-encode", "stop")}
+FAST = {("mid-encode", "stop")}
 ENV = "SHARDGUARD_TEST_DAEMON_FAULT"
 
 

@@ -307,6 +307,7 @@ def two_nodes(tmp_path: Path) -> Any:
             cluster.down(str(root))
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_loads_on_2_4_and_8_ranks(daemon_factory, tmp_path: Path) -> None:
     daemon = daemon_factory()
     saved = _save(tmp_path, "fsdp-w4", daemon.socket, "--extras")

@@ -343,7 +343,10 @@ def agent_epilogue(node: Node) -> None:
     assert shm_files(node.d.prefix) == node.good_files
 
 
-@pytest.mark.parametrize("method", AGENT_METHODS)
+# Register's fast run (arenas made and dropped per example) takes half a minute: it runs
+# with the slow tests, with the long runs of every method.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=[pytest.mark.slow] if m == "Register"
+                                                 else []) for m in AGENT_METHODS])
 @pytest.mark.parametrize("length", LENGTHS)
 def test_agent_requests_with_hostile_fields(node: Node, claim: Claim, method: str,
                                             length: int) -> None:
@@ -390,6 +393,7 @@ def raw_requests(node: Node) -> st.SearchStrategy[tuple[str, bytes]]:
         lambda t: b"good" not in t[1])
 
 
+@pytest.mark.slow  # both lengths: the fast one takes 20 s
 @pytest.mark.parametrize("length", LENGTHS)
 def test_agent_raw_bytes_as_the_request(node: Node, claim: Claim, length: int) -> None:
     with recording("agent rpc: raw bytes as the serialized request") as tally:

@@ -104,7 +104,9 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
+# The mid-copy kill runs with the slow tests (make test keeps the after-restorable one).
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=[pytest.mark.slow] if f == "mid-copy"
+                                               else []) for f in FAULTS])
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if fw.slow else [])
                                   for n, fw in FRAMEWORKS.items()])
 def test_killed_and_resumed_equals_uninterrupted(name: str, fault: str, daemon, tmp_path: Path,

@@ -448,6 +448,7 @@ def test_isolated_cluster_from_the_command_line_leaves_nothing_behind(tmp_path: 
 FAST_STEPS = 80  # the three trials take about 25
 
 
+@pytest.mark.slow
 def test_one_fault_of_each_kind_then_a_node_lost_for_real(isolated, reference,
                                                           tmp_path: Path) -> None:
     """On one isolated cluster: a partition, a data port cut and packet loss, one trial

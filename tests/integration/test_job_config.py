@@ -100,6 +100,7 @@ def test_a_node_given_another_code_is_named_as_config_mismatch(cluster_root) -> 
         close_all(clients)
 
 
+@pytest.mark.slow
 def test_one_daemon_clock_skewed_is_refused_at_connect_and_named_by_the_daemons(
         cluster_root, skew_lib: str, tmp_path: Path) -> None:
     root = cluster_root(2, 2, 1)

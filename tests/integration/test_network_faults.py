@@ -111,6 +111,7 @@ def lose_and_replace(root: Path, node: int) -> None:
     cluster.start(str(root), node)
 
 
+@pytest.mark.slow
 def test_a_replacement_that_cannot_reach_its_peers_never_starts_from_zero(
         firewall, three_nodes: Path, tmp_path: Path) -> None:
     """The survivors' control ports are cut while the replacement catches up: every rank's
@@ -137,6 +138,7 @@ def test_a_replacement_that_cannot_reach_its_peers_never_starts_from_zero(
     assert_matches_reference(out, reference_run(tmp_path / "ref", 3, 12), 3)
 
 
+@pytest.mark.slow
 def test_a_one_second_cut_during_catch_up_is_ridden_out(firewall, three_nodes: Path,
                                                          tmp_path: Path) -> None:
     from _support import assert_matches_reference, reference_run, restored_steps

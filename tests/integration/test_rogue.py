@@ -122,6 +122,7 @@ def drop_to_nobody() -> None:
     os.setuid(NOBODY)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
 def test_a_rogue_user_without_the_secret_gets_nothing(tmp_path: Path) -> None:
     if unreachable_for_others():

@@ -232,6 +232,7 @@ def resume_steps(out: Path, world: int, last: int) -> int:
     return max(reached, last) + 4
 
 
+@pytest.mark.slow
 def test_crash_mid_flush_never_leaves_a_pointer_to_a_partial_step(daemon_factory,
                                                                  tmp_path: Path) -> None:
     """The flusher of the first step >= 4 is SIGKILLed half-way (one rank written): the
@@ -375,6 +376,7 @@ def test_the_newest_step_is_saved_when_the_daemon_is_stopped(daemon_factory,
     assert incomplete(str(tier), "stopped", 4, 1) is None
 
 
+@pytest.mark.slow
 def test_a_multi_node_job_saves_its_newest_step_when_its_trainers_end(local_cluster,
                                                                       tmp_path: Path) -> None:
     tier = tmp_path / "tier"

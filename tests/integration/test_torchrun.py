@@ -134,6 +134,7 @@ def two_nodes(tmp_path: Path):
     cluster.down(str(root))
 
 
+@pytest.mark.slow
 def test_node_lost_and_c10d_reshuffles_node_ranks_bit_exact(two_nodes: Path,
                                                              tmp_path: Path) -> None:
     root = two_nodes
