@@ -28,7 +28,7 @@ from shardguard.client._unwrap import unwrap_optimizer
 from shardguard.client._faults import fault_point
 from shardguard.client.agreement import Agreement, Decision, Verdict
 from shardguard.client.arena_map import ArenaMap
-from shardguard.client.copier import Copier
+from shardguard.client.copier import Copier, copy_nice
 from shardguard.client.handle import SnapshotHandle
 from shardguard.client.membership import (
     control_group,
@@ -81,6 +81,7 @@ class Client:
         self.timeout_s = timeout_s
         #: The gloo group the ranks agree on (None: this rank alone).
         self.group = group
+        nice = copy_nice()  # a bad setting is refused before the daemon hears of this rank
         self._session = Session(socket_path, Registration(
             job, rank, world_size, local_ranks or [rank], self.nodes, node_index, group_size,
             parity, force), timeout_s)
@@ -88,7 +89,7 @@ class Client:
         self._progress = Progress(self._session, float(os.environ.get(
             "SHARDGUARD_PROTECT_TIMEOUT_S", PROTECT_TIMEOUT_S)))
         self._restorer = Restorer(self._session, self._agreement, self.tier_dir)
-        self._copier = Copier(job, rank)
+        self._copier = Copier(job, rank, nice)
         self._plan: Plan | None = None
         # The last snapshot, when it was skipped: wait() and close() take it, so that the
         # final step is protected. Forgotten at the next snapshot() and when the optimizer

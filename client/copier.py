@@ -5,11 +5,17 @@ registered as pinned memory, the rest on a background thread, which then writes 
 manifest and seals the slot. The next ``optimizer.step()`` waits for the copy (the
 tensors are immutable during forward and backward: that is the window the copy
 hides in).
+
+The background thread runs at a lower CPU priority (nice ``SHARDGUARD_COPY_NICE``,
+default 10, as NVRx's checkpoint writer does): where cores are short, the training
+step's own threads come first and the copy takes what they leave, finishing while
+``optimizer.step()`` waits if it must. ``0`` keeps the trainer's priority.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -20,6 +26,7 @@ import torch
 from shardguard.client._faults import fault_point
 from shardguard.client.arena_map import ArenaMap
 from shardguard.client.handle import SnapshotHandle
+from shardguard.proto.errors import ConfigError
 from shardguard.proto.state_layout import Leaf, copy_leaf
 
 logger = logging.getLogger(__name__)
@@ -29,6 +36,10 @@ logger = logging.getLogger(__name__)
 # are captured as they were at the snapshot, not as forward left them.
 SYNC_COPY_BYTES = 256 << 10
 
+#: Niceness added to the copy thread's (the environment variable overrides it).
+COPY_NICE = 10
+COPY_NICE_ENV = "SHARDGUARD_COPY_NICE"
+
 #: Seals a copied slot with the daemon; returns the restorable step, if it says.
 Seal = Callable[[], int | None]
 
@@ -36,11 +47,12 @@ Seal = Callable[[], int | None]
 class Copier:
     """One rank's copies: its background thread and its CUDA side stream."""
 
-    def __init__(self, job: str, rank: int) -> None:
+    def __init__(self, job: str, rank: int, nice: int = COPY_NICE) -> None:
         self.job = job
         self.rank = rank
         self._side_stream: Any = None
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._nice = nice
         self._worker = threading.Thread(target=self._work, name=f"sg-copy-r{rank}", daemon=True)
         self._worker.start()
 
@@ -106,8 +118,32 @@ class Copier:
         return event
 
     def _work(self) -> None:
+        _lower_priority(self._nice)
         while True:
             job = self._queue.get()
             if job is None:
                 return
             job()
+
+
+def copy_nice() -> int:
+    """The niceness the copy thread adds to the trainer's: the environment's, or 10."""
+    raw = os.environ.get(COPY_NICE_ENV, "")
+    try:
+        nice = int(raw) if raw else COPY_NICE
+    except ValueError:
+        raise ConfigError(f"{COPY_NICE_ENV}={raw!r}: expected an integer 0..19") from None
+    if not 0 <= nice <= 19:
+        raise ConfigError(f"{COPY_NICE_ENV}={nice}: expected an integer 0..19")
+    return nice
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness by ``nice`` (Linux: per thread; elsewhere a no-op)."""
+    if nice == 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # a sandbox that forbids it: the copy runs at the trainer's priority
+        logger.info("copy thread keeps the trainer's priority: %s", exc)
