@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 
-from _support import finish, run_trainer, status_of_socket, trainer_log
+from _support import finish, run_trainer, status_of_socket, trainer_log, unreachable_for_others
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "shardguard.service"
@@ -332,6 +332,9 @@ def test_prolog_as_root_starts_the_daemon_as_the_jobs_user(slurm_job) -> None:
         user = pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no user 'nobody' to run a job as")
+    if unreachable_for_others():
+        pytest.skip(f"the job's user cannot run this code (directories it cannot enter: "
+                    f"{unreachable_for_others()})")
     job = slurm_job(nodes=1, user="nobody", site_key=False)
     node = job.nodes[0]
     r = job.prolog(node)
