@@ -6,8 +6,9 @@ import errno
 import logging
 import mmap
 import os
+import threading
 
-from shardguard.daemon.errors import ArenaFormatError, BudgetExceededError
+from shardguard.daemon.errors import ArenaFormatError, BudgetExceededError, NoSpaceError
 from shardguard.proto import arena as fmt
 from shardguard.proto import safefile
 
@@ -17,33 +18,43 @@ logger = logging.getLogger(__name__)
 class Arena:
     """One /dev/shm file mapped read-write; the daemon writes its header, clients its slots."""
 
-    def __init__(self, path: str, fd: int, size: int) -> None:
+    def __init__(self, path: str, fd: int, size: int, allocated: bool = True) -> None:
         self.path = path
         self.size = size
         self._fd = fd
+        # False while slots past the first ones are holes (a rebuild's arena): nothing
+        # may write there before :meth:`ensure_allocated` (a write into a hole of a full
+        # tmpfs is a SIGBUS, not an error).
+        self.allocated = allocated
+        self._allocating = threading.Lock()
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
 
     @classmethod
-    def create(cls, path: str, header: fmt.Header) -> "Arena":
+    def create(cls, path: str, header: fmt.Header, slots_now: int | None = None) -> "Arena":
         """Create the file 0600 (it must not exist, and nothing planted at its name is
-        followed) and allocate every page now.
+        followed) and allocate every page now, or only the header and the first
+        ``slots_now`` slots (the rest by :meth:`ensure_allocated`).
 
         Pages are allocated up front because writing into fresh tmpfs pages runs at
         a tenth of the speed of writing into allocated ones: the cost belongs at
-        register, not inside a snapshot.
+        register, not inside a snapshot. A rebuild needs one slot at once and the
+        other only at the trainer's next snapshot: it allocates the second later.
         """
         size = fmt.arena_bytes(header.slot_bytes, header.nslots)
+        now = size if slots_now is None else fmt.arena_bytes(header.slot_bytes, slots_now)
         fd = safefile.open_new(path, os.O_RDWR, 0o600)
         try:
             try:
-                os.posix_fallocate(fd, 0, size)
+                os.posix_fallocate(fd, 0, now)
+                if now < size:
+                    os.ftruncate(fd, size)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                     raise BudgetExceededError(
-                        f"cannot allocate {size} bytes for arena {path}: {exc.strerror}") from None
+                        f"cannot allocate {now} bytes for arena {path}: {exc.strerror}") from None
                 raise
-            arena = cls(path, fd, size)
+            arena = cls(path, fd, size, allocated=now >= size)
         except BaseException:
             os.close(fd)
             try:
@@ -63,10 +74,12 @@ class Arena:
         """
         fd = safefile.open_owned(path, os.O_RDWR)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             if size < fmt.HEADER_BYTES:
                 raise ArenaFormatError(f"arena {path} is truncated ({size} bytes)")
-            arena = cls(path, fd, size)
+            # Holes left by a rebuild whose daemon stopped before filling them.
+            arena = cls(path, fd, size, allocated=st.st_blocks * 512 >= size)
         except BaseException:
             os.close(fd)
             raise
@@ -79,6 +92,27 @@ class Arena:
             raise
         return arena, header
 
+    def ensure_allocated(self) -> None:
+        """Allocate every page of the file (at once if already done).
+
+        Raises:
+            NoSpaceError: the shm directory's filesystem has no room for them.
+        """
+        if self.allocated:
+            return
+        with self._allocating:
+            if self.allocated or self._fd < 0:
+                return
+            try:
+                os.posix_fallocate(self._fd, 0, self.size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise NoSpaceError(
+                        f"cannot allocate the rest of arena {self.path} ({self.size} bytes): "
+                        f"{exc.strerror}") from None
+                raise
+            self.allocated = True
+
     def write_header(self, header: fmt.Header) -> None:
         self.view[: fmt.HEADER_BYTES] = fmt.pack_header(header)
 
@@ -90,6 +124,10 @@ class Arena:
         return self.view[start:start + slot_bytes]
 
     def close(self) -> None:
+        with self._allocating:  # never closes the fd under a running fallocate
+            self._close()
+
+    def _close(self) -> None:
         if self._fd < 0:
             return
         try:

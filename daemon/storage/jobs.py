@@ -175,7 +175,9 @@ class Jobs:
                 self._check_budget(rr.arena.size if rr else 0, fmt.arena_bytes(slot_bytes))
                 if rr is not None:
                     rr.arena.unlink()
-                rr = self.files.new_rank(rec, rank, slot_bytes)
+                # The rebuilt bytes go into the first slot: the second is allocated
+                # after the rebuild (Store.finish_allocation) or at the next Begin.
+                rr = self.files.new_rank(rec, rank, slot_bytes, slots_now=1)
                 rec.ranks[rank] = rr
             return rec, rr
 

@@ -86,13 +86,15 @@ class ShmFiles:
 
     # -------------------------------------------------------------- arenas
 
-    def new_rank(self, rec: JobRecord, rank: int, slot_bytes: int) -> RankRecord:
-        """A new arena for ``rank``, every slot free."""
+    def new_rank(self, rec: JobRecord, rank: int, slot_bytes: int,
+                 slots_now: int | None = None) -> RankRecord:
+        """A new arena for ``rank``, every slot free; ``slots_now``: allocate only the
+        first slots now (Arena.create)."""
         path = os.path.join(self.shm_dir, fmt.arena_name(self.prefix, rec.job, rank))
         safefile.remove(path)  # a stale file the meta no longer knows of
         header = fmt.Header(slot_bytes, rank, rec.world_size, rec.job,
                             tuple(fmt.SlotDesc() for _ in range(fmt.NSLOTS)))
-        arena = Arena.create(path, header)
+        arena = Arena.create(path, header, slots_now)
         return RankRecord(rank, arena, slot_bytes, [SlotRecord() for _ in range(fmt.NSLOTS)])
 
     def grow(self, rec: JobRecord, rr: RankRecord, slot_bytes: int) -> RankRecord:

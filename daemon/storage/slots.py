@@ -67,6 +67,9 @@ class Slots:
         started = time.monotonic()
         deadline, waited = started + FLUSH_HOLD_WAIT_S, False
         with self._lock:
+            arena = self._jobs.claimed(job, rank, lease).arena
+        arena.ensure_allocated()  # a rebuilt arena's second slot, if nothing did it yet
+        with self._lock:
             while True:
                 rec = self._jobs.get(job)
                 rr = self._jobs.claimed(job, rank, lease)
@@ -148,6 +151,14 @@ class Slots:
             self._hooks.on_node_sealed(job, step)
         return restorable
 
+    def finish_allocation(self, job: str) -> None:
+        """Allocate what rebuilt arenas of ``job`` left for later (outside the lock)."""
+        with self._lock:
+            rec = self._jobs.get(job)
+            arenas = [rr.arena for rr in rec.ranks.values() if not rr.arena.allocated]
+        for arena in arenas:
+            arena.ensure_allocated()
+
     def install(self, job: str, world_size: int, local_ranks: Iterable[int], rank: int,
                 slot_bytes: int, record: SlotRecord, fill: Callable[[memoryview], None]) -> None:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step.
@@ -160,6 +171,8 @@ class Slots:
             if index is None:
                 raise SlotStateError(f"job {job} rank {rank}: no free slot to rebuild into")
             view = rr.arena.slot(index, rr.slot_bytes)
+        if index > 0:
+            rr.arena.ensure_allocated()  # only the first slot of a rebuilt arena may be
         fill(view)
         verify(job, rank, view, record)
         with self._lock:

@@ -811,3 +811,60 @@ def test_a_client_that_reports_corruption_gets_the_daemons_verdict(shm: Shm, bad
         store.release("j", 0, reg.lease, o.step, corrupt=True)
         assert store.open_for_restore("j", 0, reg.lease, None, client_checks=True).step == 0
     assert store.job("j").ranks[0].pinned == ({} if bad else {slot: 0})
+
+
+# --------------------------------------------------------------------------
+# a rebuilt arena: one slot allocated at once, the other later
+# --------------------------------------------------------------------------
+
+def allocated_bytes(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_rebuilt_arena_allocates_its_second_slot_after_the_rebuild(shm: Shm) -> None:
+    slot_bytes = 64 * fmt.PAGE
+    src = shm.store()
+    reg = src.register("a", 0, 1, slot_bytes, PID, [0])
+    data = payload(3, 40 * fmt.PAGE)
+    slot, _ = snap(src, reg, "a", 3, data)
+    record = src.job("a").ranks[0].slots[slot]
+    used = record.manifest_offset + record.manifest_bytes
+    good = read(reg, slot, used)
+
+    dst = shm.store()
+    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
+        slice(0, used), good))
+    arena = dst.job("b").ranks[0].arena
+    size = fmt.arena_bytes(slot_bytes)
+    # The header and the rebuilt slot are allocated; the second slot is a hole.
+    assert not arena.allocated
+    assert fmt.arena_bytes(slot_bytes, 1) <= allocated_bytes(arena.path) < size
+    dst.set_restorable("b", 3)
+    # Adopted by a restarted daemon before the rest was allocated: it knows the hole.
+    dst = shm.restart(dst)
+    assert dst.adopt() >= 1
+    assert not dst.job("b").ranks[0].arena.allocated
+    # The trainer's first Begin allocates it before handing a slot out...
+    reg_b = dst.register("b", 0, 1, slot_bytes, PID, [0])
+    assert dst.begin("b", 0, reg_b.lease, 4) == 1
+    arena = dst.job("b").ranks[0].arena
+    assert arena.allocated and allocated_bytes(arena.path) >= size
+    # ...and the restorable step's bytes are the source's.
+    assert read(reg_b, 0, used) == good
+
+
+def test_finish_allocation_fills_the_holes_and_is_idempotent(shm: Shm) -> None:
+    slot_bytes = 16 * fmt.PAGE
+    src = shm.store()
+    reg = src.register("a", 0, 1, slot_bytes, PID, [0])
+    slot, _ = snap(src, reg, "a", 0, payload(0, 3 * fmt.PAGE))
+    record = src.job("a").ranks[0].slots[slot]
+    used = record.manifest_offset + record.manifest_bytes
+    good = read(reg, slot, used)
+    dst = shm.store()
+    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
+        slice(0, used), good))
+    dst.finish_allocation("b")
+    dst.finish_allocation("b")
+    arena = dst.job("b").ranks[0].arena
+    assert arena.allocated and allocated_bytes(arena.path) >= fmt.arena_bytes(slot_bytes)
