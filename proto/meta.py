@@ -19,6 +19,7 @@ imports nothing of ours but the errors: the daemon adds placement maths on top.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -76,6 +77,12 @@ class Code:
                 "placement": self.placement}
 
 
+@functools.lru_cache(maxsize=16)
+def _digest(nodes: tuple[tuple[str, str], ...]) -> str:
+    """The node list's fingerprint in Topology.describe (shared by equal lists)."""
+    return hashlib.sha256(json.dumps([list(n) for n in nodes]).encode()).hexdigest()[:8]
+
+
 @dataclass(frozen=True)
 class Topology:
     """A multi-node job: every node's (control, data) address, this node's number, the code."""
@@ -116,11 +123,17 @@ class Topology:
         return Code(len(self.nodes), self.group_size, self.parity, self.placement)
 
     def describe(self) -> str:
-        """The job as every node must see it (not which node this is), in words."""
-        digest = hashlib.sha256(json.dumps([list(n) for n in self.nodes]).encode()
-                                ).hexdigest()[:8]
-        return (f"{len(self.nodes)} nodes (list {digest}), group_size {self.group_size}, "
-                f"parity {self.parity}, placement {self.placement}")
+        """The job as every node must see it (not which node this is), in words.
+
+        Every offer carries it and every encoder compares it: computed once per topology
+        (hashing the node list is O(nodes), ~10 ms at 10,000 nodes, and a node sees ``k``
+        offers a step)."""
+        text = self.__dict__.get("_described")
+        if text is None:
+            text = (f"{len(self.nodes)} nodes (list {_digest(self.nodes)}), group_size "
+                    f"{self.group_size}, parity {self.parity}, placement {self.placement}")
+            object.__setattr__(self, "_described", text)  # a cache, not a field
+        return text
 
     def with_node(self, index: int, address: tuple[str, str]) -> "Topology":
         nodes = list(self.nodes)

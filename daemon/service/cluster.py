@@ -39,6 +39,7 @@ import grpc
 import psutil
 
 from shardguard.daemon.base import config as cfg
+from shardguard.daemon.base import procs
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ConfigError
@@ -228,7 +229,10 @@ def kill(root: str, node: int, keep_memory: bool = False) -> None:
     d = spec.node_dir(root, node)
     pid = _pid(d)
     _signal(pid, signal.SIGKILL)
-    _wait_dead(pid, 10.0)
+    _wait_dead(pid, 30.0)
+    if _alive(pid):
+        raise ConfigError(f"node {node}'s daemon (pid {pid}) has not finished exiting 30 s "
+                          "after SIGKILL; its memory was left in place")
     if keep_memory:
         return
     if spec.isolate:
@@ -288,12 +292,10 @@ def _pid(d: str) -> int:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    """Running, or killed but still exiting: a SIGKILLed daemon's main thread is a zombie
+    while its other threads unmap its arenas, and it holds its socket's lock until the
+    last of them is done (a replacement started then is refused: base/procs.py)."""
+    return procs.holds_resources(pid)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -13,12 +13,17 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import time
 
+from shardguard.daemon.base import procs
 from shardguard.daemon.errors import ConfigError, UnsafePathError
 from shardguard.proto import safefile
 
 #: Attempts when the file is replaced under us (its previous holder removed it at exit).
 _ATTEMPTS = 5
+#: How long a start waits for a killed holder to finish exiting (tearing down gigabytes of
+#: mappings under load takes seconds); a live holder is refused at once.
+DYING_WAIT_S = 30.0
 
 
 class PidLock:
@@ -48,10 +53,12 @@ class PidLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_pid(fd)
-                os.close(fd)
-                raise ConfigError(
-                    f"{self.what} is in use by another daemon (pid {holder}, lock {self.path}): "
-                    "stop it first, or give this daemon its own socket and shm_prefix") from None
+                if not _wait_for_dying(fd, holder):
+                    os.close(fd)
+                    raise ConfigError(
+                        f"{self.what} is in use by another daemon (pid {holder}, lock "
+                        f"{self.path}): stop it first, or give this daemon its own socket "
+                        "and shm_prefix") from None
             if not _same_file(fd, self.path):
                 os.close(fd)  # its holder removed it as we opened it: lock the new one
                 continue
@@ -99,6 +106,26 @@ class PidLock:
                 "or the file was planted: choose another shm_prefix or socket, or have root "
                 f"remove {self.path}") from None
         return -1
+
+
+def _wait_for_dying(fd: int, holder: str) -> bool:
+    """Take the lock on ``fd`` once ``holder`` lets go, if it is dying: killed, its main
+    thread a zombie while the rest of it still unmaps its memory (base/procs.py). A
+    replacement started at once (systemd, ``shardguard cluster start``) waits for that,
+    up to :data:`DYING_WAIT_S`, instead of being refused. False: a live holder (or an
+    unknown one, or one still dying after the wait)."""
+    if not holder.isdigit() or procs.running(int(holder)):
+        return False
+    deadline = time.monotonic() + DYING_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if procs.running(int(holder)):
+                return False  # the pid was reused, or the file names another holder
+            time.sleep(0.02)
+    return False
 
 
 def _peek(path: str) -> int | None:
