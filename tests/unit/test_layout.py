@@ -661,3 +661,38 @@ def test_leaves_out_of_address_order_are_checked_too() -> None:
     s.arr[s.base + 4 * 4999] ^= 1  # in "a", decoded last
     with pytest.raises(CorruptionError):
         rebuild(s.doc, s.u8, s.arr, s.base, None, False, cpu, data_crc=crc)
+
+
+@pytest.mark.parametrize("flip", [None, "part-0", "part-1", "part-3", "last"])
+@pytest.mark.parametrize("into", [False, True])
+def test_a_large_leaf_is_copied_in_parallel_parts_and_checked_whole(
+        monkeypatch: pytest.MonkeyPatch, flip: str | None, into: bool) -> None:
+    """A leaf over PARALLEL_MIN_BYTES is copied by several threads, each part checksummed
+    as it lands and the parts' CRCs combined in order: bit-exact, and a byte flipped in
+    any part fails the check."""
+    import shardguard.proto.state_layout as sl
+
+    monkeypatch.setattr(sl, "COPY_THREADS", 4)
+    monkeypatch.setattr(sl, "_copy_pool", None)
+    n = 3 * sl.PARALLEL_MIN_BYTES + 12345  # 4 parts, the last one short
+    assert len(sl._parts(n)) == 4
+    g = torch.Generator().manual_seed(3)
+    state = {"small": torch.arange(10.0), "big": torch.randint(0, 256, (n,), dtype=torch.uint8,
+                                                                generator=g),
+             "after": torch.ones(7)}
+    s = Slot(state)
+    crc = data_crc(s)
+    if flip is not None:
+        big = leaf_offsets(s)["big"]
+        lo = {"part-0": 17, "part-1": sl._parts(n)[1][0] + 5, "part-3": sl._parts(n)[3][0],
+              "last": n - 1}[flip]
+        s.arr[s.base + big + lo] ^= 0x40
+    target = target_for(state, False) if into else None
+    if flip is None:
+        got = rebuild(s.doc, s.u8, s.arr, s.base, target, False, cpu, data_crc=crc)
+        assert_same(state, got)
+        assert not into or got["big"] is target["big"]
+    else:
+        with pytest.raises(CorruptionError, match="fails its checksum"):
+            rebuild(s.doc, s.u8, s.arr, s.base, target, False, cpu, data_crc=crc)
+    monkeypatch.setattr(sl, "_copy_pool", None)
