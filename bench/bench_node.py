@@ -731,9 +731,9 @@ class Config:
     quick: bool
 
 
-# "sg-nice0": shardguard again, its copy thread at the trainer's priority (the default
-# lowers it by COPY_NICE): what the lower priority buys, measured in the same rounds.
-PEERS = ("shm", "disk", "disk-fsync", "dcp", "sg-nice0")
+# "sg-nice10": shardguard again, its copy thread at nice 10 (the default keeps the
+# trainer's priority): what a lower priority buys, measured in the same rounds.
+PEERS = ("shm", "disk", "disk-fsync", "dcp", "sg-nice10")
 
 
 def rank_main(rank: int, conf: Config, port: int, out_path: str) -> None:
@@ -847,8 +847,8 @@ def make_methods(conf: Config, rank: int, agree: Any, scratch: str, disk: str) -
             methods.append(TorchSave(name, os.path.join(where, key), fsync, rank))
     if "dcp" in conf.peers:
         methods.append(DcpAsync(os.path.join(disk, "dcp"), agree))
-    if "sg-nice0" in conf.peers:
-        methods.append(Shardguard(conf.socket, conf.job, copy_nice=0))
+    if "sg-nice10" in conf.peers:
+        methods.append(Shardguard(conf.socket, conf.job, copy_nice=10))
     return methods
 
 
