@@ -14,12 +14,9 @@ handles bytes only, never imports this module.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import math
-import os
 import pickle
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from shardguard.proto import hostmem
+from shardguard.proto import hostmem, parallel_copy
 from shardguard.proto import manifest as mf
 from shardguard.proto.arena import align_up
 from shardguard.proto.crc32c import crc32c_at, crc32c_combine
@@ -235,45 +232,6 @@ def _on_cpu(_: str) -> torch.device:
 CHECK_CHUNK_BYTES = 512 << 10
 
 
-#: Threads that copy one large leaf out of a slot (the caller and a pool): one core copies
-#: at ~12 GB/s here, two at ~16; the trainer is not running yet while it restores.
-COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
-#: Leaves below this are copied by the caller alone (a part is at least half of this).
-PARALLEL_MIN_BYTES = 8 << 20
-_copy_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_copy_pool_lock = threading.Lock()
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _copy_pool
-    with _copy_pool_lock:
-        if _copy_pool is None:
-            _copy_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=COPY_THREADS - 1, thread_name_prefix="sg-restore-copy")
-        return _copy_pool
-
-
-def _parts(n: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges, whole chunks but the last, splitting ``n`` bytes among the threads."""
-    ways = min(COPY_THREADS, n // (PARALLEL_MIN_BYTES // 2)) if n >= PARALLEL_MIN_BYTES else 1
-    if ways <= 1:
-        return [(0, n)]
-    step = -(-n // ways // CHECK_CHUNK_BYTES) * CHECK_CHUNK_BYTES
-    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-
-
-def _copy_part(dst: int, src: int, lo: int, hi: int, check: bool) -> int:
-    """Copy bytes [lo, hi) from ``src`` to ``dst`` (ctypes drops the GIL in memmove and
-    in ISA-L), chunk by chunk; the CRC32C of the copied bytes when ``check``, else 0."""
-    crc = 0
-    for o in range(lo, hi, CHECK_CHUNK_BYTES):
-        c = min(CHECK_CHUNK_BYTES, hi - o)
-        ctypes.memmove(dst + o, src + o, c)
-        if check:
-            crc = crc32c_at(dst + o, c, crc)
-    return crc
-
-
 class _Slot:
     """A slot's data region read out in address order: copied, each chunk checksummed
     right after its copy, or viewed (``copy=False``).
@@ -308,24 +266,13 @@ class _Slot:
         return True
 
     def to_host(self, off: int, n: int, dst: int) -> None:
-        """Copy data bytes [off, off + n) to host memory at address ``dst``: a large leaf
-        in parts on :data:`COPY_THREADS` threads (the caller's among them), each part
-        checksummed chunk by chunk from its destination and the parts' CRCs combined in
-        order, so the result is the CRC of the bytes in address order, as one thread's."""
+        """Copy data bytes [off, off + n) to host memory at address ``dst``, each chunk
+        checksummed from its destination right after its copy (a large leaf in parts on
+        several threads: proto/parallel_copy.py)."""
         if n == 0:
             return
         check = self._reach(off)
-        src = self.addr + off
-        parts = _parts(n)
-        if len(parts) == 1:
-            crc = _copy_part(dst, src, 0, n, check)
-        else:
-            futs = [_pool().submit(_copy_part, dst, src, lo, hi, check) for lo, hi in parts[1:]]
-            first = _copy_part(dst, src, *parts[0], check)
-            crc = first
-            for (lo, hi), fut in zip(parts[1:], futs):
-                c = fut.result()
-                crc = crc32c_combine(crc, c, hi - lo)
+        crc = parallel_copy.copy(dst, self.addr + off, n, CHECK_CHUNK_BYTES, check)
         if check:
             self.crc = crc32c_combine(self.crc, crc, n)
             self.pos = off + n

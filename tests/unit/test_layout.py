@@ -670,12 +670,14 @@ def test_a_large_leaf_is_copied_in_parallel_parts_and_checked_whole(
     """A leaf over PARALLEL_MIN_BYTES is copied by several threads, each part checksummed
     as it lands and the parts' CRCs combined in order: bit-exact, and a byte flipped in
     any part fails the check."""
-    import shardguard.proto.state_layout as sl
+    import shardguard.proto.parallel_copy as pc
+    from shardguard.proto.state_layout import CHECK_CHUNK_BYTES
 
-    monkeypatch.setattr(sl, "COPY_THREADS", 4)
-    monkeypatch.setattr(sl, "_copy_pool", None)
-    n = 3 * sl.PARALLEL_MIN_BYTES + 12345  # 4 parts, the last one short
-    assert len(sl._parts(n)) == 4
+    monkeypatch.setattr(pc, "COPY_THREADS", 4)
+    monkeypatch.setattr(pc, "_copy_pool", None)
+    n = 3 * pc.PARALLEL_MIN_BYTES + 12345  # 4 parts, the last one short
+    parts = pc._parts(n, CHECK_CHUNK_BYTES)
+    assert len(parts) == 4
     g = torch.Generator().manual_seed(3)
     state = {"small": torch.arange(10.0), "big": torch.randint(0, 256, (n,), dtype=torch.uint8,
                                                                 generator=g),
@@ -684,7 +686,7 @@ def test_a_large_leaf_is_copied_in_parallel_parts_and_checked_whole(
     crc = data_crc(s)
     if flip is not None:
         big = leaf_offsets(s)["big"]
-        lo = {"part-0": 17, "part-1": sl._parts(n)[1][0] + 5, "part-3": sl._parts(n)[3][0],
+        lo = {"part-0": 17, "part-1": parts[1][0] + 5, "part-3": parts[3][0],
               "last": n - 1}[flip]
         s.arr[s.base + big + lo] ^= 0x40
     target = target_for(state, False) if into else None
@@ -695,4 +697,4 @@ def test_a_large_leaf_is_copied_in_parallel_parts_and_checked_whole(
     else:
         with pytest.raises(CorruptionError, match="fails its checksum"):
             rebuild(s.doc, s.u8, s.arr, s.base, target, False, cpu, data_crc=crc)
-    monkeypatch.setattr(sl, "_copy_pool", None)
+    monkeypatch.setattr(pc, "_copy_pool", None)
