@@ -40,6 +40,7 @@ import psutil
 
 from shardguard.daemon.base import config as cfg
 from shardguard.daemon.base import procs
+from shardguard.daemon.storage.lock import DYING_WAIT_S
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import ConfigError
@@ -181,8 +182,7 @@ def start(root: str, node: int, spec: ClusterSpec | None = None,
     _check_node(spec, node)
     d = spec.node_dir(root, node)
     os.makedirs(d, exist_ok=True)
-    if _alive(_pid(d)):
-        raise ConfigError(f"node {node} is already running (pid {_pid(d)})")
+    _check_slot_free(node, _pid(d))
     sock = os.path.join(d, "agent.sock")
     argv = [sys.executable, "-m", "shardguard.daemon", "--socket", sock,
              "--shm-prefix", spec.node_prefix(node), "--shm-dir", spec.node_shm_dir(root, node),
@@ -281,6 +281,22 @@ def sockets(root: str) -> list[str]:
 def _check_node(spec: ClusterSpec, node: int) -> None:
     if not 0 <= node < spec.nodes:
         raise ConfigError(f"node {node} outside the cluster's 0..{spec.nodes - 1}")
+
+
+def _check_slot_free(node: int, pid: int) -> None:
+    """Refuse a slot whose daemon runs; wait for one killed and still exiting.
+
+    A SIGKILLed daemon stays a zombie with live threads while it unmaps its arenas (and
+    holds its lock); a restart that comes at once (systemd's Restart=, a test) waits for
+    it as the daemon's own lock would (storage/lock.py), rather than being refused.
+    """
+    if procs.running(pid):
+        raise ConfigError(f"node {node} is already running (pid {pid})")
+    if procs.exiting(pid):
+        _wait_dead(pid, DYING_WAIT_S)
+        if _alive(pid):
+            raise ConfigError(f"node {node}'s daemon (pid {pid}) was killed but is still "
+                              f"exiting after {DYING_WAIT_S:.0f}s; not starting another")
 
 
 def _pid(d: str) -> int:

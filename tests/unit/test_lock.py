@@ -17,6 +17,7 @@ from shardguard.daemon.errors import ConfigError
 from shardguard.daemon.base import procs
 from shardguard.daemon.storage import lock as lock_mod
 from shardguard.daemon.storage.lock import PidLock
+from shardguard.daemon.service import cluster
 
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
@@ -131,3 +132,32 @@ def test_process_states_of_a_running_and_a_gone_process() -> None:
     gone = int(done.stdout)
     assert not procs.running(gone) and not procs.holds_resources(gone)
     assert not procs.running(0) and not procs.running(-1)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="SYS_exit is 60 on x86_64 only")
+def test_cluster_start_waits_for_a_daemon_still_exiting(tmp_path: Path) -> None:
+    """``cluster.start`` right after a kill (systemd's restart; test_daemon_faults' in-run
+    kill saw the zombie and restarted at once) waits for the dying daemon, as the
+    daemon's own lock does, instead of "node 2 is already running" (CI, stop 17)."""
+    with _dying_holder(tmp_path / "p.lock", "1.0") as holder:
+        cluster._check_slot_free(2, holder.pid)  # returns once the holder is gone
+        assert not procs.holds_resources(holder.pid)
+        assert holder.wait(timeout=10) == 0
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="SYS_exit is 60 on x86_64 only")
+def test_cluster_start_refuses_a_running_daemon_and_one_dying_too_long(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=rf"node 2 is already running \(pid {os.getpid()}\)"):
+        cluster._check_slot_free(2, os.getpid())
+    monkeypatch.setattr(cluster, "DYING_WAIT_S", 0.3)
+    with _dying_holder(tmp_path / "p.lock", "wait") as holder:
+        try:
+            with pytest.raises(ConfigError, match=rf"pid {holder.pid}\) was killed but is "
+                                                  r"still exiting"):
+                cluster._check_slot_free(2, holder.pid)
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.write(b"go\n")
+            holder.stdin.close()
+            holder.wait(timeout=10)
