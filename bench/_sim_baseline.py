@@ -78,6 +78,7 @@ def design() -> SimpleNamespace:
         Topology=Topology, ProtectionState=ProtectionState, placement_of=placement_of,
         InvalidRequestError=InvalidRequestError, build_roles=build_roles, handle=handle,
         layout=layout, offer_request=offer_request,
+        seal_token=lambda raw: 0,  # data frames carry no seal before the current tree
         mark_time=lambda world, fn: restored_at.clear(),
         restorable_everywhere=lambda world, step: all(
             nd.follower.store.rec.restorable_step == step for nd in world.nodes),

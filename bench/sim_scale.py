@@ -344,6 +344,7 @@ def one_step(world: World, step: int) -> None:
     ns, pl = world.ns, world.placement
     layouts = {i: ns.layout(i, step) for i in range(world.n)}
     ready: dict[tuple[int, int], float] = {}
+    seals: dict[tuple[int, int, int], int] = {}  # what each offer's data frames carry
     for grp in pl.groups:
         for stripe in range(grp.g):
             sources = grp.data_sources(stripe)
@@ -354,6 +355,7 @@ def one_step(world: World, step: int) -> None:
                 src = grp.nodes[pos]
                 lay = layouts[src]
                 req = ns.offer_request(JOB, step, grp, stripe, q, world.nodes[src], lay)
+                seals[(grp.group, stripe, q)] = ns.seal_token(req.layout)
                 set_now(0.0)
                 size = len(req.SerializeToString())
                 arrivals.append(world.net.transit(size))
@@ -378,7 +380,9 @@ def one_step(world: World, step: int) -> None:
                 with world.cpu.on(src):
                     node.plane.push(encoder.topo.me[1], b"data",
                                     {"job": JOB, "step": step, "group": grp.group,
-                                     "stripe": stripe, "index": q}, [memoryview(b"")])
+                                     "stripe": stripe, "index": q,
+                                     "seal": seals[(grp.group, stripe, q)]},
+                                    [memoryview(b"")])
 
 
 def run(ns: Any, n: int, g: int, m: int, latency_us: float, gbps: float, steps: int
@@ -440,7 +444,7 @@ def current_design() -> Any:
     from shardguard.daemon.transport.delivery import Delivery
     from shardguard.proto import peer_pb2 as ppb
     from shardguard.proto.meta import (NodeLayout, RankEntry, SlotDoc, StepMeta, Topology,
-                                       decode_report)
+                                       decode_report, seal_token)
 
     restored_at: dict[int, float] = {}
 
@@ -508,7 +512,7 @@ def current_design() -> Any:
                            placement_of=placement_of, build_roles=build_roles, handle=handle,
                            layout=layout, offer_request=offer_request, mark_time=mark_time,
                            restorable_everywhere=restorable_everywhere,
-                           last_restorable_time=last_restorable_time)
+                           last_restorable_time=last_restorable_time, seal_token=seal_token)
 
 
 # ---------------------------------------------------------------------- driver

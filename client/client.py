@@ -68,7 +68,8 @@ class Client:
                  allow_pickle: bool = False, force: bool = False,
                  timeout_s: float = DEFAULT_TIMEOUT_S,
                  nodes: list[tuple[str, str]] | None = None, node_index: int = 0,
-                 group_size: int = 0, parity: int = 0, tier_dir: str | None = None) -> None:
+                 group_size: int = 0, parity: int = 0, tier_dir: str | None = None,
+                 epoch: int = 0) -> None:
         self.socket_path = socket_path
         # The persistent tier's directory ("": none), read when memory holds nothing.
         self.tier_dir = os.environ.get(TIER_DIR_ENV, "") if tier_dir is None else tier_dir
@@ -84,7 +85,7 @@ class Client:
         nice = copy_nice()  # a bad setting is refused before the daemon hears of this rank
         self._session = Session(socket_path, Registration(
             job, rank, world_size, local_ranks or [rank], self.nodes, node_index, group_size,
-            parity, force), timeout_s)
+            parity, force, epoch), timeout_s)
         self._agreement = Agreement(group, rank)
         self._progress = Progress(self._session, float(os.environ.get(
             "SHARDGUARD_PROTECT_TIMEOUT_S", PROTECT_TIMEOUT_S)))
@@ -375,8 +376,8 @@ def connect_with(make_group: Callable[[], Any], socket: str | None = None,
     rank = det_rank if rank is None else rank
     world_size = det_world if world_size is None else world_size
     group = make_group()
-    m = membership(group, socket_path, rank, timeout_s, (group_size, parity))
+    m = membership(group, socket_path, rank, timeout_s, (group_size, parity), job)
     return Client(socket_path, job, rank, world_size, group=group, local_ranks=m.local_ranks,
                   allow_pickle=allow_pickle, force=force, timeout_s=timeout_s, nodes=m.nodes,
                   node_index=m.node_index, group_size=m.code[0], parity=m.code[1],
-                  tier_dir=tier_dir)
+                  tier_dir=tier_dir, epoch=m.epoch)

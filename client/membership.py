@@ -100,6 +100,7 @@ class DaemonFacts:
     tls: bool
     clock: float  # its time.time() when asked
     window_s: float  # how far peer tokens may be from a receiver's clock
+    epoch: int = 0  # the job's launch on this daemon (0: it holds no such job)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -113,10 +114,12 @@ class Membership(NamedTuple):
     nodes: list[tuple[str, str]]  # the job's nodes (control, data); [] for one node
     node_index: int
     code: tuple[int, int]  # (group_size, parity)
+    #: The launch (multi-node jobs): one more than any of the job's daemons held.
+    epoch: int = 0
 
 
 def membership(group: Any, socket_path: str, rank: int, timeout_s: float,
-               code: tuple[int, int] = (0, 0)) -> Membership:
+               code: tuple[int, int] = (0, 0), job: str = "") -> Membership:
     """This rank's node: its local ranks, the job's node list, its node index, and the
     job's (group_size, parity).
 
@@ -127,13 +130,19 @@ def membership(group: Any, socket_path: str, rank: int, timeout_s: float,
     agree), the peer secret, peer TLS and the clocks (ConfigMismatchError,
     ClockSkewError). The code is then passed explicitly at register, so every
     daemon protects the job the same way whatever its own defaults.
+
+    The launch number (``epoch``) is one more than the highest any daemon holds for
+    ``job``: every rank computes the same from the same gathered facts, and a daemon's
+    pieces of this launch are then never taken together with an older launch's still
+    in flight (daemon/roles/encoder.py).
     """
     if group is None:
         return Membership([rank], [], 0, code)
     st = ask(socket_path, "Status", pb.StatusRequest(), timeout_s)
     me = DaemonFacts(socket.gethostname(), os.path.realpath(socket_path), st.address.control,
                      st.address.data, st.default_group_size, st.default_parity,
-                     st.secret_fingerprint, st.peer_tls, st.time_unix, st.token_window_s)
+                     st.secret_fingerprint, st.peer_tls, st.time_unix, st.token_window_s,
+                     max((j.epoch for j in st.jobs if j.job == job), default=0))
     everyone = all_gather(me, group)
     daemons: dict[tuple[str, ...], DaemonFacts] = {}
     for who in everyone:
@@ -144,7 +153,7 @@ def membership(group: Any, socket_path: str, rank: int, timeout_s: float,
     nodes = list(daemons.values())
     code = check_nodes(nodes, code)
     return Membership(local, [(d.control, d.data) for d in nodes], list(daemons).index(me.key),
-                      code)
+                      code, max(d.epoch for d in nodes) + 1)
 
 
 def check_nodes(nodes: list[DaemonFacts], code: tuple[int, int]) -> tuple[int, int]:

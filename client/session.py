@@ -58,6 +58,7 @@ class Registration:
     group_size: int = 0
     parity: int = 0
     force: bool = False
+    epoch: int = 0  # the launch (client/membership.py)
 
 
 class Session:
@@ -89,7 +90,8 @@ class Session:
             job=r.job, rank=r.rank, world_size=r.world_size, slot_bytes=slot_bytes,
             pid=os.getpid(), local_ranks=r.local_ranks, force=r.force,
             nodes=[pb.NodeAddress(control=c, data=d) for c, d in r.nodes],
-            node_index=r.node_index, group_size=r.group_size, parity=r.parity))
+            node_index=r.node_index, group_size=r.group_size, parity=r.parity,
+            epoch=r.epoch))
         self.lease = reply.lease
         self.lost = False
         if self.arena is not None:

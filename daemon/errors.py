@@ -20,6 +20,7 @@ from shardguard.proto.errors import (  # noqa: F401  (re-exported)
     ShardguardError,
     SlotStateError,
     StepOrderError,
+    SupersededError,
     UnknownJobError,
     UnsafePathError,
 )

@@ -27,6 +27,11 @@ class StepOrderError(InvalidRequestError):
     """A step does not move forward from the newest restorable step."""
 
 
+class SupersededError(StepOrderError):
+    """A piece of a step whose source sealed that step again (a relaunch resumed before
+    it): the older offer or send is void, and the newer one is the step's."""
+
+
 class BudgetExceededError(ShardguardError, MemoryError):
     """The request would take the daemon past its memory budget."""
 
@@ -119,6 +124,7 @@ class IntoMismatchError(RestoreError, ValueError):
 STATUS_OF: dict[type[ShardguardError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     StepOrderError: grpc.StatusCode.FAILED_PRECONDITION,
+    SupersededError: grpc.StatusCode.FAILED_PRECONDITION,
     ManifestError: grpc.StatusCode.INVALID_ARGUMENT,
     ArenaFormatError: grpc.StatusCode.DATA_LOSS,
     UnknownJobError: grpc.StatusCode.NOT_FOUND,

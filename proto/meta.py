@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
@@ -217,6 +218,12 @@ class NodeLayout:
         return json.dumps(self.to_doc()).encode()
 
 
+def seal_token(layout: bytes) -> int:
+    """Which seal of a step an offer and its data frames come from: the encoded layout
+    names each rank's slot generation, which every new seal of the slot raises."""
+    return zlib.crc32(layout)
+
+
 # ---------------------------------------------------------------- pieces
 
 
@@ -358,6 +365,8 @@ class StripeReport:
     plen: int
     pieces: Mapping[int, PieceMeta]
     layouts: Mapping[int, NodeLayout]
+    #: The job's launch its sources sealed the step in (OfferRequest.epoch).
+    epoch: int = 0
     kind: str = field(default="stripe", init=False)
 
 
@@ -368,6 +377,7 @@ class ParityReport:
     group: int
     stripe: int
     index: int
+    epoch: int = 0  # the launch of the encoding it comes from
     kind: str = field(default="parity", init=False)
 
 
@@ -376,6 +386,7 @@ class GroupReport:
     """A group leader's to the root: every stripe and parity piece of its group is stored."""
 
     group: int
+    epoch: int = 0  # the launch of the group's stripes
     kind: str = field(default="group", init=False)
 
 
@@ -397,11 +408,12 @@ def encode_report(r: Report) -> bytes:
     if isinstance(r, StripeReport):
         doc: dict[str, Any] = {"group": r.group, "stripe": r.stripe, "plen": r.plen,
                                "pieces": {str(i): p.to_doc() for i, p in r.pieces.items()},
-                               "layouts": {str(n): lay.to_doc() for n, lay in r.layouts.items()}}
+                               "layouts": {str(n): lay.to_doc() for n, lay in r.layouts.items()},
+                               "epoch": r.epoch}
     elif isinstance(r, ParityReport):
-        doc = {"group": r.group, "stripe": r.stripe, "index": r.index}
+        doc = {"group": r.group, "stripe": r.stripe, "index": r.index, "epoch": r.epoch}
     elif isinstance(r, GroupReport):
-        doc = {"group": r.group}
+        doc = {"group": r.group, "epoch": r.epoch}
     else:
         doc = {"token": r.token, "ok": r.ok, "why": r.why, "bytes": r.bytes}
     return json.dumps({"kind": r.kind, **doc}).encode()
@@ -416,12 +428,13 @@ def decode_report(raw: bytes) -> Report:
             raise InvalidRequestError("layouts are not keyed by node number")
         return StripeReport(_int(d.get("group"), "group"), _int(d.get("stripe"), "stripe"),
                             _int(d.get("plen"), "plen"), _pieces(d.get("pieces")),
-                            {int(n): NodeLayout.from_doc(v) for n, v in layouts.items()})
+                            {int(n): NodeLayout.from_doc(v) for n, v in layouts.items()},
+                            _int(d.get("epoch", 0), "epoch"))
     if kind == "parity":
         return ParityReport(_int(d.get("group"), "group"), _int(d.get("stripe"), "stripe"),
-                            _int(d.get("index"), "index"))
+                            _int(d.get("index"), "index"), _int(d.get("epoch", 0), "epoch"))
     if kind == "group":
-        return GroupReport(_int(d.get("group"), "group"))
+        return GroupReport(_int(d.get("group"), "group"), _int(d.get("epoch", 0), "epoch"))
     if kind == "flushed":
         token = d.get("token")
         if not isinstance(token, str):

@@ -25,16 +25,17 @@ from shardguard.daemon.errors import (
     ConfigMismatchError,
     InvalidRequestError,
     PeerUnavailableError,
+    SupersededError,
 )
 from shardguard.daemon.roles import checks
 from shardguard.daemon.roles.leader import Reporter
-from shardguard.daemon.roles.state import Encoding, ProtectionState
+from shardguard.daemon.roles.state import Encoding, JobState, ProtectionState
 from shardguard.daemon.storage.pieces import PieceFiles
 from shardguard.daemon.storage.store import Store
 from shardguard.daemon.transport.dataplane import DataPlane
 from shardguard.daemon.transport.delivery import Delivery
 from shardguard.proto import peer_pb2 as ppb
-from shardguard.proto.meta import NodeLayout, PieceMeta, StripeReport
+from shardguard.proto.meta import NodeLayout, PieceMeta, StripeReport, seal_token
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,28 @@ class Encoder:
         st = self.state.job(req.job)
         key = (req.step, req.group, req.stripe)
         with self.state.lock:
-            enc = st.encodings.setdefault(key, Encoding(grp, req.stripe))
-            enc.offers[req.index] = req
+            if req.epoch < st.epoch:
+                raise SupersededError(
+                    f"job {req.job} step {req.step}: node {req.node}'s offer is of launch "
+                    f"{req.epoch}; launch {st.epoch} of the job offers here now")
+            if req.epoch > st.epoch:
+                self._void_older(req.job, st, req.epoch)
+            enc = st.encodings.get(key)
+            prev = enc.offers.get(req.index) if enc is not None else None
+            if enc is not None and enc.ready.is_set() and prev is not None \
+                    and prev.layout != req.layout:
+                # The source sealed this step again (a relaunch resumed before it) while
+                # the stripe was under way: it starts over from this offer; the old one's
+                # frames are refused and its parity never reported.
+                with enc.lock:
+                    enc.superseded = True
+                logger.info("group %d stripe %d: node %d sealed the step again; the stripe "
+                            "starts over", req.group, req.stripe, req.node,
+                            extra={"job": req.job, "step": req.step})
+                enc = None
+            if enc is None:
+                enc = st.encodings[key] = Encoding(grp, req.stripe, req.epoch)
+            enc.offers[req.index] = req  # a newer seal's offer replaces an older one
             enc.got.setdefault(req.index, 0)
             if len(enc.offers) == grp.k and not enc.ready.is_set():
                 enc.piece_bytes = stripe_piece_bytes(o.piece_bytes for o in enc.offers.values())
@@ -89,7 +110,26 @@ class Encoder:
             raise PeerUnavailableError(
                 f"job {req.job} step {req.step} group {req.group} stripe {req.stripe}: only "
                 f"{len(enc.offers)} of {grp.k} sources offered")
+        if enc.superseded or enc.offers.get(req.index) is not req:
+            raise SupersededError(
+                f"job {req.job} step {req.step} group {req.group} stripe {req.stripe} piece "
+                f"{req.index} from node {req.node}: void, the stripe started over (a newer "
+                f"seal or launch of the step)")
         return enc.piece_bytes
+
+    def _void_older(self, job: str, st: JobState, epoch: int) -> None:
+        """A newer launch offers here: every encoding of an older one is void (its waiting
+        offers are answered SupersededError, its frames refused, its parity unreported).
+        Called under the state lock."""
+        st.epoch = epoch
+        for key, enc in list(st.encodings.items()):
+            if enc.epoch < epoch:
+                with enc.lock:
+                    enc.superseded = True
+                enc.ready.set()  # wakes its waiting offers: they see it is void
+                del st.encodings[key]
+        logger.info("launch %d of the job offers here: older launches' stripes are void",
+                    epoch, extra={"job": job})
 
     def on_data(self, h: dict[str, Any], payload: memoryview) -> None:
         """A frame of a data piece (the data plane calls this on its thread)."""
@@ -104,12 +144,17 @@ class Encoder:
         q, off, n = int(h["index"]), int(h["off"]), int(h["n"])
         topo = self.store.job(job).topology
         faults.point("mid-encode", step, topo.node_index if topo else None)
-        offer = enc.offers[q]
+        offer = enc.offers.get(q)
+        if offer is None or h.get("seal") != seal_token(offer.layout):
+            raise SupersededError(f"frame of piece {q} of {where}: not the seal offered")
         if n != len(payload) or off < 0 or off + n > offer.real_bytes:
             raise InvalidRequestError(f"frame [{off}, +{n}) outside piece {q} of {where}")
         if n:
             codec = self.codecs.get(enc.group.k, enc.group.m)
-            with self.store.metrics.encoding(job, n):
+            with enc.lock, self.store.metrics.encoding(job, n):
+                if enc.superseded:
+                    raise SupersededError(f"frame of piece {q} of {where}: the stripe started "
+                                          f"over")
                 codec.encode_update(q, payload, [p[off:off + n] for p in enc.parity])
         with self.state.arrived:
             enc.got[q] += n
@@ -128,16 +173,22 @@ class Encoder:
             pieces = {q: PieceMeta(o.node, o.real_bytes, o.crc) for q, o in enc.offers.items()}
             faults.point("partial-parity", step, topo.node_index)
             for j, par in enumerate(enc.parity):
+                if enc.superseded:
+                    break  # no older parity goes out once the stripe started over
                 holder = grp.nodes[grp.parity_holders(stripe)[j]]
                 crc = crc32c(par)
                 pieces[grp.k + j] = PieceMeta(holder, enc.piece_bytes, crc)
                 if j:
                     self._forward(job, step, topo.nodes[holder], holder, group, stripe,
-                                  grp.k + j, enc.piece_bytes, crc, par)
+                                  grp.k + j, enc.piece_bytes, crc, par, enc.ident, enc.epoch)
             layouts = {o.node: NodeLayout.decode(o.layout) for o in enc.offers.values()}
             enc.parity[1:] = []
+            if enc.superseded:  # a newer seal of the step took the stripe over
+                logger.info("group %d stripe %d: started over; the older parity is not "
+                            "reported", group, stripe, extra={"job": job, "step": step})
+                return
             self.reporter.send(job, step, topo, StripeReport(group, stripe, enc.piece_bytes,
-                                                             pieces, layouts))
+                                                             pieces, layouts, enc.epoch))
         except Exception as exc:  # noqa: BLE001
             logger.exception("group %d stripe %d: finishing failed", group, stripe,
                              extra={"job": job, "step": step})
@@ -145,13 +196,15 @@ class Encoder:
                                                f"step {step}")
 
     def _forward(self, job: str, step: int, address: tuple[str, str], holder: int, group: int,
-                 stripe: int, index: int, plen: int, crc: int, par: Any) -> None:
+                 stripe: int, index: int, plen: int, crc: int, par: Any, encoding: int,
+                 epoch: int) -> None:
         """Parity ``index >= k+1`` to its holder, until it says every byte arrived."""
         control, data = address
         where = ppb.ReceivedRequest(job=job, step=step, group=group, stripe=stripe, index=index)
         self.plane.push(data, b"parity", {"job": job, "step": step, "group": group,
                                            "stripe": stripe, "index": index, "plen": plen,
-                                           "crc": crc}, [par.data],
+                                           "crc": crc, "encoding": encoding,
+                                           "epoch": epoch}, [par.data],
                         delivered=lambda: self.delivery.confirm(where, len(par), holder,
                                                                 control, data))
         self.store.metrics.bytes_sent(job, "parity", len(par))

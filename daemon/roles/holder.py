@@ -46,13 +46,16 @@ class Holder:
                                       f"group {group} stripe {stripe}")
         st = self.state.job(job)
         key = (step, group, stripe, index)
+        encoding, epoch = int(h.get("encoding", 0)), int(h.get("epoch", 0))
         with self.state.lock:
             held = st.holdings.get(key)
-            if held is None:
+            if held is None or held.encoding != encoding:
+                # New, or the stripe started over (a relaunch sealed the step again): the
+                # newer encoding's piece replaces the older one from its first frame.
                 plen = int(h["plen"])
                 checks.piece_size(plen, self.store.budget_bytes, "plen")
                 held = Holding(self.pieces.create(job, step, group, stripe, index, plen),
-                               int(h["crc"]))
+                               int(h["crc"]), encoding, epoch)
                 st.holdings[key] = held
         off, n = int(h["off"]), int(h["n"])
         if n != len(payload) or off < 0 or off + n > len(held.piece):
@@ -73,7 +76,7 @@ class Holder:
             return
         try:
             topo = checks.topology_of(self.store, job)
-            self.reporter.send(job, step, topo, ParityReport(group, stripe, index))
+            self.reporter.send(job, step, topo, ParityReport(group, stripe, index, held.epoch))
         except Exception as exc:  # noqa: BLE001 - the step is never restorable; say why
             logger.warning("parity %s: report failed: %s", key, exc,
                            extra={"job": job, "step": step})

@@ -91,7 +91,27 @@ class GroupLeader:
         with self.state.lock:
             col = st.collected.setdefault(step, Collected())
             where = (report.group, report.stripe)
+            if report.epoch < col.epoch:
+                logger.info("group %d stripe %d: a report of launch %d, older than launch %d's "
+                            "of the step: ignored", report.group, report.stripe, report.epoch,
+                            col.epoch, extra={"job": job, "step": step})
+                return
+            if report.epoch > col.epoch:
+                # A relaunch sealed the step again: what an older launch reported is void.
+                col.stripes, col.parity, col.meta = {}, set(), None
+                col.epoch = report.epoch
             if isinstance(report, StripeReport):
+                stale = _other_seal(col, report)
+                if stale:
+                    # A source sealed the step again (a relaunch resumed before it): the
+                    # stripes reported of its older seal are void; the group's metadata is
+                    # built from one seal of each node, never a mix.
+                    logger.info("group %d: node(s) %s sealed the step again; %d stripe "
+                                "report(s) of the older seal dropped", report.group,
+                                sorted(stale), len(col.stripes) - len(_keep(col, report)),
+                                extra={"job": job, "step": step})
+                    col.stripes = _keep(col, report)
+                    col.meta = None
                 col.stripes[where] = report
             else:
                 col.parity.add((where, report.index))
@@ -100,7 +120,7 @@ class GroupLeader:
             if complete:
                 col.meta = _group_meta(job, step, topo, grp, col)
         if complete:
-            self.reporter.send(job, step, topo, GroupReport(grp.group))
+            self.reporter.send(job, step, topo, GroupReport(grp.group, col.epoch))
 
     def commit(self, job: str, step: int, tier: str) -> None:
         """The root says every group stored ``step``: announce it to this group's nodes."""
@@ -136,11 +156,25 @@ class GroupLeader:
                 logger.warning("announce failed: %s", exc, extra={"job": job, "step": step})
 
 
+def _other_seal(col: Collected, report: StripeReport) -> set[int]:
+    """The nodes whose layout in ``report`` differs from the one collected reports name."""
+    return {n for rep in col.stripes.values() for n, lay in rep.layouts.items()
+            if n in report.layouts and report.layouts[n] != lay}
+
+
+def _keep(col: Collected, report: StripeReport) -> dict[tuple[int, int], StripeReport]:
+    """The collected stripe reports whose every layout agrees with ``report``'s."""
+    return {k: r for k, r in col.stripes.items()
+            if all(report.layouts.get(n, lay) == lay for n, lay in r.layouts.items())}
+
+
 def _group_meta(job: str, step: int, topo: Topology, grp: placement.GroupLayout,
                 col: Collected) -> StepMeta:
     layouts: dict[int, NodeLayout] = {}
     for rep in col.stripes.values():
-        layouts.update(rep.layouts)
+        for node, lay in rep.layouts.items():
+            if layouts.setdefault(node, lay) != lay:  # report() keeps one seal per node
+                raise InvalidRequestError(f"job {job} step {step}: two layouts of node {node}")
     return StepMeta(job, step, topo.code, grp.group, {n: topo.nodes[n] for n in grp.nodes},
                     layouts, {k: StripeMeta(r.plen, dict(r.pieces))
                               for k, r in col.stripes.items()})

@@ -50,7 +50,7 @@ class Root:
         self.claim: Claim | None = None
         self.on_flushed: OnFlushed | None = None
 
-    def group_stored(self, job: str, step: int, group: int) -> None:
+    def group_stored(self, job: str, step: int, group: int, epoch: int = 0) -> None:
         topo = self._topology(job)
         pl = placement.placement_of(topo)
         if not 0 <= group < len(pl.groups):
@@ -58,6 +58,12 @@ class Root:
         st = self.state.job(job)
         with self.state.lock:
             col = st.collected.setdefault(step, Collected())
+            if epoch < col.groups_epoch:
+                logger.info("group %d stored the step in launch %d, older than %d: ignored",
+                            group, epoch, col.groups_epoch, extra={"job": job, "step": step})
+                return
+            if epoch > col.groups_epoch and not col.committed:
+                col.groups, col.groups_epoch = set(), epoch  # an older launch's are void
             col.groups.add(group)
             complete = len(col.groups) == len(pl.groups) and not col.committed
             if complete:

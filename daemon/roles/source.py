@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 
 from shardguard.daemon.base import faults
 from shardguard.daemon.base.stalls import Stalls
 from shardguard.daemon.coding import placement
 from shardguard.daemon.coding.checksum import SegmentCrcs, crc_of, range_crc, slice_segments
-from shardguard.daemon.errors import ShardguardError
+from shardguard.daemon.errors import ShardguardError, SupersededError
 from shardguard.daemon.storage.store import Store
 from shardguard.daemon.transport.dataplane import DataPlane
 from shardguard.daemon.transport.delivery import Delivery
 from shardguard.daemon.transport.peer_client import PeerClients
 from shardguard.proto import peer_pb2 as ppb
-from shardguard.proto.meta import NodeLayout, RankEntry, SlotDoc, Topology
+from shardguard.proto.meta import NodeLayout, RankEntry, SlotDoc, Topology, seal_token
 
 logger = logging.getLogger(__name__)
+
+#: Times a piece is offered again when its encoder started the stripe over for another
+#: node's newer seal of the step (each restart needs one more relaunched node's offer).
+RESTARTS = 4
 
 
 class Source:
@@ -37,33 +42,57 @@ class Source:
                  pool: concurrent.futures.Executor, stalls: Stalls, timeout_s: float) -> None:
         self.store, self.peers, self.plane, self.delivery = store, peers, plane, delivery
         self.pool, self.stalls, self.timeout_s = pool, stalls, timeout_s
+        # The seal (seal_token of its layout) each (job, step) being sent is of: a relaunch
+        # that seals a step again supersedes a send of it still under way (blocked in an
+        # offer, say), which then ends quietly instead of pushing the older seal's bytes.
+        self._sending: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
 
     def on_node_sealed(self, job: str, step: int) -> None:
         """Every local rank sealed ``step`` (the store calls this): send, on a pool thread."""
         self.pool.submit(self._send_step, job, step)
 
     def _send_step(self, job: str, step: int) -> None:
+        token = None
         try:
             topo = self.store.job(job).topology
             assert topo is not None
             faults.point("sealed", step, topo.node_index)
             grp = placement.placement_of(topo).group_of(topo.node_index)
+            epoch = self.store.job(job).epoch  # the launch whose ranks sealed it
             segs, layout, infos = self._payload(job, step, grp.k)
+            raw = layout.encode()
+            token = seal_token(raw)
+            with self._lock:
+                self._sending[(job, step)] = token
             jobs = []
             for ref in grp.data_pieces(grp.position(topo.node_index)):
                 start, length = placement.piece_span(layout.bytes, ref.index, layout.plen)
                 end = start + length
                 jobs.append(self.pool.submit(
                     self._offer_and_send, job, step, topo, grp, ref.stripe, ref.index, layout,
-                    slice_segments(segs, start, end),
+                    raw, epoch, slice_segments(segs, start, end),
                     lambda a=start, b=end: range_crc(segs, infos, a, b)))
             for j in jobs:
                 j.result()
-        except ShardguardError as exc:  # a peer's answer: named, the step never restorable
-            self.stalls.record_error(job, exc, f"sending this node's pieces of step {step}")
         except Exception as exc:  # noqa: BLE001 - the step is simply never restorable
-            logger.exception("sending pieces failed", extra={"job": job, "step": step})
-            self.stalls.record_error(job, exc, f"sending this node's pieces of step {step}")
+            if self._superseded(job, step, token) or isinstance(exc, SupersededError):
+                logger.info("step %d was sealed again here; the older send ends: %s", step,
+                            exc, extra={"job": job, "step": step})
+            else:
+                if not isinstance(exc, ShardguardError):  # a peer's answer needs no trace
+                    logger.exception("sending pieces failed", extra={"job": job, "step": step})
+                self.stalls.record_error(job, exc, f"sending this node's pieces of step {step}")
+        finally:
+            with self._lock:
+                if token is not None and self._sending.get((job, step)) == token:
+                    del self._sending[(job, step)]
+
+    def _superseded(self, job: str, step: int, token: int | None) -> bool:
+        """A newer seal of ``step`` is being sent (or was) since this send began."""
+        with self._lock:
+            now = self._sending.get((job, step))
+        return token is not None and now is not None and now != token
 
     def _payload(self, job: str, step: int, k: int
                  ) -> tuple[list[memoryview], NodeLayout, list[SegmentCrcs]]:
@@ -84,18 +113,41 @@ class Source:
 
     def _offer_and_send(self, job: str, step: int, topo: Topology,
                         grp: placement.GroupLayout, stripe: int, q: int, layout: NodeLayout,
-                        bufs: list[memoryview], crc: object = None) -> None:
+                        raw: bytes, epoch: int, bufs: list[memoryview],
+                        crc: object = None) -> None:
+        token = seal_token(raw)
+        checksum = crc() if callable(crc) else crc_of(bufs)
+        for attempt in range(1, RESTARTS + 2):
+            try:
+                self._offer_and_push(job, step, topo, grp, stripe, q, layout, raw, epoch,
+                                     bufs, checksum, token)
+                return
+            except SupersededError:
+                if attempt > RESTARTS or self._superseded(job, step, token):
+                    raise
+                # This seal is still this node's newest: another node's newer seal made
+                # the encoder start the stripe over (a relaunch's offers can meet older
+                # ones there in any order). Offer again, into the new encoding.
+                logger.info("group %d stripe %d: the encoder started over; offering piece "
+                            "%d again", grp.group, stripe, q, extra={"job": job, "step": step})
+
+    def _offer_and_push(self, job: str, step: int, topo: Topology,
+                        grp: placement.GroupLayout, stripe: int, q: int, layout: NodeLayout,
+                        raw: bytes, epoch: int, bufs: list[memoryview], checksum: int,
+                        token: int) -> None:
         real = sum(len(b) for b in bufs)
         encoder = grp.nodes[grp.encoder(stripe)]
         control, data = topo.nodes[encoder]
         self.peers.stub(control).Offer(ppb.OfferRequest(
             job=job, step=step, stripe=stripe, group=grp.group, index=q, node=topo.node_index,
-            piece_bytes=layout.plen, real_bytes=real,
-            crc=crc() if callable(crc) else crc_of(bufs), layout=layout.encode(),
-            topology=topo.describe()), timeout=self.timeout_s)
-        where = ppb.ReceivedRequest(job=job, step=step, group=grp.group, stripe=stripe, index=q)
+            piece_bytes=layout.plen, real_bytes=real, crc=checksum, layout=raw,
+            topology=topo.describe(), epoch=epoch), timeout=self.timeout_s)
+        if self._superseded(job, step, token):  # the slot's bytes may be the newer seal's
+            raise SupersededError(f"step {step} was sealed again on this node")
+        where = ppb.ReceivedRequest(job=job, step=step, group=grp.group, stripe=stripe, index=q,
+                                    seal=token)
         self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
-                                         "stripe": stripe, "index": q}, bufs,
+                                         "stripe": stripe, "index": q, "seal": token}, bufs,
                         on_frame=lambda: faults.point("mid-transfer", step, topo.node_index),
                         delivered=lambda: self.delivery.confirm(where, real, encoder, control,
                                                                 data))

@@ -8,6 +8,7 @@ store, the step metadata and the parity files).
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shardguard.daemon.coding.placement import GroupLayout
-from shardguard.daemon.errors import ShardguardError
+from shardguard.daemon.errors import ShardguardError, SupersededError
 from shardguard.proto import peer_pb2 as ppb
-from shardguard.proto.meta import StepMeta, StripeKey, StripeReport
+from shardguard.proto.meta import StepMeta, StripeKey, StripeReport, seal_token
 
 
 @dataclass
@@ -26,12 +27,21 @@ class Encoding:
 
     group: GroupLayout
     stripe: int
+    #: The job's launch its offers were sealed in (OfferRequest.epoch): one only.
+    epoch: int = 0
     offers: dict[int, ppb.OfferRequest] = field(default_factory=dict)
     got: dict[int, int] = field(default_factory=dict)
     piece_bytes: int = 0
     parity: list[np.ndarray] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
+    #: A source sealed the step again (a relaunch) after this stripe was under way: it
+    #: is replaced by a new encoding; its frames are refused, its parity never reported.
+    superseded: bool = False
+    #: Held while a frame is folded in and while the encoding is superseded.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: This encoding among the stripe's (parity forwards carry it to their holders).
+    ident: int = field(default_factory=lambda: secrets.randbits(63))
 
 
 @dataclass
@@ -40,6 +50,9 @@ class Holding:
 
     piece: np.ndarray
     crc: int
+    #: The encoding it comes from (:attr:`Encoding.ident`): another one's piece restarts it.
+    encoding: int = 0
+    epoch: int = 0  # the encoding's launch
     got: int = 0
 
 
@@ -51,9 +64,12 @@ class Collected:
     parity: set[tuple[StripeKey, int]] = field(default_factory=set)
     #: The group's metadata, once every stripe and parity piece of it is stored.
     meta: StepMeta | None = None
+    #: The launch the leader's reports above are of (a newer launch's replace them).
+    epoch: int = 0
     #: The root's: the groups that stored the step; committed once all did.
     groups: set[int] = field(default_factory=set)
     committed: bool = False
+    groups_epoch: int = 0  # the launch the root's groups are of
 
 
 @dataclass
@@ -65,6 +81,9 @@ class JobState:
     collected: dict[int, Collected] = field(default_factory=dict)
     #: Why the last catch-up failed; restore raises it on every rank until one succeeds.
     failure: ShardguardError | None = None
+    #: The newest launch whose offers this node took as an encoder: an older launch's
+    #: are refused (SupersededError), its encodings void.
+    epoch: int = 0
 
 
 class ProtectionState:
@@ -112,18 +131,24 @@ class ProtectionState:
             self._jobs.pop(job, None)
 
     def wait_received(self, job: str, step: int, group: int, stripe: int, index: int,
-                      want: int, wait_s: float) -> int:
-        """Bytes of a pushed piece that arrived, once ``want`` did or ``wait_s`` passed."""
+                      want: int, wait_s: float, seal: int = 0) -> int:
+        """Bytes of a pushed piece that arrived, once ``want`` did or ``wait_s`` passed.
+
+        Raises:
+            SupersededError: ``seal`` (non-zero) names a data piece's seal that its stripe
+                no longer holds: the stripe started over (the sender offers again).
+        """
         deadline = time.monotonic() + wait_s
         with self.arrived:
             while True:
-                got = self.received(job, step, group, stripe, index)
+                got = self.received(job, step, group, stripe, index, seal)
                 left = deadline - time.monotonic()
                 if got >= want or left <= 0:
                     return got
                 self.arrived.wait(left)
 
-    def received(self, job: str, step: int, group: int, stripe: int, index: int) -> int:
+    def received(self, job: str, step: int, group: int, stripe: int, index: int,
+                 seal: int = 0) -> int:
         """Bytes of a pushed piece that arrived: parity at its holder, data at its encoder."""
         st = self.peek(job)
         if st is None:
@@ -132,4 +157,10 @@ class ProtectionState:
         if held is not None:
             return held.got
         enc = st.encodings.get((step, group, stripe))
+        if seal and enc is not None:
+            offer = enc.offers.get(index)
+            if enc.superseded or offer is None or seal_token(offer.layout) != seal:
+                raise SupersededError(f"job {job} step {step} group {group} stripe {stripe} "
+                                      f"piece {index}: the stripe started over with another "
+                                      f"seal; offer again")
         return enc.got.get(index, 0) if enc is not None else 0

@@ -52,7 +52,7 @@ class AgentService(pb_grpc.AgentServicer):
     def Register(self, req: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         topology = self._topology(req)
         r = self.store.register(req.job, req.rank, req.world_size, req.slot_bytes, req.pid,
-                                list(req.local_ranks), req.force, topology)
+                                list(req.local_ranks), req.force, topology, req.epoch)
         if self.roles is not None and self.roles.exit_flush is not None:
             self.roles.exit_flush.saw_trainer(req.job)
         reply = pb.RegisterReply(arena_path=r.arena_path, arena_bytes=r.arena_bytes,

@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 import grpc
 
 from shardguard.daemon.base.stalls import Cause, Stalls
-from shardguard.daemon.errors import InvalidRequestError, NoSpaceError
+from shardguard.daemon.errors import InvalidRequestError, NoSpaceError, SupersededError
 from shardguard.proto.errors import ERROR_METADATA_KEY, ShardguardError, status_of
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,10 @@ def handler(fn: F) -> F:
                     stalls.record(job, Cause.NO_SPACE, str(full))
                 raise full from None
         except ShardguardError as exc:
-            logger.warning("%s refused: %s: %s", fn.__name__, type(exc).__name__, exc,
-                           extra=_log_context(request))
+            # A void offer of an older seal is the normal end of a relaunch's overlap.
+            level = logging.INFO if isinstance(exc, SupersededError) else logging.WARNING
+            logger.log(level, "%s refused: %s: %s", fn.__name__, type(exc).__name__, exc,
+                       extra=_log_context(request))
             context.set_trailing_metadata(((ERROR_METADATA_KEY, type(exc).__name__),))
             context.abort(status_of(exc), str(exc))
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one request

@@ -75,7 +75,7 @@ class PeerService(ppb_grpc.PeerServicer):
         state: ProtectionState = self.roles.state
         return ppb.ReceivedReply(got=state.wait_received(
             req.job, req.step, req.group, req.stripe, req.index, req.want,
-            min(req.wait_ms, RECEIVED_WAIT_MS) / 1000))
+            min(req.wait_ms, RECEIVED_WAIT_MS) / 1000, req.seal))
 
     @handler
     def Flush(self, req: ppb.FlushRequest, context: grpc.ServicerContext) -> ppb.FlushReply:

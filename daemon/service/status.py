@@ -44,7 +44,7 @@ def status(store: Store, roles: Roles | None, stalls: Stalls, probe: Any, info: 
         reply.peer_tls = roles.reach.tls
     for rec in jobs:
         js = reply.jobs.add(job=rec.job, world_size=rec.world_size,
-                            local_ranks=list(rec.local_ranks))
+                            local_ranks=list(rec.local_ranks), epoch=rec.epoch)
         if rec.restorable_step is not None:
             js.restorable_step = rec.restorable_step
         stall = stalls.get(rec.job)

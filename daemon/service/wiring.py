@@ -167,7 +167,7 @@ def _local_reports(leader: GroupLeader, root: Root) -> Any:
         if isinstance(report, (StripeReport, ParityReport)):
             leader.report(job, step, report)
         elif isinstance(report, GroupReport):
-            root.group_stored(job, step, report.group)
+            root.group_stored(job, step, report.group, report.epoch)
         elif isinstance(report, FlushedReport):
             root.flushed(job, step, node, report)
 

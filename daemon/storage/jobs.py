@@ -103,8 +103,9 @@ class Jobs:
 
     def register(self, job: str, rank: int, world_size: int, slot_bytes: int, pid: int,
                  local_ranks: Iterable[int], force: bool = False,
-                 topology: Topology | None = None) -> Registration:
-        """Claim (job, rank) for process ``pid``; create or grow its arena."""
+                 topology: Topology | None = None, epoch: int = 0) -> Registration:
+        """Claim (job, rank) for process ``pid``; create or grow its arena. ``epoch``: the
+        job's launch (multi-node jobs; the record keeps the highest it was given)."""
         local = _check_register_args(job, rank, world_size, slot_bytes, local_ranks)
         slot_bytes = fmt.align_up(slot_bytes)
         started = _process_start(pid)
@@ -140,6 +141,7 @@ class Jobs:
                 raise
             rec.local_ranks = local
             rec.topology = topology
+            rec.epoch = max(rec.epoch, epoch)
             rec.ranks[rank] = rr
             self._jobs[job] = rec
             # A new claim is a new incarnation of the rank: what it was writing is gone.

@@ -86,6 +86,9 @@ class JobRecord:
     previous_step: int | None = None
     # Multi-node jobs: the node list, this node's number, the code (proto/meta.py).
     topology: Topology | None = None
+    # Multi-node jobs: the launch the ranks registered in (RegisterRequest.epoch); this
+    # node's pieces carry it (roles/source.py). Only ever grows.
+    epoch: int = 0
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class ShmFiles:
             "local_ranks": list(rec.local_ranks), "restorable_step": rec.restorable_step,
             "previous_step": rec.previous_step,
             "topology": rec.topology.to_doc() if rec.topology is not None else None,
+            "epoch": rec.epoch,
             "written": time.time(),
             "ranks": {str(r): {"slot_bytes": rr.slot_bytes,
                                "slots": [_slot_doc(s) for s in rr.slots]}
@@ -165,7 +166,7 @@ class ShmFiles:
                         restorable_step=meta["restorable_step"],
                         previous_step=meta.get("previous_step"),
                         topology=Topology.from_doc(meta["topology"]) if meta.get("topology")
-                        else None)
+                        else None, epoch=meta.get("epoch", 0))
         try:
             self._load_ranks(rec, meta)
         except BaseException:
@@ -222,6 +223,8 @@ def _check_meta_types(meta: dict[str, Any]) -> None:
     for key in ("restorable_step", "previous_step"):
         if meta.get(key) is not None and not is_int(meta[key]):
             raise ValueError(f"{key} is not an integer")
+    if not is_int(meta.get("epoch", 0)) or meta.get("epoch", 0) < 0:
+        raise ValueError("epoch is not a launch number")
     local = meta.get("local_ranks")
     if not isinstance(local, list) or not all(is_int(r) for r in local):
         raise ValueError("local_ranks is not a list of ranks")

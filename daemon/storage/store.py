@@ -149,10 +149,10 @@ class Store:
 
     def register(self, job: str, rank: int, world_size: int, slot_bytes: int, pid: int,
                  local_ranks: Iterable[int], force: bool = False,
-                 topology: Topology | None = None) -> Registration:
+                 topology: Topology | None = None, epoch: int = 0) -> Registration:
         """Claim (job, rank) for process ``pid``; create or grow its arena."""
         return self._jobs.register(job, rank, world_size, slot_bytes, pid, local_ranks, force,
-                                   topology)
+                                   topology, epoch)
 
     def unregister(self, job: str, rank: int, lease: str) -> None:
         self._jobs.unregister(job, rank, lease)

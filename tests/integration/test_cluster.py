@@ -114,6 +114,11 @@ def test_lost_node_is_rebuilt_and_the_run_resumes_bit_exact(local_cluster, refer
     restored = restored_steps(out, 4)
     assert len(restored) == 1 and restored != {"None"}, restored
     assert "rebuilt ranks [%d]" % lost in (root / f"node-{lost}" / "daemon.log").read_text()
+    # The step the relaunch sealed again becomes restorable (tests/unit/test_reseal.py):
+    # the older seal's sends, still blocked in their offers, no longer stall it.
+    assert "not restorable after" not in (out / "trainer.log").read_text(), trainer_log(out)
+    # The relaunch is the job's second launch on every node, the replacement's too.
+    assert [status(root, n).jobs[0].epoch for n in range(4)] == [2] * 4
 
 
 def test_more_than_parity_lost_fails_clearly_on_every_rank(local_cluster, tmp_path: Path) -> None:
