@@ -122,14 +122,15 @@ class Encoder:
         offers are answered SupersededError, its frames refused, its parity unreported).
         Called under the state lock."""
         st.epoch = epoch
-        for key, enc in list(st.encodings.items()):
-            if enc.epoch < epoch:
-                with enc.lock:
-                    enc.superseded = True
-                enc.ready.set()  # wakes its waiting offers: they see it is void
-                del st.encodings[key]
-        logger.info("launch %d of the job offers here: older launches' stripes are void",
-                    epoch, extra={"job": job})
+        void = [key for key, enc in st.encodings.items() if enc.epoch < epoch]
+        for key in void:
+            enc = st.encodings.pop(key)
+            with enc.lock:
+                enc.superseded = True
+            enc.ready.set()  # wakes its waiting offers: they see it is void
+        if void:
+            logger.info("launch %d of the job offers here: %d stripe(s) of older launches "
+                        "void", epoch, len(void), extra={"job": job})
 
     def on_data(self, h: dict[str, Any], payload: memoryview) -> None:
         """A frame of a data piece (the data plane calls this on its thread)."""
