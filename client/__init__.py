@@ -13,6 +13,7 @@ A DistributedDataParallel wrapper's gradient bucket order, for a bit-exact resum
 ``ddp_state``/``load_ddp_state`` (``shardguard.client.ddp``).
 """
 
+import shardguard.proto  # noqa: F401, I001 - first: gRPC's fork default (proto/__init__.py)
 from shardguard.client.client import Client, SnapshotHandle, connect
 from shardguard.client.dcp import (
     ShardguardReader,
