@@ -15,8 +15,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import grpc
-import pytest
+# Before gRPC is imported: this process forks daemons and trainers while its own
+# channels are busy, and gRPC's fork handlers (on by default in grpcio 1.85) hung it
+# inside fork() (make test, test_hostile_local). shardguard.proto sets the same default
+# for trainers and daemons; here grpc comes first (tests/integration/test_fork_safety.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402
+import pytest  # noqa: E402
 
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
