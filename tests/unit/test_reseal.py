@@ -387,3 +387,31 @@ def test_the_leader_and_root_keep_the_newest_launchs_reports() -> None:
     assert [(r.group, r.epoch) for r in reporter.sent] == [(0, 2)]
     assert col.meta is not None and all(
         lay.ranks[0].record.generation == 2 for lay in col.meta.layouts.values())
+
+
+def test_the_root_commits_a_step_from_the_newest_launchs_groups_only() -> None:
+    """Two groups of 4 (8 nodes): group 1 stored the step in launch 1, then the job was
+    relaunched; launch 2's group 0 alone must not complete the step with launch 1's
+    group 1, and a late launch-1 report changes nothing."""
+    from shardguard.daemon.roles.root import Root
+
+    topo = Topology(tuple((f"127.0.0.1:{100 + i}", f"127.0.0.1:{200 + i}") for i in range(8)),
+                    0, 4, 1)
+    committed: list[tuple[str, int]] = []
+
+    class _Peers:
+        def stub(self, address: str) -> Any:
+            class _S:
+                def Commit(self, req: Any, timeout: float) -> None:
+                    committed.append((address, req.step))
+            return _S()
+
+    root = Root(_Store(topo), ProtectionState(), _Peers(), _Inline(), 5.0)  # type: ignore[arg-type]
+    root.commit_here = lambda job, step, token: committed.append(("here", step))
+    root.group_stored(JOB, STEP, 1, 1)
+    root.group_stored(JOB, STEP, 0, 2)  # launch 2: launch 1's group 1 is void
+    assert committed == []
+    root.group_stored(JOB, STEP, 1, 1)  # late, launch 1: ignored
+    assert committed == []
+    root.group_stored(JOB, STEP, 1, 2)
+    assert sorted(committed) == [("127.0.0.1:104", STEP), ("here", STEP)]
