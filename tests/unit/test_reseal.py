@@ -144,6 +144,30 @@ def _offer_all(enc: Encoder, offers: list[ppb.OfferRequest]) -> list[Any]:
     return out
 
 
+def _offer_in_thread(enc: Encoder, results: dict[int, Any], key: int,
+                     req: ppb.OfferRequest) -> threading.Thread:
+    """Offer on a thread of its own (an offer waits for the stripe's k); its answer or
+    error lands in ``results[key]``."""
+    def run() -> None:
+        try:
+            results[key] = enc.offer(req)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            results[key] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _wait_offers(enc: Encoder, n: int) -> None:
+    """Until stripe 0 holds ``n`` offers."""
+    for _ in range(1000):
+        e = enc.state.job(JOB).encodings.get((STEP, 0, 0))
+        if e is not None and len(e.offers) >= n:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"stripe 0 never held {n} offers")
+
+
 def _frame(enc: Encoder, offer: ppb.OfferRequest, data: np.ndarray, off: int, n: int) -> None:
     enc.on_data({"job": JOB, "step": STEP, "group": 0, "stripe": 0, "index": offer.index,
                  "off": off, "n": n, "seal": seal_token(offer.layout)},
@@ -184,27 +208,13 @@ def test_an_older_offer_still_waiting_is_void_once_a_newer_one_completes_the_str
     enc, reporter, _ = _encoder()
     old = [_offer(0, 1, 1), _offer(1, 2, 1)]
     new = [_offer(0, 1, 2), _offer(1, 2, 2), _offer(2, 3, 7)]
-    results = [None, None]
-
-    def old_waits(i: int) -> None:
-        try:
-            results[i] = enc.offer(old[i])
-        except Exception as exc:  # noqa: BLE001
-            results[i] = exc
-
-    waiters = [threading.Thread(target=old_waits, args=(i,)) for i in range(2)]
-    for t in waiters:
-        t.start()
-    st = enc.state.job(JOB)
-    for _ in range(1000):  # both older offers are in, waiting for node 3's
-        e = st.encodings.get((STEP, 0, 0))
-        if e is not None and len(e.offers) == 2:
-            break
-        threading.Event().wait(0.01)
+    results: dict[int, Any] = {}
+    waiters = [_offer_in_thread(enc, results, i, old[i]) for i in range(2)]
+    _wait_offers(enc, 2)  # both older offers are in, waiting for node 3's
     assert _offer_all(enc, new) == [PLEN] * 3
     for t in waiters:
         t.join(10)
-    assert all(isinstance(r, SupersededError) for r in results), results
+    assert all(isinstance(r, SupersededError) for r in results.values()), results
     rng = np.random.default_rng(5)
     for q in range(3):
         _frame(enc, new[q], rng.integers(0, 256, PLEN, dtype=np.uint8), 0, PLEN)
@@ -273,21 +283,10 @@ def test_offers_of_two_seals_that_made_a_stripe_ready_are_sorted_out_by_offering
     results: dict[int, Any] = {}
 
     def offer(key: int, req: ppb.OfferRequest) -> threading.Thread:
-        def run() -> None:
-            try:
-                results[key] = enc.offer(req)
-            except Exception as exc:  # noqa: BLE001
-                results[key] = exc
-        t = threading.Thread(target=run)
-        t.start()
-        return t
+        return _offer_in_thread(enc, results, key, req)
 
     def offers_in(n: int) -> None:
-        for _ in range(1000):
-            e = enc.state.job(JOB).encodings.get((STEP, 0, 0))
-            if e is not None and len(e.offers) >= n:
-                return
-            threading.Event().wait(0.01)
+        _wait_offers(enc, n)
 
     t_old1, t_old3 = offer(-1, old[1]), offer(-3, old[3])
     offers_in(2)
@@ -334,21 +333,10 @@ def test_a_newer_launchs_first_offer_voids_the_older_launchs_stripes() -> None:
     results: dict[int, Any] = {}
 
     def offer(key: int, req: ppb.OfferRequest) -> threading.Thread:
-        def run() -> None:
-            try:
-                results[key] = enc.offer(req)
-            except Exception as exc:  # noqa: BLE001
-                results[key] = exc
-        t = threading.Thread(target=run)
-        t.start()
-        return t
+        return _offer_in_thread(enc, results, key, req)
 
     waiting = [offer(-1, _offer_e(0, 1, 1, 1)), offer(-3, _offer_e(2, 3, 1, 1))]
-    for _ in range(1000):
-        e = enc.state.job(JOB).encodings.get((STEP, 0, 0))
-        if e is not None and len(e.offers) == 2:
-            break
-        threading.Event().wait(0.01)
+    _wait_offers(enc, 2)
     new = [_offer_e(1, 2, 5, 2)]  # the replacement node's offer comes first
     t2 = offer(2, new[0])
     for t in waiting:
