@@ -137,9 +137,16 @@ def _crc_mulmod(a: int, b: int) -> int:
         b = (b >> 1) ^ POLY if b & 1 else b >> 1
 
 
+#: x^(2^n) for n below this: byte counts up to 2^64 (x^(8n) needs n + 3 squarings).
+_X2N_TERMS = 67
+
+
 def _crc_x2n_table() -> list[int]:
+    # Not periodic in n: zlib's CRC-32 reuses its 32 entries (k & 31), but the Castagnoli
+    # polynomial has the factor x + 1 and x^(2^32) is not x modulo it; wrapping made every
+    # combination over 512 MiB or more wrong (a restore of such a tensor failed its check).
     table, p = [], 1 << 30  # x^1
-    for _ in range(32):
+    for _ in range(_X2N_TERMS):
         table.append(p)  # x^(2^n)
         p = _crc_mulmod(p, p)
     return table
@@ -152,12 +159,12 @@ _CRC_X2N = _crc_x2n_table()
 def crc32c_shift(nbytes: int) -> int:
     """The operator that :func:`crc32c_combine` applies for ``nbytes`` bytes (x^(8n) mod P);
     cached, since pieces and blocks repeat a few lengths."""
-    if nbytes < 0:
-        raise InvalidRequestError(f"byte count {nbytes} is negative")
+    if not 0 <= nbytes < 1 << (_X2N_TERMS - 3):
+        raise InvalidRequestError(f"byte count {nbytes} is negative or beyond 2^64")
     p, k = 1 << 31, 3  # x^0; x^(8n) = x^(n * 2^3)
     while nbytes:
         if nbytes & 1:
-            p = _crc_mulmod(_CRC_X2N[k & 31], p)
+            p = _crc_mulmod(_CRC_X2N[k], p)
         nbytes >>= 1
         k += 1
     return p

@@ -104,6 +104,26 @@ def test_every_path_is_bit_exact(daemon, path: str) -> None:
         assert_equal(state, restore(c, path))  # again, once the first let its slot go
 
 
+def test_a_tensor_over_512_mib_restores_on_every_path(daemon) -> None:
+    """A tensor of 2^29 bytes and more after other bytes (an LLM's embedding): the copy's
+    CRC is combined with the CRC of the bytes before it over the tensor's length; that
+    combination was wrong beyond 512 MiB, and every copying restore of such a state failed
+    with "the snapshot's data fails its checksum"."""
+    big = torch.arange((1 << 27) + 1024, dtype=torch.float32)  # 512 MiB + 4 KiB
+    state = {"small": torch.ones(3), "emb": big}  # bytes before it: a CRC to shift
+    with sg.connect(daemon.socket, "over-512") as c:
+        c.snapshot(0, state).wait()
+        for path in PATHS:
+            got = c.restore(into={"emb": torch.empty_like(big), "small": torch.zeros(3)}
+                            )[1] if path == "into" else restore_plain(c, path)
+            assert torch.equal(got["emb"], big) and torch.equal(got["small"], state["small"])
+            del got
+
+
+def restore_plain(c: sg.Client, path: str) -> Any:
+    return c.restore()[1] if path == "fresh" else c.restore(copy=False)[1]
+
+
 # A byte of the large tensor's data, one between two leaves (padding), one of the manifest.
 WHERE = ["data", "padding", "manifest"]
 

@@ -352,6 +352,18 @@ def test_crc32c_combine_over_a_gigabyte_of_zeros() -> None:
         crc32c_shift(-1)
 
 
+@pytest.mark.parametrize("length", [(1 << 29) - 1, 1 << 29, (1 << 30) + 3, (1 << 32) + 5])
+def test_crc32c_combine_beyond_512_mib(length: int) -> None:
+    """The shift over 2^29 bytes and more (x^(2^32) and up): a wrapping table made every
+    such combination wrong, so a restore of a 512 MiB tensor failed its check. The bytes
+    after ``a`` are zeros (untouched pages, nothing allocated); ``crc1`` is not zero, so
+    the shift is really applied."""
+    a = b"shardguard" * 7
+    zeros = np.zeros(length, dtype=np.uint8)
+    direct = crc32c(zeros, crc32c(a))
+    assert crc32c_combine(crc32c(a), crc32c(zeros), length) == direct
+
+
 def test_crc32c_reads_any_buffer_in_place() -> None:
     raw = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8)
     expected = crc32c(raw.tobytes())
