@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard proto/*.proto) | $(BIN)/python
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard proto/*.proto) $(wildcard proto/*.c) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,hf,lightning,torchtitan]'
 	touch $(STAMP)

@@ -13,7 +13,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,4 +57,9 @@ class BuildPyWithProtos(build_py):
                 shutil.copy2(path, target)
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+# The restore's checked copy (proto/_fastcopy.c). Optional: where it cannot be built the
+# install goes on and proto/parallel_copy.py copies without it (slower, same checks).
+FASTCOPY = Extension("shardguard.proto._fastcopy", ["proto/_fastcopy.c"],
+                     extra_compile_args=["-O2"], optional=True)
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, ext_modules=[FASTCOPY])

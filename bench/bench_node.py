@@ -70,7 +70,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 import shardguard.client as sg
-from shardguard.proto import hostmem
+from shardguard.proto import hostmem, parallel_copy
 from shardguard.client.copier import COPY_NICE_ENV
 
 MiB = 1 << 20
@@ -620,6 +620,10 @@ R_MAPPED = "shardguard restore(copy=False), mapped"
 #: new allocation, on 4 KiB pages and on 2 MiB ones (what restore() asks for).
 NEW_PAGES = "torch.empty + copy_, new 4 KiB pages (info)"
 NEW_HUGE = "torch.empty + copy_, new huge pages (info)"
+#: The copying paths without the C copy (proto/_fastcopy.c): what an install that could
+#: not build it gets.
+R_INTO_PY = "restore(into=state), memmove fallback (info)"
+R_FRESH_PY = "restore(), fresh tensors, memmove fallback (info)"
 
 
 def restore_rounds(sgm: Shardguard, state: dict[str, Any], agree: Any, rounds: int,
@@ -645,6 +649,15 @@ def restore_rounds(sgm: Shardguard, state: dict[str, Any], agree: Any, rounds: i
         _, got = sgm.client.restore(copy=False)
         del got
 
+    def fallback(way: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            parallel_copy.USE_NATIVE = False
+            try:
+                way()
+            finally:
+                parallel_copy.USE_NATIVE = True
+        return run
+
     def new_memory(huge: bool) -> Callable[[], None]:
         def run() -> None:
             t = torch.empty(n, dtype=torch.uint8)
@@ -661,6 +674,8 @@ def restore_rounds(sgm: Shardguard, state: dict[str, Any], agree: Any, rounds: i
         R_INTO: lambda: sgm.client.restore(into=state),
         R_FRESH: fresh,
         R_MAPPED: mapped,
+        R_INTO_PY: fallback(lambda: sgm.client.restore(into=state)),
+        R_FRESH_PY: fallback(fresh),
         NEW_PAGES: new_memory(False),
         NEW_HUGE: new_memory(True),
     }

@@ -250,7 +250,7 @@ class Client:
         """The newest restorable step (or ``step``) and its state, the same on every rank.
 
         Every byte read from memory is checked against the CRC32C the daemon computed
-        when the snapshot was sealed, as it is copied (each chunk right after its copy,
+        when the snapshot was sealed, as it is copied (chunk by chunk, each checksummed
         while it is in cache: the snapshot is read once). Bytes that fail are never
         returned: the daemon re-checks its copy, repairs it from parity where the job
         has parity, and the restore reads it again; else every rank raises.

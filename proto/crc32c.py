@@ -2,8 +2,8 @@
 
 The daemon checksums slots at seal, pieces, parity and the tier with it
 (``daemon/coding/checksum.py`` adds combination and range CRCs on top); the client
-checks what a restore copies with it, each chunk right after copying it, while the
-chunk is still in cache (``state_layout.rebuild``). ISA-L's ``crc32_iscsi``
+checks what a restore copies with it, chunk by chunk as it copies, the slot read once
+(``state_layout.rebuild``, ``parallel_copy``). ISA-L's ``crc32_iscsi``
 (:mod:`shardguard.proto.isal`), or a numpy fallback without ISA-L.
 """
 
@@ -74,6 +74,13 @@ def _open(path: str) -> _Update:
 @functools.cache
 def _update() -> _Update | None:
     return isal.find(_open, "CRC32C")
+
+
+def update_address() -> int | None:
+    """The address of ISA-L's raw CRC32C update (``crc32_iscsi``'s signature), for C code
+    that checksums as it copies (proto/_fastcopy.c); None without ISA-L."""
+    update = _update()
+    return None if update is None else ctypes.cast(update, ctypes.c_void_p).value
 
 
 def crc32c_at(addr: int, nbytes: int, init: int = 0) -> int:

@@ -191,10 +191,11 @@ def rebuild(doc: dict[str, Any], u8: torch.Tensor, arr: np.ndarray, base: int, i
 
     Args:
         data_crc: the CRC32C the slot's data (``doc["data_bytes"]`` from ``base``) was
-            sealed with. Every byte is checked against it as it is copied: each chunk
-            right after its copy, from the destination while it is still in cache, so the
-            slot is read once (a tensor on another device or a strided ``into`` is
-            checked at the source just before its copy). Pickles are loaded only once the
+            sealed with. Every byte is checked against it as it is copied, chunk by
+            chunk, so the slot is read once (proto/parallel_copy.py: from the source just
+            before the chunk is copied out of cache, or from the destination right after;
+            a tensor on another device or a strided ``into`` is checked at the source just
+            before its copy). Pickles are loaded only once the
             whole check passed. None: nothing is checked.
         copy: False: host tensors and numpy arrays are views of ``u8``/``arr`` instead of
             copies (the caller checks those bytes first and keeps them unchanged while the
@@ -224,17 +225,17 @@ def _on_cpu(_: str) -> torch.device:
     return torch.device("cpu")
 
 
-#: A checked restore copies this many bytes at a time and checksums them from the
-#: destination right after, still in cache: the chunk's source and destination fit a
-#: core's 1 MiB L2 here. Per chunk it pays two ctypes calls (~2 us). Copy and CRC of
-#: 512 MiB into pre-faulted memory against one memcpy of it, same rounds: 256 KiB
-#: chunks 1.02x, 512 KiB 1.03x, 1 MiB 0.97x, 2 MiB 0.91x.
+#: A checked restore copies this many bytes at a time, each chunk checksummed while it is
+#: in cache (proto/parallel_copy.py): the chunk's source and destination fit a core's
+#: 1 MiB L2 here. Measured for the memmove fallback (two ctypes calls, ~2 us, per chunk):
+#: copy and CRC of 512 MiB into pre-faulted memory against one memcpy of it, same
+#: rounds: 256 KiB chunks 1.02x, 512 KiB 1.03x, 1 MiB 0.97x, 2 MiB 0.91x.
 CHECK_CHUNK_BYTES = 512 << 10
 
 
 class _Slot:
     """A slot's data region read out in address order: copied, each chunk checksummed
-    right after its copy, or viewed (``copy=False``).
+    as it is copied, or viewed (``copy=False``).
 
     Leaves come in address order when the manifest is the client's (its plan places them
     in the order the state is walked, and decoding walks it in the same order); padding
@@ -267,8 +268,8 @@ class _Slot:
 
     def to_host(self, off: int, n: int, dst: int) -> None:
         """Copy data bytes [off, off + n) to host memory at address ``dst``, each chunk
-        checksummed from its destination right after its copy (a large leaf in parts on
-        several threads: proto/parallel_copy.py)."""
+        checksummed as it is copied (a large leaf in parts on several threads:
+        proto/parallel_copy.py)."""
         if n == 0:
             return
         check = self._reach(off)

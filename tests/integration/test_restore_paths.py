@@ -3,7 +3,7 @@ is never returned silently (issue 14, item 1).
 
 The paths: ``restore()`` into fresh tensors, ``restore(into=state)``, and
 ``restore(copy=False)`` (tensors mapped copy-on-write from the slot). A copying restore
-checks each chunk against the seal's CRC32C right after copying it; a restore without
+checks each chunk against the seal's CRC32C as it copies it; a restore without
 copies checks the slot before it returns, and once more when the rank's next snapshot
 makes the mapped pages its own.
 """

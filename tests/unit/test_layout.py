@@ -663,16 +663,20 @@ def test_leaves_out_of_address_order_are_checked_too() -> None:
         rebuild(s.doc, s.u8, s.arr, s.base, None, False, cpu, data_crc=crc)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-copy", "memmove"])
 @pytest.mark.parametrize("flip", [None, "part-0", "part-1", "part-3", "last"])
 @pytest.mark.parametrize("into", [False, True])
 def test_a_large_leaf_is_copied_in_parallel_parts_and_checked_whole(
-        monkeypatch: pytest.MonkeyPatch, flip: str | None, into: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, flip: str | None, into: bool, native: bool) -> None:
     """A leaf over PARALLEL_MIN_BYTES is copied by several threads, each part checksummed
-    as it lands and the parts' CRCs combined in order: bit-exact, and a byte flipped in
-    any part fails the check."""
+    as it is copied and the parts' CRCs combined in order: bit-exact, and a byte flipped in
+    any part fails the check; with the C copy (proto/_fastcopy.c) and without it."""
     import shardguard.proto.parallel_copy as pc
     from shardguard.proto.state_layout import CHECK_CHUNK_BYTES
 
+    if native and pc.native() is None:
+        pytest.skip("proto/_fastcopy.c was not built by this install")
+    monkeypatch.setattr(pc, "USE_NATIVE", native)
     monkeypatch.setattr(pc, "COPY_THREADS", 4)
     monkeypatch.setattr(pc, "_copy_pool", None)
     n = 3 * pc.PARALLEL_MIN_BYTES + 12345  # 4 parts, the last one short
