@@ -32,6 +32,11 @@ typedef unsigned (*sg_crc_update)(const unsigned char *buf, int len, unsigned st
    caller does next; streaming stores pay off only on blocks larger than the caches). */
 #define SG_STREAM_MIN_BYTES (256u << 10)
 
+/* Memory not yet faulted in (a fresh tensor) is written with plain stores whatever its
+   size: the kernel zeroes each new page as the copy first touches it, which leaves the
+   page in cache, and plain stores then overwrite it there; streaming stores would
+   evict the zeroed lines and write them again. */
+
 static void stream_copy(unsigned char *d, const unsigned char *s, size_t n) {
 #if defined(__SSE2__)
     size_t head = (16 - ((uintptr_t)d & 15)) & 15;
@@ -57,12 +62,13 @@ static void stream_copy(unsigned char *d, const unsigned char *s, size_t n) {
 
 /* Copy n bytes from src to dst, chunk bytes at a time (chunk < 2 GiB); with update, the
    CRC32C state `state` continued over the source's bytes, each chunk checksummed just
-   before it is copied. Returns the state (unchanged without update). */
+   before it is copied; fresh: dst is memory not yet faulted in. Returns the state
+   (unchanged without update). */
 unsigned sg_copy_checked(void *dst, const void *src, size_t n, size_t chunk, unsigned state,
-                         sg_crc_update update) {
+                         sg_crc_update update, int fresh) {
     unsigned char *d = dst;
     const unsigned char *s = src;
-    int streaming = n >= SG_STREAM_MIN_BYTES;
+    int streaming = !fresh && n >= SG_STREAM_MIN_BYTES;
     if (chunk == 0 || chunk > (size_t)INT32_MAX)
         chunk = 1u << 20;
     for (size_t off = 0; off < n; off += chunk) {

@@ -55,8 +55,9 @@ def _parts(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-#: ``sg_copy_checked(dst, src, n, chunk, state, update) -> state`` (proto/_fastcopy.c).
-_Native = Callable[[int, int, int, int, int, int | None], int]
+#: ``sg_copy_checked(dst, src, n, chunk, state, update, fresh) -> state``
+#: (proto/_fastcopy.c).
+_Native = Callable[[int, int, int, int, int, int | None, int], int]
 
 
 @functools.cache
@@ -74,7 +75,7 @@ def native() -> _Native | None:
         return None
     fn.restype = ctypes.c_uint
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                   ctypes.c_uint, ctypes.c_void_p]
+                   ctypes.c_uint, ctypes.c_void_p, ctypes.c_int]
     copy_checked: _Native = fn
     return copy_checked
 
@@ -84,13 +85,14 @@ def native() -> _Native | None:
 USE_NATIVE = True
 
 
-def _copy_part(dst: int, src: int, lo: int, hi: int, chunk: int, check: bool) -> int:
+def _copy_part(dst: int, src: int, lo: int, hi: int, chunk: int, check: bool,
+               fresh: bool) -> int:
     """Copy bytes [lo, hi) from ``src`` to ``dst``, chunk by chunk; the CRC32C of the
     copied bytes when ``check``, else 0."""
     fast = native() if USE_NATIVE else None
     update = update_address() if check else None
     if fast is not None and (update is not None or not check):
-        state = fast(dst + lo, src + lo, hi - lo, chunk, MASK, update)
+        state = fast(dst + lo, src + lo, hi - lo, chunk, MASK, update, int(fresh))
         return state ^ MASK if check else 0
     crc = 0
     for o in range(lo, hi, chunk):
@@ -101,14 +103,16 @@ def _copy_part(dst: int, src: int, lo: int, hi: int, chunk: int, check: bool) ->
     return crc
 
 
-def copy(dst: int, src: int, n: int, chunk: int, check: bool) -> int:
+def copy(dst: int, src: int, n: int, chunk: int, check: bool, fresh: bool = False) -> int:
     """Copy ``n`` bytes from address ``src`` to ``dst`` in ``chunk``-byte steps; the
-    CRC32C of the bytes copied when ``check`` (else 0)."""
+    CRC32C of the bytes copied when ``check`` (else 0). ``fresh``: ``dst`` is new memory,
+    not yet faulted in (it is written differently: proto/_fastcopy.c)."""
     parts = _parts(n, chunk)
     if len(parts) == 1:
-        return _copy_part(dst, src, 0, n, chunk, check)
-    futs = [_pool().submit(_copy_part, dst, src, lo, hi, chunk, check) for lo, hi in parts[1:]]
-    crc = _copy_part(dst, src, *parts[0], chunk, check)
+        return _copy_part(dst, src, 0, n, chunk, check, fresh)
+    futs = [_pool().submit(_copy_part, dst, src, lo, hi, chunk, check, fresh)
+            for lo, hi in parts[1:]]
+    crc = _copy_part(dst, src, *parts[0], chunk, check, fresh)
     for (lo, hi), fut in zip(parts[1:], futs):
         c = fut.result()
         if check:

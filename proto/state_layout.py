@@ -266,14 +266,14 @@ class _Slot:
         self.pos = off
         return True
 
-    def to_host(self, off: int, n: int, dst: int) -> None:
-        """Copy data bytes [off, off + n) to host memory at address ``dst``, each chunk
-        checksummed as it is copied (a large leaf in parts on several threads:
-        proto/parallel_copy.py)."""
+    def to_host(self, off: int, n: int, dst: int, fresh: bool = False) -> None:
+        """Copy data bytes [off, off + n) to host memory at address ``dst`` (``fresh``:
+        new memory, not yet written), each chunk checksummed as it is copied (a large
+        leaf in parts on several threads: proto/parallel_copy.py)."""
         if n == 0:
             return
         check = self._reach(off)
-        crc = parallel_copy.copy(dst, self.addr + off, n, CHECK_CHUNK_BYTES, check)
+        crc = parallel_copy.copy(dst, self.addr + off, n, CHECK_CHUNK_BYTES, check, fresh)
         if check:
             self.crc = crc32c_combine(self.crc, crc, n)
             self.pos = off + n
@@ -469,7 +469,7 @@ class _Decoder:
             return out
         if out.device.type == "cpu" and out.is_contiguous() and not out.is_conj() \
                 and not out.is_neg():
-            slot.to_host(off, n, out.data_ptr())
+            slot.to_host(off, n, out.data_ptr(), fresh=out is not into)
             if out is into:
                 torch.autograd.graph.increment_version(out)  # as an in-place copy_ would
         else:
@@ -488,7 +488,7 @@ class _Decoder:
         if n == 0:
             return out
         if out.flags.c_contiguous:
-            slot.to_host(off, n, out.ctypes.data)
+            slot.to_host(off, n, out.ctypes.data, fresh=out is not into)
         else:
             slot.at_source(off, n)
             np.copyto(out, slot.ndarray(off, n, dtype, shape))
@@ -501,7 +501,7 @@ class _Decoder:
                                "allow_pickle=True to load it")
         if slot.copy:
             data = np.empty(n, dtype=np.uint8)
-            slot.to_host(off, n, data.ctypes.data)
+            slot.to_host(off, n, data.ctypes.data, fresh=True)
         else:
             data = slot.ndarray(off, n, np.dtype(np.uint8), [n])
         if node["t"] == "bytes":

@@ -27,8 +27,9 @@ STREAM_MIN = 256 << 10  # SG_STREAM_MIN_BYTES: plain stores below, streaming one
                                STREAM_MIN + 77, (3 << 20) + 5])
 @pytest.mark.parametrize("dst_skew,src_skew", [(0, 0), (1, 0), (0, 3), (7, 13)])
 @pytest.mark.parametrize("chunk", [64 << 10, 1 << 20])
+@pytest.mark.parametrize("fresh", [0, 1])
 def test_copies_exactly_and_checksums_the_bytes(n: int, dst_skew: int, src_skew: int,
-                                                chunk: int) -> None:
+                                                chunk: int, fresh: int) -> None:
     fast = pc.native()
     update = update_address()
     if fast is None or update is None:
@@ -38,13 +39,13 @@ def test_copies_exactly_and_checksums_the_bytes(n: int, dst_skew: int, src_skew:
     dst = np.full(n + 64, 0xEE, dtype=np.uint8)
     s, d = src.ctypes.data + src_skew, dst.ctypes.data + dst_skew
     body = src[src_skew:src_skew + n]
-    state = fast(d, s, n, chunk, 0x12345678 ^ MASK, update)
+    state = fast(d, s, n, chunk, 0x12345678 ^ MASK, update, fresh)
     assert state ^ MASK == crc32c(body, 0x12345678)  # continued from a previous CRC
     assert np.array_equal(dst[dst_skew:dst_skew + n], body)
     assert (dst[:dst_skew] == 0xEE).all() and (dst[dst_skew + n:] == 0xEE).all()
     # Unchecked: the same copy, the state handed back untouched.
     dst[:] = 0
-    assert fast(d, s, n, chunk, 99, None) == 99
+    assert fast(d, s, n, chunk, 99, None, fresh) == 99
     assert np.array_equal(dst[dst_skew:dst_skew + n], body)
 
 
