@@ -17,6 +17,7 @@ from shardguard.daemon.coding import _isal
 from shardguard.daemon.coding.checksum import crc32c, crc32c_blocks, crc32c_combine, crc32c_shift
 from shardguard.daemon.coding.codec import PYECLIB_HEADER_BYTES, Codec
 from shardguard.daemon.errors import CodecError, InsufficientPiecesError, InvalidRequestError
+from shardguard.proto import crc32c as crc32c_module
 from shardguard.proto import isal
 
 CODES = [(3, 1), (4, 2), (6, 2), (10, 4)]
@@ -81,9 +82,11 @@ def without_isal(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Run as if no ISA-L could be found."""
     monkeypatch.setenv(_isal.ENV_LIBRARY, "none")
     _isal.load.cache_clear()
+    crc32c_module._update.cache_clear()  # CRC32C's own lookup, cached per process
     yield
     monkeypatch.delenv(_isal.ENV_LIBRARY)
     _isal.load.cache_clear()
+    crc32c_module._update.cache_clear()  # else every later test checksums without ISA-L
 
 
 # --------------------------------------------------------------------------
