@@ -115,13 +115,9 @@ def test_a_tensor_over_512_mib_restores_on_every_path(daemon) -> None:
         c.snapshot(0, state).wait()
         for path in PATHS:
             got = c.restore(into={"emb": torch.empty_like(big), "small": torch.zeros(3)}
-                            )[1] if path == "into" else restore_plain(c, path)
+                            )[1] if path == "into" else restore(c, path)
             assert torch.equal(got["emb"], big) and torch.equal(got["small"], state["small"])
             del got
-
-
-def restore_plain(c: sg.Client, path: str) -> Any:
-    return c.restore()[1] if path == "fresh" else c.restore(copy=False)[1]
 
 
 # A byte of the large tensor's data, one between two leaves (padding), one of the manifest.
