@@ -24,7 +24,8 @@ def design() -> SimpleNamespace:
     from shardguard.daemon.roles.state import ProtectionState
     from shardguard.daemon.transport.delivery import Delivery
     from shardguard.proto import peer_pb2 as ppb
-    from shardguard.proto.meta import (NodeLayout, RankEntry, SlotDoc, StepMeta, Topology,
+    from shardguard.proto.arena import SlotDesc, SlotState
+    from shardguard.proto.meta import (NodeLayout, RankEntry, StepMeta, Topology,
                                        decode_report)
 
     restored_at: dict[int, float] = {}
@@ -62,8 +63,8 @@ def design() -> SimpleNamespace:
     def layout(i, step):
         rpn, rb = sim_scale.RANKS_PER_NODE, sim_scale.RANK_BYTES
         ranks = tuple(RankEntry(r, (r % rpn) * rb, rb, rb,
-                                SlotDoc(2, step, rb - 4096, rb - 4096, 4096,
-                                        0xDEADBEEF, 0xFEEDF00D, step + 1))
+                                SlotDesc(SlotState.SEALED, step, rb - 4096, rb - 4096, 4096,
+                                         0xDEADBEEF, 0xFEEDF00D, step + 1))
                       for r in range(i * rpn, (i + 1) * rpn))
         return NodeLayout(rpn * rb, 0, ranks)
 

@@ -443,7 +443,8 @@ def current_design() -> Any:
     from shardguard.daemon.service.wiring import _local_reports
     from shardguard.daemon.transport.delivery import Delivery
     from shardguard.proto import peer_pb2 as ppb
-    from shardguard.proto.meta import (NodeLayout, RankEntry, SlotDoc, StepMeta, Topology,
+    from shardguard.proto.arena import SlotDesc, SlotState
+    from shardguard.proto.meta import (NodeLayout, RankEntry, StepMeta, Topology,
                                        decode_report, seal_token)
 
     restored_at: dict[int, float] = {}
@@ -486,8 +487,9 @@ def current_design() -> Any:
 
     def layout(i, step):
         ranks = tuple(RankEntry(r, (r % RANKS_PER_NODE) * RANK_BYTES, RANK_BYTES, RANK_BYTES,
-                                SlotDoc(2, step, RANK_BYTES - 4096, RANK_BYTES - 4096, 4096,
-                                        0xDEADBEEF, 0xFEEDF00D, step + 1))
+                                SlotDesc(SlotState.SEALED, step, RANK_BYTES - 4096,
+                                         RANK_BYTES - 4096, 4096, 0xDEADBEEF, 0xFEEDF00D,
+                                         step + 1))
                       for r in range(i * RANKS_PER_NODE, (i + 1) * RANKS_PER_NODE))
         return NodeLayout(RANKS_PER_NODE * RANK_BYTES, 0, ranks)
 

@@ -25,23 +25,7 @@ from shardguard.client.dcp import (
     sharded_state_dict_to_local,
 )
 from shardguard.client.ddp import DdpResumeWarning, ddp_state, load_ddp_state
-from shardguard.client.errors import (
-    BudgetExceededError,
-    ClockSkewError,
-    ConfigMismatchError,
-    CorruptionError,
-    DaemonUnavailableError,
-    InsufficientPiecesError,
-    IntoMismatchError,
-    JobNameError,
-    NoSpaceError,
-    NotRestorableError,
-    RankClaimedError,
-    RestoreError,
-    ShardguardError,
-    StepOrderError,
-    UnsafePathError,
-)
+from shardguard.client.errors import *  # noqa: F403 - every error a trainer may catch
 from shardguard.client.rng import rng_state, set_rng_state
 
 __all__ = [

@@ -32,7 +32,8 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 MAGIC = b"SGARENA\x00"
 VERSION = 1
@@ -77,15 +78,54 @@ def slot_offset(slot: int, slot_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class SlotDesc:
+    """One slot's record: the header's descriptor, the daemon's record of the slot (its
+    store replaces it whole on every change, under its lock), and the ``record`` of a rank
+    in a node's payload (proto/meta.py's RankEntry)."""
+
     state: SlotState = SlotState.FREE
-    checksum_algo: ChecksumAlgo = ChecksumAlgo.NONE
     step: int = -1
     data_bytes: int = 0
     manifest_offset: int = 0
     manifest_bytes: int = 0
     data_crc: int = 0
     manifest_crc: int = 0
+    #: Counts the times the slot was handed out for writing: only ever grows.
     generation: int = 0
+
+    @property
+    def checksum_algo(self) -> ChecksumAlgo:
+        """Sealed bytes carry CRC32C checksums; a slot being written none."""
+        return ChecksumAlgo.CRC32C if self.state >= SlotState.SEALED else ChecksumAlgo.NONE
+
+    def freed(self) -> "SlotDesc":
+        """The slot back to free, holding no step (its generation stays)."""
+        return replace(self, state=SlotState.FREE, step=-1)
+
+    def to_doc(self) -> dict[str, int]:
+        return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "SlotDesc":
+        """Parse a record written by :meth:`to_doc`.
+
+        Raises:
+            InvalidRequestError: not an object, or a field missing or out of range.
+        """
+        from shardguard.proto.errors import InvalidRequestError
+
+        if not isinstance(doc, dict):
+            raise InvalidRequestError("a slot record is not an object")
+        values = {}
+        for f in fields(cls):
+            x, lo = doc.get(f.name), -1 if f.name == "step" else 0
+            if not isinstance(x, int) or isinstance(x, bool) or x < lo:
+                raise InvalidRequestError(f"slot {f.name} is not an integer >= {lo}: {x!r}")
+            values[f.name] = x
+        try:
+            values["state"] = SlotState(values["state"])
+        except ValueError:
+            raise InvalidRequestError(f"slot state {values['state']} is unknown") from None
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -142,7 +182,11 @@ def unpack_header(buf: bytes | memoryview) -> Header:
     for i in range(nslots):
         f = _SLOT.unpack_from(raw, SLOT_DESC_OFFSET + i * SLOT_DESC_BYTES)
         try:
-            slots.append(SlotDesc(SlotState(f[0]), ChecksumAlgo(f[1]), *f[2:]))
+            state, algo = SlotState(f[0]), ChecksumAlgo(f[1])
+            desc = SlotDesc(state, *f[2:])
+            if algo != desc.checksum_algo:
+                raise ValueError(f"checksum algorithm {algo.name} for a {state.name} slot")
+            slots.append(desc)
         except ValueError as exc:
             raise ArenaFormatError(f"arena slot {i} descriptor invalid: {exc}") from None
     return Header(slot_bytes=slot_bytes, rank=rank, world_size=world,

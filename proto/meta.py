@@ -14,7 +14,8 @@ documents, in the order a step meets them (DESIGN §3):
 - :class:`NodeCheck`: one node's answer to ``verify``.
 
 :class:`Topology` is the job as the client handed it over at register. This module
-imports nothing of ours but the errors: the daemon adds placement maths on top.
+imports nothing of ours but the errors and the slot record (proto/arena.py): the daemon
+adds placement maths on top.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
+from shardguard.proto.arena import SlotDesc
 from shardguard.proto.errors import InvalidRequestError
 
 #: ``(group, stripe)``: a stripe of the job.
@@ -146,29 +148,6 @@ class Topology:
 
 
 @dataclass(frozen=True)
-class SlotDoc:
-    """A sealed slot's record, as the store keeps it (proto/arena.py's SlotDesc fields)."""
-
-    state: int
-    step: int
-    data_bytes: int
-    manifest_offset: int
-    manifest_bytes: int
-    data_crc: int
-    manifest_crc: int
-    generation: int
-
-    @classmethod
-    def from_doc(cls, doc: Any) -> "SlotDoc":
-        d = _obj(doc, "slot record")
-        return cls(*(_int(d.get(k), f"slot {k}", -1 if k == "step" else 0)
-                     for k in cls.__dataclass_fields__))
-
-    def to_doc(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
 class RankEntry:
     """One rank's slot inside its node's payload: bytes ``[off, off + used)``."""
 
@@ -176,14 +155,14 @@ class RankEntry:
     off: int
     used: int
     slot_bytes: int
-    record: SlotDoc
+    record: SlotDesc
 
     @classmethod
     def from_doc(cls, doc: Any) -> "RankEntry":
         d = _obj(doc, "rank entry")
         return cls(_int(d.get("rank"), "rank"), _int(d.get("off"), "off"),
                    _int(d.get("used"), "used"), _int(d.get("slot_bytes"), "slot_bytes"),
-                   SlotDoc.from_doc(d.get("record")))
+                   SlotDesc.from_doc(d.get("record")))
 
     def to_doc(self) -> dict[str, Any]:
         return {"rank": self.rank, "off": self.off, "used": self.used,

@@ -43,10 +43,9 @@ from shardguard.daemon.roles.serve import PieceReader
 from shardguard.daemon.roles.survey import LOCAL, Surveyor
 from shardguard.daemon.storage.pieces import PieceFiles
 from shardguard.daemon.storage.stepmeta import StepMetas
-from shardguard.daemon.storage.store import SlotRecord, Store
+from shardguard.daemon.storage.store import Store
 from shardguard.daemon.transport.dataplane import DataPlane
 from shardguard.daemon.transport.peer_client import PeerClients
-from shardguard.proto.arena import SlotState
 from shardguard.proto.meta import NodeLayout, StepMeta, Topology
 
 logger = logging.getLogger(__name__)
@@ -198,16 +197,13 @@ class Rebuilder:
         lay = meta.layouts[owner]
         if distrust_self:
             alive = {i: a for i, a in alive.items() if a != LOCAL}
-        r = entry.record
-        record = SlotRecord(SlotState(r.state), r.step, r.data_bytes, r.manifest_offset,
-                            r.manifest_bytes, r.data_crc, r.manifest_crc, r.generation)
 
         def fill(view: memoryview) -> None:
             # Straight into the slot: no staging copy of the rank's bytes.
             self._read_into(np.frombuffer(view, dtype=np.uint8, count=entry.used), job, meta,
                             owner, lay, entry.off, alive, abort or threading.Event())
 
-        self.store.install(job, world_size, local_ranks, rank, entry.slot_bytes, record, fill)
+        self.store.install(job, world_size, local_ranks, rank, entry.slot_bytes, entry.record, fill)
         self.store.metrics.rebuilt(job, entry.used)
 
     def _read_into(self, out: np.ndarray, job: str, meta: StepMeta, owner: int,

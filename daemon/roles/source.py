@@ -26,7 +26,7 @@ from shardguard.daemon.transport.dataplane import DataPlane
 from shardguard.daemon.transport.delivery import Delivery
 from shardguard.daemon.transport.peer_client import PeerClients
 from shardguard.proto import peer_pb2 as ppb
-from shardguard.proto.meta import NodeLayout, RankEntry, SlotDoc, Topology, seal_token
+from shardguard.proto.meta import NodeLayout, RankEntry, Topology, seal_token
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ class Source:
             view, rec, slot_bytes = self.store.sealed_slot(job, rank, step)
             used = rec.manifest_offset + rec.manifest_bytes
             segs.append(view[:used])
-            ranks.append(RankEntry(rank, off, used, slot_bytes, SlotDoc(
-                int(rec.state), rec.step, rec.data_bytes, rec.manifest_offset,
-                rec.manifest_bytes, rec.data_crc, rec.manifest_crc, rec.generation)))
+            ranks.append(RankEntry(rank, off, used, slot_bytes, rec))
             infos.append(SegmentCrcs(rec.data_bytes, self.store.block_crcs(
                 job, rank, step, rec.generation)))
             off += used

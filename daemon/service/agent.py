@@ -133,9 +133,10 @@ class AgentService(pb_grpc.AgentServicer):
             self.roles.catchup.repair(req.job, req.rank)
             o = self.store.open_for_restore(req.job, req.rank, req.lease, step,
                                             req.client_checks)
-        return pb.OpenReply(slot=o.slot, step=o.step, data_bytes=o.data_bytes,
-                            manifest_offset=o.manifest_offset, manifest_bytes=o.manifest_bytes,
-                            data_crc=o.data_crc, manifest_crc=o.manifest_crc, check=o.check)
+        r = o.record
+        return pb.OpenReply(slot=o.slot, step=r.step, data_bytes=r.data_bytes,
+                            manifest_offset=r.manifest_offset, manifest_bytes=r.manifest_bytes,
+                            data_crc=r.data_crc, manifest_crc=r.manifest_crc, check=o.check)
 
     @handler
     def Release(self, req: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:

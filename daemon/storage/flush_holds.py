@@ -4,7 +4,6 @@ storage/store.py; the tier: roles/tier.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 from shardguard.daemon.errors import NotRestorableError
@@ -53,7 +52,7 @@ class FlushHolds:
                         f"job {job} rank {rank}: step {step} is no longer held on this node")
                 rr.flushing.add(index)
                 holds.append(FlushHold(rank, index, rr.arena.slot(index, rr.slot_bytes),
-                                       dataclasses.replace(rr.slots[index]), rr))
+                                       rr.slots[index], rr))
             return holds
 
     def release(self, holds: list[FlushHold]) -> None:

@@ -145,9 +145,9 @@ class Jobs:
             rec.ranks[rank] = rr
             self._jobs[job] = rec
             # A new claim is a new incarnation of the rank: what it was writing is gone.
-            for s in rr.slots:
+            for i, s in enumerate(rr.slots):
                 if s.state == SlotState.WRITING:
-                    s.free()
+                    rr.slots[i] = s.freed()
             rr.pinned.clear()
             rr.lease = secrets.token_hex(16)
             rr.pid, rr.pid_started = pid, started

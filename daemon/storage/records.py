@@ -15,8 +15,7 @@ import psutil
 
 from shardguard.daemon.errors import InvalidRequestError
 from shardguard.daemon.storage.arena import Arena
-from shardguard.proto import arena as fmt
-from shardguard.proto.arena import ChecksumAlgo, SlotState
+from shardguard.proto.arena import SlotDesc
 from shardguard.proto.meta import Topology
 
 JOB_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
@@ -24,33 +23,13 @@ MAX_WORLD = 1 << 20
 
 
 @dataclass
-class SlotRecord:
-    state: SlotState = SlotState.FREE
-    step: int = -1
-    data_bytes: int = 0
-    manifest_offset: int = 0
-    manifest_bytes: int = 0
-    data_crc: int = 0
-    manifest_crc: int = 0
-    generation: int = 0
-
-    def to_desc(self) -> fmt.SlotDesc:
-        algo = ChecksumAlgo.CRC32C if self.state >= SlotState.SEALED else ChecksumAlgo.NONE
-        return fmt.SlotDesc(self.state, algo, self.step, self.data_bytes, self.manifest_offset,
-                            self.manifest_bytes, self.data_crc, self.manifest_crc,
-                            self.generation)
-
-    def free(self) -> None:
-        """Back to free, holding no step (its generation stays: it only ever grows)."""
-        self.state, self.step = SlotState.FREE, -1
-
-
-@dataclass
 class RankRecord:
     rank: int
     arena: Arena
     slot_bytes: int
-    slots: list[SlotRecord]
+    # Replaced whole (they are frozen) on every change; a change never shows through a
+    # record handed out before it.
+    slots: list[SlotDesc]
     lease: str | None = None
     pid: int = 0
     pid_started: float = 0.0
@@ -107,22 +86,17 @@ class FlushHold:
     rank: int
     slot: int
     view: memoryview
-    record: SlotRecord
+    record: SlotDesc
     rr: RankRecord
 
 
 @dataclass(frozen=True)
 class OpenSlot:
-    """A slot opened for restore: where its bytes are, and the checksums they must match."""
+    """A slot opened for restore: which one, its record (where its bytes are, and the
+    checksums they must match), and whether restores are checked (``verify_on_restore``)."""
 
     slot: int
-    step: int
-    data_bytes: int
-    manifest_offset: int
-    manifest_bytes: int
-    data_crc: int
-    manifest_crc: int
-    #: Restores are checked (``verify_on_restore``).
+    record: SlotDesc
     check: bool
 
 

@@ -4,7 +4,6 @@ with the verdict; a failed check marks the slot corrupt (the store: storage/stor
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import threading
 
@@ -64,13 +63,12 @@ class RestorePins:
             if index in rr.corrupt:
                 raise CorruptionError(f"job {job} rank {rank} step {rec.restorable_step}: "
                                       "the stored bytes failed their checksum")
-            s = dataclasses.replace(rr.slots[index])
+            s = rr.slots[index]
             rr.pinned[index] = s.step
             if self.verify_on_restore and not client_checks:
                 view = rr.arena.slot(index, rr.slot_bytes)
                 rr.verifying[index] = self._checks.submit(job, rank, view, s)
-        return OpenSlot(index, s.step, s.data_bytes, s.manifest_offset, s.manifest_bytes,
-                        s.data_crc, s.manifest_crc, self.verify_on_restore)
+        return OpenSlot(index, s, self.verify_on_restore)
 
     def release(self, job: str, rank: int, lease: str, step: int,
                 corrupt: bool = False) -> None:
@@ -93,7 +91,7 @@ class RestorePins:
             if corrupt:
                 checks = [(i, check or self._checks.submit(
                     job, rank, rr.arena.slot(i, rr.slot_bytes),
-                    dataclasses.replace(rr.slots[i]))) for i, check in checks]
+                    rr.slots[i])) for i, check in checks]
         failure = None
         for i, check in checks:
             try:

@@ -4,14 +4,13 @@ checksums (the store: storage/store.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 from shardguard.daemon.errors import CorruptionError, NotRestorableError, UnknownJobError
 from shardguard.daemon.storage.jobs import Jobs
-from shardguard.daemon.storage.records import RankRecord, SlotRecord
+from shardguard.daemon.storage.records import RankRecord
 from shardguard.daemon.storage.slot_checks import SlotChecks, verify
-from shardguard.proto.arena import SlotState
+from shardguard.proto.arena import SlotDesc, SlotState
 
 #: What a check reports when the bytes it read were rewritten meanwhile.
 SUPERSEDED = "superseded"
@@ -38,7 +37,7 @@ class SealedReads:
         with self._lock:
             return self._checks.blocks(job, rank, step, generation)
 
-    def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotRecord, int]:
+    def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotDesc, int]:
         """The bytes and record of ``rank``'s sealed or restorable slot of ``step``, and
         slot_bytes."""
         with self._lock:
@@ -48,7 +47,7 @@ class SealedReads:
             index = _sealed_index(rr, step)
             if index is None:
                 raise NotRestorableError(f"job {job} rank {rank} holds no sealed step {step}")
-            return (rr.arena.slot(index, rr.slot_bytes), dataclasses.replace(rr.slots[index]),
+            return (rr.arena.slot(index, rr.slot_bytes), rr.slots[index],
                     rr.slot_bytes)
 
     def check_slot(self, job: str, rank: int, step: int) -> tuple[str | None, int]:
@@ -66,7 +65,7 @@ class SealedReads:
             index = _sealed_index(rr, step)
             if index is None:
                 return f"rank {rank} holds no sealed step {step}", 0
-            rec = dataclasses.replace(rr.slots[index])
+            rec = rr.slots[index]
             view = rr.arena.slot(index, rr.slot_bytes)
         try:
             verify(job, rank, view, rec)

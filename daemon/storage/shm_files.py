@@ -9,7 +9,6 @@ dir is followed or mapped (proto/safefile.py).
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import logging
@@ -24,7 +23,6 @@ from shardguard.daemon.storage.records import (
     MAX_WORLD,
     JobRecord,
     RankRecord,
-    SlotRecord,
     check_job,
 )
 from shardguard.proto import arena as fmt
@@ -69,7 +67,7 @@ class ShmFiles:
 
     def write_header(self, rec: JobRecord, rr: RankRecord) -> None:
         rr.arena.write_header(fmt.Header(rr.slot_bytes, rr.rank, rec.world_size, rec.job,
-                                         tuple(s.to_desc() for s in rr.slots)))
+                                         tuple(rr.slots)))
 
     def sync(self, rec: JobRecord, rr: RankRecord) -> None:
         """The meta file, then ``rr``'s header."""
@@ -96,7 +94,7 @@ class ShmFiles:
         header = fmt.Header(slot_bytes, rank, rec.world_size, rec.job,
                             tuple(fmt.SlotDesc() for _ in range(fmt.NSLOTS)))
         arena = Arena.create(path, header, slots_now)
-        return RankRecord(rank, arena, slot_bytes, [SlotRecord() for _ in range(fmt.NSLOTS)])
+        return RankRecord(rank, arena, slot_bytes, [fmt.SlotDesc() for _ in range(fmt.NSLOTS)])
 
     def grow(self, rec: JobRecord, rr: RankRecord, slot_bytes: int) -> RankRecord:
         """A bigger arena, keeping the restorable slot's bytes in the same slot index."""
@@ -104,13 +102,13 @@ class ShmFiles:
         header = fmt.Header(slot_bytes, rr.rank, rec.world_size, rec.job,
                             tuple(fmt.SlotDesc() for _ in range(fmt.NSLOTS)))
         arena = Arena.create(tmp, header)
-        slots = [SlotRecord() for _ in range(fmt.NSLOTS)]
+        slots = [fmt.SlotDesc() for _ in range(fmt.NSLOTS)]
         try:
             for i, s in enumerate(rr.slots):
                 if s.state == SlotState.RESTORABLE:
                     used = s.manifest_offset + s.manifest_bytes
                     arena.slot(i, slot_bytes)[:used] = rr.arena.slot(i, rr.slot_bytes)[:used]
-                    slots[i] = dataclasses.replace(s)
+                    slots[i] = s
             safefile.replace(tmp, rr.arena.path)
         except BaseException:
             arena.unlink()
@@ -190,27 +188,22 @@ class ShmFiles:
                                job, rank, exc, extra={"job": job, "rank": rank})
                 arena = _remap(path, int(rm["slot_bytes"]))
                 header = None
-            slots = [SlotRecord(SlotState(d["state"]), *[int(d[k]) for k in (
-                "step", "data_bytes", "manifest_offset", "manifest_bytes", "data_crc",
-                "manifest_crc", "generation")]) for d in rm["slots"]]
+            # What was being written is not worth keeping: after a crash the slot is free.
+            slots = [s.freed() if s.state == SlotState.WRITING else s
+                     for s in map(fmt.SlotDesc.from_doc, rm["slots"])]
             if header is not None and header.slot_bytes != int(rm["slot_bytes"]):
                 arena.close()
                 raise ArenaFormatError(f"arena {path} slot size disagrees with the meta file")
-            for s in slots:
-                if s.state == SlotState.WRITING:
-                    s.free()
             rr = RankRecord(rank, arena, int(rm["slot_bytes"]), slots)
             rec.ranks[rank] = rr
             self.write_header(rec, rr)
 
 
-def _slot_doc(s: SlotRecord) -> dict[str, int]:
+def _slot_doc(s: fmt.SlotDesc) -> dict[str, int]:
     # A slot being written is not worth remembering: after a crash it is free.
     if s.state == SlotState.WRITING:
-        s = SlotRecord(generation=s.generation)
-    d = dataclasses.asdict(s)
-    d["state"] = int(s.state)
-    return d
+        s = fmt.SlotDesc(generation=s.generation)
+    return s.to_doc()
 
 
 def _check_meta_types(meta: dict[str, Any]) -> None:

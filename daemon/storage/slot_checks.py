@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c, crc32c_blocks
 from shardguard.daemon.errors import CorruptionError
-from shardguard.daemon.storage.records import SlotRecord
+from shardguard.proto.arena import SlotDesc
 from shardguard.proto import manifest as mf
 
 
@@ -38,7 +38,7 @@ def seal_sums(view: memoryview, step: int, data_bytes: int, manifest_offset: int
     return SealSums(data_crc, manifest_crc, blocks)
 
 
-def verify(job: str, rank: int, view: memoryview, s: SlotRecord) -> None:
+def verify(job: str, rank: int, view: memoryview, s: SlotDesc) -> None:
     """Raise CorruptionError unless the slot's bytes match the checksums of its seal."""
     m = view[s.manifest_offset:s.manifest_offset + s.manifest_bytes]
     if crc32c(m) != s.manifest_crc:
@@ -60,11 +60,11 @@ class SlotChecks:
         self._blocks: dict[tuple[str, int], dict[tuple[int, int], list[int]]] = {}
 
     def submit(self, job: str, rank: int, view: memoryview,
-               s: SlotRecord) -> concurrent.futures.Future[None]:
+               s: SlotDesc) -> concurrent.futures.Future[None]:
         """:func:`verify` on a daemon thread."""
         return self._pool.submit(verify, job, rank, view, s)
 
-    def keep_blocks(self, job: str, rank: int, slots: list[SlotRecord], step: int,
+    def keep_blocks(self, job: str, rank: int, slots: list[SlotDesc], step: int,
                     generation: int, blocks: list[int]) -> None:
         """Remember the block CRCs of ``rank``'s new seal; forget those of the steps its
         ``slots`` no longer hold."""

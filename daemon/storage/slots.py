@@ -27,10 +27,10 @@ from shardguard.daemon.errors import (
 )
 from shardguard.daemon.storage.flush_holds import FLUSH_HOLD_WAIT_S, FlushHolds
 from shardguard.daemon.storage.jobs import Jobs
-from shardguard.daemon.storage.records import Hooks, JobRecord, RankRecord, SlotRecord
+from shardguard.daemon.storage.records import Hooks, JobRecord, RankRecord
 from shardguard.daemon.storage.slot_checks import SlotChecks, seal_sums, verify
 from shardguard.proto import arena as fmt
-from shardguard.proto.arena import SlotState
+from shardguard.proto.arena import SlotDesc, SlotState
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +97,11 @@ class Slots:
             # Any other unfinished step of this rank is superseded by the new one.
             for i, s in enumerate(rr.slots):
                 if i != index and s.state in (SlotState.WRITING, SlotState.SEALED):
-                    s.free()
+                    rr.slots[i] = s.freed()
             s = rr.slots[index]
             if s.step == rec.previous_step:
                 rec.previous_step = None
-            s.state, s.step = SlotState.WRITING, step
-            s.generation += 1
-            s.data_bytes = s.manifest_offset = s.manifest_bytes = 0
+            rr.slots[index] = SlotDesc(SlotState.WRITING, step, generation=s.generation + 1)
             # Persisted, not only mirrored: after a crash the slot must not come back as
             # the sealed step it held before this rewrite began.
             self._files.sync(rec, rr)
@@ -121,19 +119,18 @@ class Slots:
             s = _slot_in_state(rr, job, slot, SlotState.WRITING, step)
             _check_extents(rr.slot_bytes, data_bytes, manifest_offset, manifest_bytes)
             view = rr.arena.slot(slot, rr.slot_bytes)
-            generation = s.generation
         # Validation and checksums of up to GiBs run without the lock: other ranks seal meanwhile.
         sums = seal_sums(view, step, data_bytes, manifest_offset, manifest_bytes)
         faults.point("seal", step, rec.topology.node_index if rec.topology else 0)
         with self._lock:
-            if rr.slots[slot] is not s or s.generation != generation \
-                    or s.state != SlotState.WRITING:
+            # Records are replaced, never changed: any change since is a new object.
+            if rr.slots[slot] is not s:
                 raise SlotStateError(f"job {job} rank {rank}: slot {slot} changed while sealing")
-            s.state = SlotState.SEALED
-            s.data_bytes, s.manifest_offset, s.manifest_bytes = \
-                data_bytes, manifest_offset, manifest_bytes
-            s.data_crc, s.manifest_crc = sums.data_crc, sums.manifest_crc
-            self._checks.keep_blocks(job, rank, rr.slots, step, generation, sums.blocks)
+            rr.slots[slot] = dataclasses.replace(
+                s, state=SlotState.SEALED, data_bytes=data_bytes,
+                manifest_offset=manifest_offset, manifest_bytes=manifest_bytes,
+                data_crc=sums.data_crc, manifest_crc=sums.manifest_crc)
+            self._checks.keep_blocks(job, rank, rr.slots, step, s.generation, sums.blocks)
             node_sealed = all(_has_sealed(rec.ranks.get(q), step) for q in rec.local_ranks)
             whole_job_here = len(rec.local_ranks) == rec.world_size
             self._metrics.rank_sealed(job, step, node_sealed)
@@ -160,7 +157,7 @@ class Slots:
             arena.ensure_allocated()
 
     def install(self, job: str, world_size: int, local_ranks: Iterable[int], rank: int,
-                slot_bytes: int, record: SlotRecord, fill: Callable[[memoryview], None]) -> None:
+                slot_bytes: int, record: SlotDesc, fill: Callable[[memoryview], None]) -> None:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step.
 
         ``fill`` writes the slot's bytes; their checksums must match ``record``.
@@ -176,17 +173,15 @@ class Slots:
         fill(view)
         verify(job, rank, view, record)
         with self._lock:
-            s = rr.slots[index]
-            for f in dataclasses.fields(SlotRecord):
-                setattr(s, f.name, getattr(record, f.name))
-            s.state = SlotState.SEALED
+            state = SlotState.SEALED
             if rec.restorable_step == record.step:
                 # A repair: the rebuilt copy replaces the one that failed its checksum.
-                for other in rr.slots:
-                    if other is not s and other.step == record.step:
-                        other.free()
-                s.state = SlotState.RESTORABLE
+                for i, other in enumerate(rr.slots):
+                    if i != index and other.step == record.step:
+                        rr.slots[i] = other.freed()
+                state = SlotState.RESTORABLE
                 rr.corrupt.clear()
+            rr.slots[index] = dataclasses.replace(record, state=state)
             rec.local_ranks = tuple(sorted(set(rec.local_ranks) | {rank}))
             self._files.sync(rec, rr)
 
@@ -220,18 +215,19 @@ class Slots:
                 f"{rec.restorable_step})")
         pairs = []
         for rr in rec.ranks.values():
-            old = next((s for s in rr.slots if s.state == SlotState.FREE and s.step == step),
+            old = next((i for i, s in enumerate(rr.slots)
+                        if s.state == SlotState.FREE and s.step == step), None)
+            cur = next((i for i, s in enumerate(rr.slots) if s.state == SlotState.RESTORABLE),
                        None)
-            cur = next((s for s in rr.slots if s.state == SlotState.RESTORABLE), None)
             if old is None and rr.rank in rec.local_ranks:
                 raise NotRestorableError(
                     f"job {rec.job} rank {rr.rank}: step {step} has been overwritten")
-            pairs.append((old, cur))
-        for old, cur in pairs:
+            pairs.append((rr, old, cur))
+        for rr, old, cur in pairs:
             if old is not None:
-                old.state = SlotState.RESTORABLE
+                rr.slots[old] = dataclasses.replace(rr.slots[old], state=SlotState.RESTORABLE)
             if cur is not None:
-                cur.free()
+                rr.slots[cur] = rr.slots[cur].freed()
         logger.warning("rolled back from step %s to step %d, the step every rank agreed on",
                        rec.restorable_step, step, extra={"job": rec.job, "step": step})
         rec.restorable_step, rec.previous_step = step, None
@@ -248,14 +244,14 @@ class Slots:
         rec.previous_step, rec.restorable_step = rec.restorable_step, step
         for rr in rec.ranks.values():
             rr.corrupt.clear()
-            for s in rr.slots:
+            for i, s in enumerate(rr.slots):
                 if s.step == step and s.state == SlotState.SEALED:
-                    s.state = SlotState.RESTORABLE
+                    rr.slots[i] = dataclasses.replace(s, state=SlotState.RESTORABLE)
                 elif s.state == SlotState.RESTORABLE and s.step < step:
                     # Free to overwrite, but kept readable until then (see roll_back).
-                    s.state = SlotState.FREE
+                    rr.slots[i] = dataclasses.replace(s, state=SlotState.FREE)
                 elif s.state == SlotState.SEALED and s.step < step:
-                    s.free()
+                    rr.slots[i] = s.freed()
         self._files.sync_all(rec)
         self._metrics.restorable(rec.job, step)
         logger.debug("step %d restorable", step, extra={"job": rec.job, "step": step})
@@ -277,7 +273,7 @@ def _writable_slot(rec: JobRecord, rr: RankRecord) -> int | None:
 
 
 def _slot_in_state(rr: RankRecord, job: str, slot: int, state: SlotState,
-                   step: int) -> SlotRecord:
+                   step: int) -> SlotDesc:
     if not 0 <= slot < len(rr.slots):
         raise InvalidRequestError(f"slot {slot} out of range [0, {len(rr.slots)})")
     s = rr.slots[slot]

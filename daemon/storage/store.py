@@ -32,19 +32,19 @@ from shardguard.daemon.storage.records import (
     OpenSlot,
     RankRecord,
     Registration,
-    SlotRecord,
 )
 from shardguard.daemon.storage.restore_pins import RestorePins
 from shardguard.daemon.storage.sealed_reads import SUPERSEDED, SealedReads
 from shardguard.daemon.storage.shm_files import META_VERSION, ShmFiles
 from shardguard.daemon.storage.slot_checks import SlotChecks
 from shardguard.daemon.storage.slots import MAX_MANIFEST_BYTES, Slots
+from shardguard.proto.arena import SlotDesc
 from shardguard.proto.meta import Topology
 
 __all__ = [
     "FLUSH_HOLD_WAIT_S", "JOB_RE", "MAX_MANIFEST_BYTES", "MAX_WORLD", "META_VERSION",
     "SUPERSEDED", "FlushHold", "JobRecord", "OpenSlot", "RankRecord", "Registration",
-    "SlotRecord", "Store",
+    "Store",
 ]
 
 OnStep = Callable[[str, int], None]
@@ -191,7 +191,7 @@ class Store:
         self._slots.mark_restorable(job, step)
 
     def install(self, job: str, world_size: int, local_ranks: Iterable[int], rank: int,
-                slot_bytes: int, record: SlotRecord, fill: Callable[[memoryview], None]) -> None:
+                slot_bytes: int, record: SlotDesc, fill: Callable[[memoryview], None]) -> None:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step."""
         self._slots.install(job, world_size, local_ranks, rank, slot_bytes, record, fill)
 
@@ -233,7 +233,7 @@ class Store:
         seal (None: not known here, e.g. a slot adopted after a restart)."""
         return self._reads.block_crcs(job, rank, step, generation)
 
-    def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotRecord, int]:
+    def sealed_slot(self, job: str, rank: int, step: int) -> tuple[memoryview, SlotDesc, int]:
         """The bytes and record of ``rank``'s sealed or restorable slot of ``step``, and
         slot_bytes."""
         return self._reads.sealed_slot(job, rank, step)

@@ -20,7 +20,6 @@ U64 = st.integers(0, 2**64 - 1)
 slot_descs = st.builds(
     SlotDesc,
     state=st.sampled_from(SlotState),
-    checksum_algo=st.sampled_from(ChecksumAlgo),
     step=st.integers(-(2**63), 2**63 - 1),
     data_bytes=U64,
     manifest_offset=U64,
@@ -43,7 +42,7 @@ headers = st.builds(
 
 def sample_header(**changes: object) -> Header:
     fields = dict(slot_bytes=8 * fmt.PAGE, rank=3, world_size=8, job="job-1",
-                  slots=(SlotDesc(SlotState.RESTORABLE, ChecksumAlgo.CRC32C, 7, 100, 4096, 50,
+                  slots=(SlotDesc(SlotState.RESTORABLE, 7, 100, 4096, 50,
                                   0xDEADBEEF, 0xFEEDFACE, 2), SlotDesc()))
     fields.update(changes)
     return Header(**fields)  # type: ignore[arg-type]
@@ -149,6 +148,36 @@ def test_bad_slot_descriptor(slot: int, field_offset: int, value: int, what: str
                      value)
     with pytest.raises(ArenaFormatError, match=f"slot {slot} descriptor invalid.*{what}"):
         fmt.unpack_header(with_crc(buf))
+
+
+@pytest.mark.parametrize("state, algo", [
+    (SlotState.RESTORABLE, ChecksumAlgo.NONE), (SlotState.SEALED, ChecksumAlgo.NONE),
+    (SlotState.WRITING, ChecksumAlgo.CRC32C), (SlotState.FREE, ChecksumAlgo.CRC32C),
+])
+def test_checksum_algorithm_must_fit_the_state(state: SlotState, algo: ChecksumAlgo) -> None:
+    # The algorithm is not a free field: sealed bytes are checksummed, others are not.
+    buf = bytearray(fmt.pack_header(sample_header()))
+    struct.pack_into("<II", buf, fmt.SLOT_DESC_OFFSET, state, algo)
+    with pytest.raises(ArenaFormatError, match="slot 0 descriptor invalid.*checksum algorithm"):
+        fmt.unpack_header(with_crc(buf))
+
+
+def test_slot_record_round_trips_through_its_document() -> None:
+    d = sample_header().slots[0]
+    assert SlotDesc.from_doc(d.to_doc()) == d
+    assert d.freed() == SlotDesc(SlotState.FREE, -1, 100, 4096, 50, 0xDEADBEEF, 0xFEEDFACE, 2)
+
+
+@pytest.mark.parametrize("changes", [
+    {"state": 9}, {"state": True}, {"step": -2}, {"data_bytes": -1}, {"generation": "1"},
+    {"manifest_crc": None},
+])
+def test_slot_record_document_refused(changes: dict) -> None:
+    from shardguard.proto.errors import InvalidRequestError
+
+    doc = {**sample_header().slots[0].to_doc(), **changes}
+    with pytest.raises(InvalidRequestError, match="slot"):
+        SlotDesc.from_doc(doc)
 
 
 @pytest.mark.parametrize("changes", [

@@ -29,11 +29,11 @@ from shardguard.daemon.roles.holder import Holder
 from shardguard.daemon.roles.leader import GroupLeader
 from shardguard.daemon.roles.state import ProtectionState
 from shardguard.proto import peer_pb2 as ppb
+from shardguard.proto.arena import SlotDesc, SlotState
 from shardguard.proto.meta import (
     NodeLayout,
     PieceMeta,
     RankEntry,
-    SlotDoc,
     StripeReport,
     Topology,
     seal_token,
@@ -109,8 +109,8 @@ def _topo(me: int) -> Topology:
 
 
 def _layout(node: int, generation: int) -> bytes:
-    return NodeLayout(PLEN, PLEN, (RankEntry(node, 0, PLEN, PLEN, SlotDoc(
-        3, STEP, PLEN - 100, PLEN - 100, 100, 0, 0, generation)),)).encode()
+    return NodeLayout(PLEN, PLEN, (RankEntry(node, 0, PLEN, PLEN, SlotDesc(
+        SlotState.RESTORABLE, STEP, PLEN - 100, PLEN - 100, 100, 0, 0, generation)),)).encode()
 
 
 def _encoder(me: int = 0) -> tuple[Encoder, _Reporter, _Stalls]:

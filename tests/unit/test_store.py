@@ -382,9 +382,9 @@ def test_open_for_restore(shm: Shm) -> None:
     data = payload(4)
     slot, _ = snap(store, reg, "j", 4, data)
     o = store.open_for_restore("j", 0, reg.lease, None)
-    assert (o.slot, o.step, o.data_bytes) == (slot, 4, len(data))
-    assert read(reg, o.slot, o.data_bytes) == data
-    mf.parse(read(reg, o.slot, o.manifest_bytes, o.manifest_offset), o.data_bytes)
+    assert (o.slot, o.record.step, o.record.data_bytes) == (slot, 4, len(data))
+    assert read(reg, o.slot, o.record.data_bytes) == data
+    mf.parse(read(reg, o.slot, o.record.manifest_bytes, o.record.manifest_offset), o.record.data_bytes)
     assert store.open_for_restore("j", 0, reg.lease, 4).slot == slot
     with pytest.raises(NotRestorableError, match="step 3 is not restorable"):
         store.open_for_restore("j", 0, reg.lease, 3)
@@ -403,7 +403,7 @@ def test_open_for_restore_detects_a_flipped_byte(shm: Shm, where: str) -> None:
     with pytest.raises(CorruptionError, match=f"job j rank 0 step 0: "
                                               f"{'manifest' if where == 'manifest' else 'data'} "
                                               "checksum fails"):
-        store.release("j", 0, reg.lease, o.step)
+        store.release("j", 0, reg.lease, o.record.step)
     assert not store.job("j").ranks[0].pinned
     # A slot known to be corrupt is never served again.
     with pytest.raises(CorruptionError, match="failed their checksum"):
@@ -415,7 +415,7 @@ def test_verify_on_restore_off(shm: Shm) -> None:
     reg = store.register("j", 0, 1, SLOT, PID, [0])
     slot, _ = snap(store, reg, "j", 0, payload(0))
     flip(reg.arena_path, fmt.slot_offset(slot, reg.slot_bytes))
-    assert store.open_for_restore("j", 0, reg.lease, None).step == 0
+    assert store.open_for_restore("j", 0, reg.lease, None).record.step == 0
 
 
 def test_a_restore_in_progress_pins_its_slot(shm: Shm) -> None:
@@ -467,7 +467,7 @@ def test_budget_refusal_leaves_the_existing_arena(shm: Shm) -> None:
     assert shm.files() == shm.job_files("j", 0)
     assert store.job("j").ranks[0].slot_bytes == SLOT
     # The claim, the restorable step and its bytes are as they were.
-    assert store.open_for_restore("j", 0, reg.lease, None).step == 0
+    assert store.open_for_restore("j", 0, reg.lease, None).record.step == 0
     assert read(reg, 0, len(data)) == data
     store.register("other", 0, 1, SLOT, PID, [0])  # what fits still fits
 
@@ -525,7 +525,7 @@ def test_adoption_keeps_the_restorable_step(shm: Shm) -> None:
     again = new.register("j", 0, 1, SLOT, PID, [0])
     assert again.restorable_step == 1 and again.arena_path == reg.arena_path
     o = new.open_for_restore("j", 0, again.lease, None)
-    assert (o.slot, o.step) == (1, 1) and read(again, 1, len(data)) == data
+    assert (o.slot, o.record.step) == (1, 1) and read(again, 1, len(data)) == data
     assert snap(new, again, "j", 3, payload(3)) == (0, 3)
 
 
@@ -761,7 +761,7 @@ def test_ranks_may_agree_on_the_previous_step_which_rolls_the_node_back(shm: Shm
     snap(store, reg, "j", 4, payload(4))
     assert store.latest("j") == 4 and store.job("j").previous_step == 3
     o = store.open_for_restore("j", 0, reg.lease, 3)
-    assert o.step == 3 and read(reg, o.slot, o.data_bytes) == payload(3)
+    assert o.record.step == 3 and read(reg, o.slot, o.record.data_bytes) == payload(3)
     store.release("j", 0, reg.lease, 3)
     assert store.latest("j") == 3 and store.job("j").previous_step is None
     # The job goes on from step 3: step 4 is taken again.
@@ -787,9 +787,9 @@ def test_a_client_that_checks_gets_the_seal_checksums_and_no_second_read(shm: Sh
     flip(reg.arena_path, fmt.slot_offset(slot, reg.slot_bytes))
     o = store.open_for_restore("j", 0, reg.lease, None, client_checks=True)
     sealed = store.job("j").ranks[0].slots[slot]
-    assert (o.data_crc, o.manifest_crc, o.check) == (sealed.data_crc, sealed.manifest_crc, True)
+    assert (o.record.data_crc, o.record.manifest_crc, o.check) == (sealed.data_crc, sealed.manifest_crc, True)
     assert not store.job("j").ranks[0].verifying  # the daemon does not read the slot
-    store.release("j", 0, reg.lease, o.step)  # the client said nothing: no verdict here
+    store.release("j", 0, reg.lease, o.record.step)  # the client said nothing: no verdict here
 
 
 @pytest.mark.parametrize("bad", [True, False])
@@ -804,12 +804,12 @@ def test_a_client_that_reports_corruption_gets_the_daemons_verdict(shm: Shm, bad
     o = store.open_for_restore("j", 0, reg.lease, None, client_checks=True)
     if bad:
         with pytest.raises(CorruptionError, match="data checksum fails"):
-            store.release("j", 0, reg.lease, o.step, corrupt=True)
+            store.release("j", 0, reg.lease, o.record.step, corrupt=True)
         with pytest.raises(CorruptionError, match="failed their checksum"):
             store.open_for_restore("j", 0, reg.lease, None, client_checks=True)
     else:
-        store.release("j", 0, reg.lease, o.step, corrupt=True)
-        assert store.open_for_restore("j", 0, reg.lease, None, client_checks=True).step == 0
+        store.release("j", 0, reg.lease, o.record.step, corrupt=True)
+        assert store.open_for_restore("j", 0, reg.lease, None, client_checks=True).record.step == 0
     assert store.job("j").ranks[0].pinned == ({} if bad else {slot: 0})
 
 
