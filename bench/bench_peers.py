@@ -21,14 +21,18 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,14 +125,19 @@ def install(venv: Venv) -> str | None:
     print(f"installing {venv.name} into {venv.path.relative_to(ROOT)} ...", flush=True)
     t0 = time.monotonic()
     try:
-        if not venv.python.exists():
-            _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv.path)])
+        if not _has_pip(venv):
+            # None yet, or one an interrupted install left without pip: made afresh.
+            _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--clear",
+                  str(venv.path)])
         pip = [str(venv.python), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
         # torch first: a peer's own requirements would otherwise bring a CUDA build of it.
         _run([*pip, TORCH])
         src = _prepare_sources(venv)
         args = [a.format(src=src) for a in venv.pip_args]
-        _run([*pip, "-r", str(REQUIREMENTS / "harness.txt"), "-r", str(REQUIREMENTS / f"{venv.name}.txt"), *args])
+        # The peer's own lines on the command line, not with -r: pip hands --config-settings
+        # only to the requirements named there (pip 25: a -r file's sdist was built without
+        # them, and ml-flashpoint's build went to GitHub for abseil).
+        _run([*pip, "-r", str(REQUIREMENTS / "harness.txt"), *_requirements(venv), *args])
     except _InstallError as exc:
         (venv.path / INSTALL_ERROR).write_text(str(exc) + "\n", encoding="utf-8")
         print(f"  {venv.name}: not installed: {exc}", flush=True)
@@ -136,6 +145,17 @@ def install(venv: Venv) -> str | None:
     stamp.write_text(want, encoding="utf-8")
     print(f"  {venv.name}: installed in {time.monotonic() - t0:.0f} s", flush=True)
     return None
+
+
+def _requirements(venv: Venv) -> list[str]:
+    """The requirement lines of ``requirements/<venv>.txt``, comments left out."""
+    lines = (REQUIREMENTS / f"{venv.name}.txt").read_text(encoding="utf-8").splitlines()
+    return [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+
+
+def _has_pip(venv: Venv) -> bool:
+    return venv.python.exists() and subprocess.run(
+        [str(venv.python), "-m", "pip", "--version"], capture_output=True, check=False).returncode == 0
 
 
 def install_error(venv: Venv) -> str | None:
@@ -169,9 +189,7 @@ def _prepare_sources(venv: Venv) -> Path:
     absl = src / "abseil-cpp"
     shutil.rmtree(absl, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=VENVS) as tmp:
-        _run([str(venv.python), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-              ABSEIL_FROM])
-        sdist = next(Path(tmp).glob("grpcio-*.tar.gz"))
+        sdist = _download_sdist(*ABSEIL_FROM.split("=="), Path(tmp))
         with tarfile.open(sdist) as tar:
             inner = "third_party/abseil-cpp/"
             members = [m for m in tar.getmembers() if inner in m.name and m.isfile()]
@@ -180,6 +198,37 @@ def _prepare_sources(venv: Venv) -> Path:
             tar.extractall(src, members=members, filter="data")
     shutil.copy(FLASHPOINT_BUILD / "abseil" / "CMakeLists.txt", absl / "CMakeLists.txt")
     return src
+
+
+def _download_sdist(name: str, version: str, into: Path) -> Path:
+    """``name``'s source archive at ``version``, from the package index, its sha256 checked.
+
+    Not ``pip download --no-binary``: pip prepares an sdist's metadata by running its
+    build backend, and grpcio's compiles its C core for it (most of an hour on 2 cores),
+    when all the build needs here is a directory of its archive.
+    """
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    cafile = os.environ.get("PIP_CERT") or None
+    ctx = ssl.create_default_context(cafile=cafile)
+    want = f"{name}-{version}.tar.gz"
+    try:
+        with urllib.request.urlopen(f"{index}/{name}/", timeout=60, context=ctx) as page:
+            html = page.read().decode()
+        link = next((m.group(1) for m in re.finditer(r'href="([^"]+)"', html)
+                     if urllib.parse.urlsplit(m.group(1)).path.endswith("/" + want)), None)
+        if link is None:
+            raise _InstallError(f"{index}/{name}/ lists no {want}")
+        url = urllib.parse.urljoin(f"{index}/{name}/", link)
+        digest = urllib.parse.urlsplit(url).fragment.removeprefix("sha256=")
+        out = into / want
+        with urllib.request.urlopen(url.split("#")[0], timeout=600, context=ctx) as r, \
+                open(out, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as exc:
+        raise _InstallError(f"downloading {want}: {exc}") from None
+    if len(digest) != 64 or hashlib.sha256(out.read_bytes()).hexdigest() != digest:
+        raise _InstallError(f"{want}: its sha256 does not match the index's")
+    return out
 
 
 class _InstallError(Exception):
