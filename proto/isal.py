@@ -67,15 +67,21 @@ def _pyeclib_candidates() -> Iterator[str]:
             yield from (str(p) for p in sorted(libs.glob(_LIB_GLOB)))
 
 
-def candidate_paths() -> list[str]:
-    """Where ISA-L may be, best first: pyeclib's bundled copy, then the system one."""
-    seen: dict[str, None] = {}
+def candidate_paths() -> Iterator[str]:
+    """Where ISA-L may be, best first: pyeclib's bundled copy, then the system one.
+
+    Lazily: the system library is looked up only when no bundled copy was taken
+    (``ctypes.util.find_library`` runs ldconfig and gcc, about 0.3 s on the first
+    checksum of every trainer and daemon when it ran unasked).
+    """
+    seen = set()
     for path in _pyeclib_candidates():
-        seen.setdefault(path, None)
+        if path not in seen:
+            seen.add(path)
+            yield path
     system = ctypes.util.find_library("isal")
-    if system:
-        seen.setdefault(system, None)
-    return list(seen)
+    if system and system not in seen:
+        yield system
 
 
 def find(open_library: Callable[[str], _T], what: str) -> _T | None:
