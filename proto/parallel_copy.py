@@ -25,6 +25,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from shardguard.proto import hostmem
 from shardguard.proto.crc32c import MASK, crc32c_at, crc32c_combine, update_address
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ def _copy_part(dst: int, src: int, lo: int, hi: int, chunk: int, check: bool,
                fresh: bool) -> int:
     """Copy bytes [lo, hi) from ``src`` to ``dst``, chunk by chunk; the CRC32C of the
     copied bytes when ``check``, else 0."""
+    if fresh and hostmem.populate(dst + lo, hi - lo):
+        # Faulted in by one call (each thread its own part), then written as memory that
+        # is there: 0.70x the time of faulting page by page under the copy.
+        fresh = False
     fast = native() if USE_NATIVE else None
     update = update_address() if check else None
     if fast is not None and (update is not None or not check):
@@ -106,7 +111,8 @@ def _copy_part(dst: int, src: int, lo: int, hi: int, chunk: int, check: bool,
 def copy(dst: int, src: int, n: int, chunk: int, check: bool, fresh: bool = False) -> int:
     """Copy ``n`` bytes from address ``src`` to ``dst`` in ``chunk``-byte steps; the
     CRC32C of the bytes copied when ``check`` (else 0). ``fresh``: ``dst`` is new memory,
-    not yet faulted in (it is written differently: proto/_fastcopy.c)."""
+    not yet faulted in: each thread faults its part in first (``MADV_POPULATE_WRITE``),
+    or, where the kernel cannot, writes it as proto/_fastcopy.c writes fresh memory."""
     parts = _parts(n, chunk)
     if len(parts) == 1:
         return _copy_part(dst, src, 0, n, chunk, check, fresh)

@@ -14,7 +14,6 @@ handles bytes only, never imports this module.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import pickle
 from collections import OrderedDict
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from shardguard.proto import hostmem, parallel_copy
+from shardguard.proto import parallel_copy
 from shardguard.proto import manifest as mf
 from shardguard.proto.arena import align_up
 from shardguard.proto.crc32c import crc32c_at, crc32c_combine
@@ -185,9 +184,9 @@ def rebuild(doc: dict[str, Any], u8: torch.Tensor, arr: np.ndarray, base: int, i
     ``into`` (None: none) is overwritten in place. Everything it holds must have its equal
     in the snapshot: each tensor and numpy array at the same path with the same dtype and
     shape (arrays writable), each dict key present, each list or tuple of the same length.
-    What it leaves out (a missing key, None) is allocated (host memory on huge pages:
-    see ``hostmem``); its plain values (numbers, strings) are replaced by the snapshot's
-    in the returned state.
+    What it leaves out (a missing key, None) is allocated (fresh memory, faulted in
+    ahead of the copy: see ``hostmem``); its plain values (numbers, strings) are
+    replaced by the snapshot's in the returned state.
 
     Args:
         data_crc: the CRC32C the slot's data (``doc["data_bytes"]`` from ``base``) was
@@ -335,16 +334,12 @@ def _unpickled(x: Any) -> Any:
 
 
 def _fresh_tensor(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if t.device.type == "cpu":
-        hostmem.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
-    return t
+    # Plain pages: huge ones stalled the first restore in compaction (proto/hostmem.py).
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _fresh_ndarray(shape: list[int], dtype: np.dtype) -> np.ndarray:
-    a = np.empty(shape, dtype=dtype)
-    hostmem.advise_huge_pages(a.ctypes.data, a.nbytes)
-    return a
+    return np.empty(shape, dtype=dtype)
 
 
 def _check_into(node: dict[str, Any], path: str, into: Any, peek: _Decoder) -> None:
