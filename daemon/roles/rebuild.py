@@ -124,23 +124,11 @@ class Rebuilder:
         wait_all(ranks, abort)
         self.metas.save(keep or next(iter(newest.metas.values())), held)
         self.store.set_restorable(job, step)
-        if need:
-            threading.Thread(target=self._finish_allocation, args=(job,), daemon=True,
-                             name="sg-rebuild-alloc").start()
         if need or replaced is not None:
             self.store.metrics.rebuild_pass(job, time.monotonic() - started)
             logger.info("rebuilt ranks %s%s", need,
                         f" and the parity of node {replaced}" if replaced is not None else "",
                         extra={"job": job, "step": step, "node": self.topo.node_index})
-
-    def _finish_allocation(self, job: str) -> None:
-        """The rebuilt arenas' second slots, off the rebuild's path (else the trainer's
-        first Begin allocates them)."""
-        try:
-            self.store.finish_allocation(job)
-        except Exception as exc:  # noqa: BLE001 - Begin meets it again, typed
-            logger.warning("allocating the rebuilt arenas' second slots failed: %s", exc,
-                           extra={"job": job})
 
     def _recreate_parity(self, job: str, meta: StepMeta, node: int,
                          alive: dict[int, str], abort: threading.Event) -> StepMeta:

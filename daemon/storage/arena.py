@@ -8,8 +8,11 @@ import mmap
 import os
 import threading
 
+import numpy as np
+
 from shardguard.daemon.errors import ArenaFormatError, BudgetExceededError, NoSpaceError
 from shardguard.proto import arena as fmt
+from shardguard.proto import hostmem
 from shardguard.proto import safefile
 
 logger = logging.getLogger(__name__)
@@ -112,6 +115,18 @@ class Arena:
                         f"{exc.strerror}") from None
                 raise
             self.allocated = True
+
+    def prefault(self, index: int, slot_bytes: int) -> None:
+        """Fault slot ``index`` in, writable, in this mapping, without writing it. tmpfs
+        clears an allocated page at its first fault in any process; done here, a
+        trainer that maps the arena next finds every page there (mapping a just
+        allocated 2 GiB arena took it 0.71 s, one whose pages had been faulted 0.22 s)."""
+        with self._allocating:
+            if self._fd < 0:
+                return
+            part = np.frombuffer(self.slot(index, slot_bytes), dtype=np.uint8)
+            hostmem.populate(part.ctypes.data, part.size)
+            del part
 
     def write_header(self, header: fmt.Header) -> None:
         self.view[: fmt.HEADER_BYTES] = fmt.pack_header(header)

@@ -177,8 +177,8 @@ class Jobs:
                 self._check_budget(rr.arena.size if rr else 0, fmt.arena_bytes(slot_bytes))
                 if rr is not None:
                     rr.arena.unlink()
-                # The rebuilt bytes go into the first slot: the second is allocated
-                # after the rebuild (Store.finish_allocation) or at the next Begin.
+                # The rebuilt bytes go into the first slot, allocated now; the other
+                # one while they arrive (Slots.install), else at the next Begin.
                 rr = self.files.new_rank(rec, rank, slot_bytes, slots_now=1)
                 rec.ranks[rank] = rr
             return rec, rr

@@ -195,10 +195,6 @@ class Store:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step."""
         self._slots.install(job, world_size, local_ranks, rank, slot_bytes, record, fill)
 
-    def finish_allocation(self, job: str) -> None:
-        """Allocate the second slots a rebuild left for later (NoSpaceError if no room)."""
-        self._slots.finish_allocation(job)
-
     def set_restorable(self, job: str, step: int) -> None:
         """Mark ``step`` restorable for the ranks of this node that hold it (after a rebuild)."""
         self._slots.set_restorable(job, step)
