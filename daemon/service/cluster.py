@@ -124,8 +124,8 @@ def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0,
     """Start ``nodes`` daemons under ``root``; with ``isolate``, each in a namespace of its
     own with a tmpfs of its own (root only: :func:`isolation_unavailable` says why not).
 
-    An isolated cluster that fails to come up is brought down again (namespaces and
-    mounts would otherwise outlive the caller).
+    A cluster that fails to come up is brought down again: the daemons already started
+    (and an isolated cluster's namespaces and mounts) would otherwise outlive the caller.
     """
     if nodes < 1:
         raise ConfigError("a cluster needs at least one node")
@@ -156,13 +156,10 @@ def up(root: str, nodes: int, group_size: int, parity: int, base_port: int = 0,
         fh.write(secrets.token_hex(32))
     with open(_spec_path(root), "w", encoding="utf-8") as fh:
         json.dump(asdict(spec), fh)
-    if not isolate:
-        for i in range(nodes):
-            start(root, i, spec)
-        return spec
     try:
-        _clear_stale(root, spec)
-        _make_switch(spec)
+        if isolate:
+            _clear_stale(root, spec)
+            _make_switch(spec)
         for i in range(nodes):
             start(root, i, spec)
     except BaseException:

@@ -8,6 +8,7 @@ daemon starts empty in its slot and the job resumes.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shardguard.daemon.base import procs
 from shardguard.daemon.service import cluster
 from _support import restored_steps
 from _support import (
@@ -341,3 +343,27 @@ def test_the_last_step_is_protected_after_wait(local_cluster, tmp_path: Path) ->
     # A relaunch resumes after the last step: nothing left to train, nothing lost.
     assert train(root, out, 2, steps) == 0, trainer_log(out)
     assert restored_steps(out, 2) == {str(steps - 1)}
+
+
+def test_a_cluster_that_fails_to_come_up_leaves_nothing_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Node 1 does not start (here: refused before it is spawned); node 0's daemon, already
+    # up, is stopped and its shared memory removed, not left to the machine.
+    root = tmp_path / "cluster"
+    real_start, started = cluster.start, []
+
+    def start(root_: str, node: int, *args, **kwargs) -> int:
+        if node == 1:
+            raise cluster.ConfigError("node 1 cannot start (test)")
+        pid = real_start(root_, node, *args, **kwargs)
+        started.append(pid)
+        return pid
+
+    monkeypatch.setattr(cluster, "start", start)
+    with pytest.raises(cluster.ConfigError, match="node 1 cannot start"):
+        cluster.up(str(root), 2, 2, 1)
+    assert len(started) == 1
+    assert not procs.holds_resources(started[0])
+    prefix = f"shardguard-c{hashlib.sha1(str(root).encode()).hexdigest()[:8]}"  # up()'s tag
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(prefix)]
+    assert not (root / "cluster.json").exists()
