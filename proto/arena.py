@@ -33,7 +33,6 @@ import enum
 import struct
 import zlib
 from dataclasses import dataclass, fields, replace
-from typing import Any
 
 MAGIC = b"SGARENA\x00"
 VERSION = 1
@@ -103,29 +102,6 @@ class SlotDesc:
 
     def to_doc(self) -> dict[str, int]:
         return {f.name: int(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_doc(cls, doc: Any) -> "SlotDesc":
-        """Parse a record written by :meth:`to_doc`.
-
-        Raises:
-            InvalidRequestError: not an object, or a field missing or out of range.
-        """
-        from shardguard.proto.errors import InvalidRequestError
-
-        if not isinstance(doc, dict):
-            raise InvalidRequestError("a slot record is not an object")
-        values = {}
-        for f in fields(cls):
-            x, lo = doc.get(f.name), -1 if f.name == "step" else 0
-            if not isinstance(x, int) or isinstance(x, bool) or x < lo:
-                raise InvalidRequestError(f"slot {f.name} is not an integer >= {lo}: {x!r}")
-            values[f.name] = x
-        try:
-            values["state"] = SlotState(values["state"])
-        except ValueError:
-            raise InvalidRequestError(f"slot state {values['state']} is unknown") from None
-        return cls(**values)
 
 
 @dataclass(frozen=True)

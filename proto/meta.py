@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
-from shardguard.proto.arena import SlotDesc
+from shardguard.proto.arena import SlotDesc, SlotState
 from shardguard.proto.errors import InvalidRequestError
 
 #: ``(group, stripe)``: a stripe of the job.
@@ -147,6 +147,17 @@ class Topology:
 # ------------------------------------------------------------- a node's payload
 
 
+def slot_from_doc(doc: Any) -> SlotDesc:
+    """A slot record written by ``SlotDesc.to_doc``, every field checked."""
+    d = _obj(doc, "slot record")
+    values = {f: _int(d.get(f), f"slot {f}", -1 if f == "step" else 0)
+              for f in SlotDesc.__dataclass_fields__}
+    try:
+        return SlotDesc(**{**values, "state": SlotState(values["state"])})
+    except ValueError:
+        raise InvalidRequestError(f"slot state {values['state']} is unknown") from None
+
+
 @dataclass(frozen=True)
 class RankEntry:
     """One rank's slot inside its node's payload: bytes ``[off, off + used)``."""
@@ -162,7 +173,7 @@ class RankEntry:
         d = _obj(doc, "rank entry")
         return cls(_int(d.get("rank"), "rank"), _int(d.get("off"), "off"),
                    _int(d.get("used"), "used"), _int(d.get("slot_bytes"), "slot_bytes"),
-                   SlotDesc.from_doc(d.get("record")))
+                   slot_from_doc(d.get("record")))
 
     def to_doc(self) -> dict[str, Any]:
         return {"rank": self.rank, "off": self.off, "used": self.used,

@@ -333,15 +333,6 @@ def _unpickled(x: Any) -> Any:
     return x
 
 
-def _fresh_tensor(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Plain pages: huge ones stalled the first restore in compaction (proto/hostmem.py).
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _fresh_ndarray(shape: list[int], dtype: np.dtype) -> np.ndarray:
-    return np.empty(shape, dtype=dtype)
-
-
 def _check_into(node: dict[str, Any], path: str, into: Any, peek: _Decoder) -> None:
     """Raise IntoMismatchError where ``into`` has no equal in the snapshot (see rebuild).
 
@@ -459,7 +450,9 @@ class _Decoder:
         if not slot.copy:
             view = slot.tensor(off, dtype, shape)
             return view if device.type == "cpu" else view.to(device)
-        out = into if isinstance(into, torch.Tensor) else _fresh_tensor(shape, dtype, device)
+        # New tensors on plain pages: huge ones stalled a first restore (proto/hostmem.py).
+        out = into if isinstance(into, torch.Tensor) else torch.empty(shape, dtype=dtype,
+                                                                      device=device)
         if n == 0:
             return out
         if out.device.type == "cpu" and out.is_contiguous() and not out.is_conj() \
@@ -479,7 +472,7 @@ class _Decoder:
         if not slot.copy:
             return slot.ndarray(off, n, dtype, shape)
         # into: of the same dtype and shape, writable (_check_into)
-        out = into if isinstance(into, np.ndarray) else _fresh_ndarray(shape, dtype)
+        out = into if isinstance(into, np.ndarray) else np.empty(shape, dtype=dtype)
         if n == 0:
             return out
         if out.flags.c_contiguous:

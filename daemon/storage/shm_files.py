@@ -28,7 +28,7 @@ from shardguard.daemon.storage.records import (
 from shardguard.proto import arena as fmt
 from shardguard.proto import safefile
 from shardguard.proto.arena import SlotState
-from shardguard.proto.meta import Topology
+from shardguard.proto.meta import Topology, slot_from_doc
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class ShmFiles:
                 header = None
             # What was being written is not worth keeping: after a crash the slot is free.
             slots = [s.freed() if s.state == SlotState.WRITING else s
-                     for s in map(fmt.SlotDesc.from_doc, rm["slots"])]
+                     for s in map(slot_from_doc, rm["slots"])]
             if header is not None and header.slot_bytes != int(rm["slot_bytes"]):
                 arena.close()
                 raise ArenaFormatError(f"arena {path} slot size disagrees with the meta file")
@@ -201,9 +201,7 @@ class ShmFiles:
 
 def _slot_doc(s: fmt.SlotDesc) -> dict[str, int]:
     # A slot being written is not worth remembering: after a crash it is free.
-    if s.state == SlotState.WRITING:
-        s = fmt.SlotDesc(generation=s.generation)
-    return s.to_doc()
+    return (s.freed() if s.state == SlotState.WRITING else s).to_doc()
 
 
 def _check_meta_types(meta: dict[str, Any]) -> None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c, crc32c_blocks
 from shardguard.daemon.errors import CorruptionError
-from shardguard.proto.arena import SlotDesc
 from shardguard.proto import manifest as mf
+from shardguard.proto.arena import SlotDesc
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from shardguard.proto import arena as fmt
 from shardguard.proto.arena import ChecksumAlgo, Header, SlotDesc, SlotState
 from shardguard.proto.errors import ArenaFormatError
+from shardguard.proto.meta import slot_from_doc
 
 U32 = st.integers(0, 2**32 - 1)
 U64 = st.integers(0, 2**64 - 1)
@@ -164,7 +165,7 @@ def test_checksum_algorithm_must_fit_the_state(state: SlotState, algo: ChecksumA
 
 def test_slot_record_round_trips_through_its_document() -> None:
     d = sample_header().slots[0]
-    assert SlotDesc.from_doc(d.to_doc()) == d
+    assert slot_from_doc(d.to_doc()) == d
     assert d.freed() == SlotDesc(SlotState.FREE, -1, 100, 4096, 50, 0xDEADBEEF, 0xFEEDFACE, 2)
 
 
@@ -177,7 +178,7 @@ def test_slot_record_document_refused(changes: dict) -> None:
 
     doc = {**sample_header().slots[0].to_doc(), **changes}
     with pytest.raises(InvalidRequestError, match="slot"):
-        SlotDesc.from_doc(doc)
+        slot_from_doc(doc)
 
 
 @pytest.mark.parametrize("changes", [
