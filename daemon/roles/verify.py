@@ -32,7 +32,8 @@ from shardguard.daemon.storage.stepmeta import StepMetas
 from shardguard.daemon.storage.store import SUPERSEDED, Store
 from shardguard.daemon.transport.peer_client import PeerClients
 from shardguard.proto import peer_pb2 as ppb
-from shardguard.proto.meta import JobCheck, NodeCheck, PieceCheck, RankCheck, StepMeta, StripeCheck
+from shardguard.proto.meta import StepMeta
+from shardguard.proto.verify_report import JobCheck, NodeCheck, PieceCheck, RankCheck, StripeCheck
 
 logger = logging.getLogger(__name__)
 
