@@ -183,10 +183,10 @@ class Client:
         arena, plan, lease = self._session.arena, self._plan, self._session.lease
         assert arena is not None and plan is not None
         try:
-            self._copier.start(handle, arena, arena.slot_base(slot), leaves, manifest,
-                               plan.manifest_offset, lambda: self._session.seal(
+            self._copier.start(handle, arena, arena.slot_base(slot), leaves, plan.data_bytes,
+                               manifest, plan.manifest_offset, lambda blocks: self._session.seal(
                                    lease, step, slot, plan.data_bytes, plan.manifest_offset,
-                                   len(manifest)))
+                                   len(manifest), blocks))
         except BaseException as exc:
             handle.fail(exc)  # never sealed: the next snapshot and close() must not wait
             raise
@@ -249,8 +249,8 @@ class Client:
                 allow_pickle: bool | None = None, copy: bool = True) -> tuple[int, Any]:
         """The newest restorable step (or ``step``) and its state, the same on every rank.
 
-        Every byte read from memory is checked against the CRC32C the daemon computed
-        when the snapshot was sealed, as it is copied (chunk by chunk, each checksummed
+        Every byte read from memory is checked against the CRC32C the snapshot was
+        sealed with (made as it was copied into memory), as it is copied (chunk by chunk, each checksummed
         while it is in cache: the snapshot is read once). Bytes that fail are never
         returned: the daemon re-checks its copy, repairs it from parity where the job
         has parity, and the restore reads it again; else every rank raises.

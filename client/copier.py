@@ -2,7 +2,10 @@
 
 Small host leaves are copied at once, CUDA leaves on a side stream into the arena
 registered as pinned memory, the rest on a background thread, which then writes the
-manifest and seals the slot. The next ``optimizer.step()`` waits for the copy (the
+manifest and seals the slot. The background thread checksums a large host tensor's
+blocks as it copies them and hands the seal every block's CRC (client/seal_sums.py),
+so the daemon does not read the slot again; with device copies it leaves the
+checksums to the daemon (no read to save: the bytes come from the GPU). The next ``optimizer.step()`` waits for the copy (the
 tensors are immutable during forward and backward: that is the window the copy
 hides in).
 
@@ -28,6 +31,7 @@ import torch
 from shardguard.client._faults import fault_point
 from shardguard.client.arena_map import ArenaMap
 from shardguard.client.handle import SnapshotHandle
+from shardguard.client.seal_sums import BlockSums
 from shardguard.proto.errors import ConfigError
 from shardguard.proto.state_layout import Leaf, copy_leaf
 
@@ -42,8 +46,9 @@ SYNC_COPY_BYTES = 256 << 10
 COPY_NICE = 0
 COPY_NICE_ENV = "SHARDGUARD_COPY_NICE"
 
-#: Seals a copied slot with the daemon; returns the restorable step, if it says.
-Seal = Callable[[], int | None]
+#: Seals a copied slot with the daemon, handing it the data's block CRCs (None: the
+#: daemon makes them); returns the restorable step, if it says.
+Seal = Callable[[list[int] | None], int | None]
 
 
 class Copier:
@@ -59,9 +64,10 @@ class Copier:
         self._worker.start()
 
     def start(self, h: SnapshotHandle, arena: ArenaMap, base: int, leaves: list[Leaf],
-              manifest: bytes, manifest_offset: int, seal: Seal) -> None:
-        """Copy ``leaves`` into the slot at ``base``, then write ``manifest`` at
-        ``manifest_offset`` of it and ``seal`` it; ``h`` tells how far it got."""
+              data_bytes: int, manifest: bytes, manifest_offset: int, seal: Seal) -> None:
+        """Copy ``leaves`` into the data region ``[0, data_bytes)`` of the slot at
+        ``base``, then write ``manifest`` at ``manifest_offset`` of it and ``seal`` it;
+        ``h`` tells how far it got."""
         cuda = [lf for lf in leaves if lf.kind == "tensor" and lf.value.is_cuda]
         if cuda:
             h.copying_on_gpu(self._copy_cuda(arena, cuda, base))
@@ -72,7 +78,8 @@ class Copier:
             if not deferred and i == len(inline) // 2:
                 fault_point("mid-copy", h.step, self.rank)
             copy_leaf(lf, arena.u8, arena.arr, base)
-        self._queue.put(lambda: self._finish(h, arena, base, deferred,
+        sums = None if cuda else BlockSums(arena.u8.data_ptr() + base, data_bytes)
+        self._queue.put(lambda: self._finish(h, arena, base, deferred, sums,
                                              base + manifest_offset, manifest, seal))
 
     def close(self, timeout_s: float) -> None:
@@ -81,19 +88,24 @@ class Copier:
         self._worker.join(timeout=timeout_s)
 
     def _finish(self, h: SnapshotHandle, arena: ArenaMap, base: int, deferred: list[Leaf],
-                manifest_at: int, manifest: bytes, seal: Seal) -> None:
+                sums: BlockSums | None, manifest_at: int, manifest: bytes, seal: Seal) -> None:
         try:
             fault_point("before-copy", h.step, self.rank)
             half = len(deferred) // 2
             for i, lf in enumerate(deferred):
                 if i == half:
                     fault_point("mid-copy", h.step, self.rank)
-                copy_leaf(lf, arena.u8, arena.arr, base)
+                src = _plain_host_bytes(lf) if sums is not None else None
+                if src is not None:
+                    sums.copy(lf.node["off"], src, lf.nbytes)
+                else:
+                    copy_leaf(lf, arena.u8, arena.arr, base)
             h.copied()
+            blocks = sums.blocks() if sums is not None else None
             arena.arr[manifest_at:manifest_at + len(manifest)] = np.frombuffer(
                 manifest, dtype=np.uint8)
             fault_point("before-seal", h.step, self.rank)
-            restorable = seal()
+            restorable = seal(blocks)
             if restorable is not None:
                 h.restorable_step = restorable
             fault_point("after-seal", h.step, self.rank)
@@ -126,6 +138,23 @@ class Copier:
             if job is None:
                 return
             job()
+
+
+def _plain_host_bytes(lf: Leaf) -> int | None:
+    """The address of a leaf's bytes where they can be copied as they are (a dense,
+    C-contiguous tensor in host memory with no lazy conjugate or negation, or such an
+    array), else None (copied by ``copy_leaf``)."""
+    if lf.kind == "tensor":
+        t: torch.Tensor = lf.value
+        if (t.device.type == "cpu" and t.layout is torch.strided and t.is_contiguous()
+                and not t.is_conj() and not t.is_neg()
+                and t.numel() * t.element_size() == lf.nbytes):
+            return int(t.data_ptr())
+    elif lf.kind == "ndarray":
+        a: np.ndarray = lf.value
+        if a.flags.c_contiguous and a.nbytes == lf.nbytes:
+            return int(a.ctypes.data)
+    return None
 
 
 def copy_nice() -> int:

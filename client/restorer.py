@@ -1,7 +1,7 @@
 """``restore()``: the one step every rank uses, read back from the node's memory, or from the
 persistent tier when memory holds nothing (or only older steps); one outcome on every rank.
 
-What is read from memory is checked against the checksums the daemon computed at seal as it
+What is read from memory is checked against the checksums the slot was sealed with as it
 is read: copied chunk by chunk, each chunk checksummed while it is in cache (the slot is
 read once; proto/parallel_copy.py), or, without copies (``copy=False``), checked whole before the
 tensors that map it are returned.

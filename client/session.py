@@ -21,6 +21,7 @@ from shardguard.proto.errors import (
     ShardguardError,
     error_from_rpc,
 )
+from shardguard.proto.crc32c import SEAL_BLOCK_BYTES
 from shardguard.proto.paths import grpc_target
 
 logger = logging.getLogger(__name__)
@@ -106,12 +107,15 @@ class Session:
             skipped=min(skipped, 2**32 - 1))).slot
 
     def seal(self, lease: str, step: int, slot: int, data_bytes: int, manifest_offset: int,
-             manifest_bytes: int) -> int | None:
-        """Seal ``slot`` (begun under ``lease``); returns the restorable step, if known."""
+             manifest_bytes: int, blocks: list[int] | None = None) -> int | None:
+        """Seal ``slot`` (begun under ``lease``), with the CRC32C of each block of its data
+        (``SEAL_BLOCK_BYTES``; None: the daemon reads the data to make them); returns
+        the restorable step, if known."""
         reply = self.call("Seal", pb.SealRequest(
             job=self.reg.job, rank=self.reg.rank, lease=lease, step=step, slot=slot,
             data_bytes=data_bytes, manifest_offset=manifest_offset,
-            manifest_bytes=manifest_bytes))
+            manifest_bytes=manifest_bytes, block_bytes=SEAL_BLOCK_BYTES if blocks is not None
+            else 0, block_crcs=blocks or ()))
         return reply.restorable_step if reply.HasField("restorable_step") else None
 
     def latest(self) -> int:

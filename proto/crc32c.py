@@ -1,9 +1,10 @@
 """CRC32C (Castagnoli), the checksum of every slot and piece: the one implementation.
 
-The daemon checksums slots at seal, pieces, parity and the tier with it
-(``daemon/coding/checksum.py`` adds combination and range CRCs on top); the client
-checks what a restore copies with it, chunk by chunk as it copies, the slot read once
-(``state_layout.rebuild``, ``parallel_copy``). ISA-L's ``crc32_iscsi``
+The client checksums a snapshot's data block by block as it copies it into its slot
+(``client/seal_sums.py``), and checks what a restore copies with it, chunk by chunk as
+it copies, the slot read once (``state_layout.rebuild``, ``parallel_copy``); the daemon
+checksums pieces, parity and the tier with it, and slots at seal when the client gave
+no block CRCs (``daemon/coding/checksum.py`` adds combination and range CRCs on top). ISA-L's ``crc32_iscsi``
 (:mod:`shardguard.proto.isal`), or a numpy fallback without ISA-L.
 """
 
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap | np.ndarray
 
 MASK = 0xFFFFFFFF
+#: A slot's data is checksummed in blocks of this size (a CRC32C per block, made as the
+#: client copies or by the daemon at seal): the protection layer makes its pieces' CRCs
+#: from them without reading the bytes again. Part of the Seal contract (agent.proto).
+SEAL_BLOCK_BYTES = 4 << 20
 #: The Castagnoli polynomial, reflected.
 POLY = 0x82F63B78
 

@@ -1,5 +1,7 @@
 """Copying a large block of host memory on several threads, checksummed as it goes: a
-restore's copy out of a slot (proto/state_layout.py).
+restore's copy out of a slot (proto/state_layout.py), and, one block at a time on the
+copy thread alone, a snapshot's copy of a large host tensor into one
+(client/seal_sums.py: the seal's block CRCs made as it copies).
 
 One core copies at ~11 GB/s here, two at ~15; a restore runs before the trainer's
 loop, so its cores are free. The block is split into parts of whole chunks, one per

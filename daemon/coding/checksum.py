@@ -12,25 +12,37 @@ tier) imports this module, not the erasure codec.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
-from shardguard.proto.crc32c import Buffer, byte_view, crc32c, crc32c_combine, crc32c_shift
+from shardguard.proto.crc32c import (
+    SEAL_BLOCK_BYTES,
+    Buffer,
+    byte_view,
+    crc32c,
+    crc32c_combine,
+    crc32c_shift,
+)
 
 __all__ = ["Buffer", "CRC_BLOCK_BYTES", "SegmentCrcs", "crc32c", "crc32c_blocks",
-           "crc32c_combine", "crc32c_shift", "crc_of", "range_crc", "slice_segments"]
+           "combine_blocks", "crc32c_combine", "crc32c_shift", "crc_of", "range_crc", "slice_segments"]
 
 #: Blocks of a slot's data checksummed separately at seal (see Store.block_crcs).
-CRC_BLOCK_BYTES = 4 << 20
+CRC_BLOCK_BYTES = SEAL_BLOCK_BYTES
 
 
 def crc32c_blocks(buf: Buffer, block_bytes: int) -> tuple[int, list[int]]:
     """The CRC32C of ``buf`` and of each of its ``block_bytes`` blocks, in one read."""
     arr = byte_view(buf)
     blocks = [crc32c(arr[o:o + block_bytes]) for o in range(0, arr.size, block_bytes)]
+    return combine_blocks(blocks, arr.size, block_bytes), blocks
+
+
+def combine_blocks(blocks: Sequence[int], nbytes: int, block_bytes: int) -> int:
+    """The CRC32C of ``nbytes`` bytes from the CRCs of their ``block_bytes`` blocks."""
     whole = 0
     for i, c in enumerate(blocks):
-        whole = crc32c_combine(whole, c, min(block_bytes, arr.size - i * block_bytes))
-    return whole, blocks
+        whole = crc32c_combine(whole, c, min(block_bytes, nbytes - i * block_bytes))
+    return whole
 
 
 def crc_of(bufs: Iterable[memoryview]) -> int:

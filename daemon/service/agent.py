@@ -21,6 +21,7 @@ from shardguard.daemon.roles.verify import Verifier, summarize
 from shardguard.daemon.service.boundary import handler
 from shardguard.daemon.service.status import NodeInfo, status
 from shardguard.daemon.service.wiring import Roles
+from shardguard.daemon.storage.slot_checks import ClientBlocks
 from shardguard.daemon.storage.store import Store
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
@@ -103,8 +104,9 @@ class AgentService(pb_grpc.AgentServicer):
 
     @handler
     def Seal(self, req: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealReply:
+        given = ClientBlocks(req.block_bytes, req.block_crcs) if req.block_bytes else None
         step = self.store.seal(req.job, req.rank, req.lease, req.step, req.slot, req.data_bytes,
-                               req.manifest_offset, req.manifest_bytes)
+                               req.manifest_offset, req.manifest_bytes, given)
         if step is None:
             return pb.SealReply()
         if step == req.step:

@@ -1,15 +1,23 @@
-"""A slot's checksums: computed when it is sealed (with the CRC of each block, from which
-the protection layer derives its pieces' CRCs), checked when it is read back."""
+"""A slot's checksums: made when it is sealed (the CRC of each block, from which the
+protection layer derives its pieces' CRCs: given by the client, which made them as it
+copied, or computed here), checked when it is read back."""
 
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c, crc32c_blocks
-from shardguard.daemon.errors import CorruptionError
+from shardguard.daemon.coding.checksum import (
+    CRC_BLOCK_BYTES,
+    combine_blocks,
+    crc32c,
+    crc32c_blocks,
+)
+from shardguard.daemon.errors import CorruptionError, InvalidRequestError
 from shardguard.proto import manifest as mf
 from shardguard.proto.arena import SlotDesc
+from shardguard.proto.crc32c import MASK
 
 
 @dataclass(frozen=True)
@@ -22,20 +30,44 @@ class SealSums:
     blocks: list[int]
 
 
+@dataclass(frozen=True)
+class ClientBlocks:
+    """The block CRCs a client made of a slot's data as it copied it (agent.proto's
+    ``SealRequest.block_crcs``)."""
+
+    block_bytes: int
+    crcs: Sequence[int]
+
+
 def seal_sums(view: memoryview, step: int, data_bytes: int, manifest_offset: int,
-              manifest_bytes: int) -> SealSums:
+              manifest_bytes: int, given: ClientBlocks | None = None) -> SealSums:
     """Validate the slot's manifest for ``step`` and checksum what the slot holds.
+
+    ``given``: the data's block CRCs as the client made them while copying: checked for
+    shape and taken (the data is not read again; a CRC that does not match the bytes
+    fails every later check of them -- a restore, a rebuild -- never passes one).
 
     Raises:
         ManifestError: the manifest is malformed, or is for another step.
+        InvalidRequestError: ``given`` is not one CRC per block of the data.
     """
     raw_manifest = view[manifest_offset:manifest_offset + manifest_bytes]
     doc = mf.parse(raw_manifest, data_bytes)
     if doc["step"] != step:
         raise mf.ManifestError(f"manifest is for step {doc['step']}, sealed as step {step}")
     manifest_crc = crc32c(raw_manifest)
-    data_crc, blocks = crc32c_blocks(view[:data_bytes], CRC_BLOCK_BYTES)
-    return SealSums(data_crc, manifest_crc, blocks)
+    if given is None:
+        data_crc, blocks = crc32c_blocks(view[:data_bytes], CRC_BLOCK_BYTES)
+        return SealSums(data_crc, manifest_crc, blocks)
+    if given.block_bytes != CRC_BLOCK_BYTES:
+        raise InvalidRequestError(f"block CRCs of {given.block_bytes}-byte blocks: this "
+                                  f"daemon keeps them per {CRC_BLOCK_BYTES} bytes")
+    want = -(-data_bytes // CRC_BLOCK_BYTES)
+    if len(given.crcs) != want or any(not 0 <= c <= MASK for c in given.crcs):
+        raise InvalidRequestError(f"{len(given.crcs)} block CRCs for {data_bytes} bytes of "
+                                  f"data: expected {want}, each a 32-bit CRC")
+    blocks = list(given.crcs)
+    return SealSums(combine_blocks(blocks, data_bytes, CRC_BLOCK_BYTES), manifest_crc, blocks)
 
 
 def verify(job: str, rank: int, view: memoryview, s: SlotDesc) -> None:

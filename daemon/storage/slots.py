@@ -28,7 +28,7 @@ from shardguard.daemon.errors import (
 from shardguard.daemon.storage.flush_holds import FLUSH_HOLD_WAIT_S, FlushHolds
 from shardguard.daemon.storage.jobs import Jobs
 from shardguard.daemon.storage.records import Hooks, JobRecord, RankRecord
-from shardguard.daemon.storage.slot_checks import SlotChecks, seal_sums, verify
+from shardguard.daemon.storage.slot_checks import ClientBlocks, SlotChecks, seal_sums, verify
 from shardguard.proto import arena as fmt
 from shardguard.proto.arena import SlotDesc, SlotState
 
@@ -108,8 +108,10 @@ class Slots:
             return index
 
     def seal(self, job: str, rank: int, lease: str, step: int, slot: int, data_bytes: int,
-             manifest_offset: int, manifest_bytes: int) -> int | None:
-        """Checksum a written slot and seal it (writing -> sealed).
+             manifest_offset: int, manifest_bytes: int,
+             given: ClientBlocks | None = None) -> int | None:
+        """Checksum a written slot (``given``: its data's block CRCs, as the client made
+        them) and seal it (writing -> sealed).
 
         Returns the job's restorable step after the seal.
         """
@@ -120,7 +122,7 @@ class Slots:
             _check_extents(rr.slot_bytes, data_bytes, manifest_offset, manifest_bytes)
             view = rr.arena.slot(slot, rr.slot_bytes)
         # Validation and checksums of up to GiBs run without the lock: other ranks seal meanwhile.
-        sums = seal_sums(view, step, data_bytes, manifest_offset, manifest_bytes)
+        sums = seal_sums(view, step, data_bytes, manifest_offset, manifest_bytes, given)
         faults.point("seal", step, rec.topology.node_index if rec.topology else 0)
         with self._lock:
             # Records are replaced, never changed: any change since is a new object.

@@ -36,7 +36,7 @@ from shardguard.daemon.storage.records import (
 from shardguard.daemon.storage.restore_pins import RestorePins
 from shardguard.daemon.storage.sealed_reads import SUPERSEDED, SealedReads
 from shardguard.daemon.storage.shm_files import META_VERSION, ShmFiles
-from shardguard.daemon.storage.slot_checks import SlotChecks
+from shardguard.daemon.storage.slot_checks import ClientBlocks, SlotChecks
 from shardguard.daemon.storage.slots import MAX_MANIFEST_BYTES, Slots
 from shardguard.proto.arena import SlotDesc
 from shardguard.proto.meta import Topology
@@ -177,10 +177,12 @@ class Store:
         return self._slots.begin(job, rank, lease, step)
 
     def seal(self, job: str, rank: int, lease: str, step: int, slot: int, data_bytes: int,
-             manifest_offset: int, manifest_bytes: int) -> int | None:
-        """Checksum a written slot and seal it; returns the job's restorable step after."""
+             manifest_offset: int, manifest_bytes: int,
+             given: ClientBlocks | None = None) -> int | None:
+        """Checksum a written slot (``given``: the client's block CRCs of its data) and
+        seal it; returns the job's restorable step after."""
         return self._slots.seal(job, rank, lease, step, slot, data_bytes, manifest_offset,
-                                manifest_bytes)
+                                manifest_bytes, given)
 
     def check_sealed(self, job: str, step: int) -> None:
         """Every local rank of ``job`` has sealed ``step`` (else SlotStateError)."""

@@ -20,6 +20,8 @@ import torch
 
 import shardguard.client as sg
 from shardguard.client.errors import RestoreError
+from shardguard.client.seal_sums import BlockSums
+from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c, crc32c_blocks
 from shardguard.proto import arena as fmt
 from shardguard.proto import state_layout
 from test_node_api import assert_equal, rich_state
@@ -166,6 +168,32 @@ def _padding(leaves: list[dict[str, Any]]) -> int:
         if a["off"] + a["n"] < b["off"]:
             return a["off"] + a["n"]
     raise AssertionError("no padding between leaves")
+
+
+def test_the_seal_carries_the_copys_block_checksums(daemon, monkeypatch) -> None:
+    """The copy thread checksums the slot's blocks as it copies (client/seal_sums.py) and
+    the daemon seals with them instead of reading the slot: they equal a read of the
+    slot's bytes; made wrong (a client bug, a tensor changed under the copy), the restore
+    refuses the snapshot, it is never returned."""
+    state, made = state_of(8), []
+    real = BlockSums.blocks
+
+    def spy(self: BlockSums) -> list[int]:
+        made.append(real(self))
+        return made[-1]
+
+    monkeypatch.setattr(BlockSums, "blocks", spy)
+    with sg.connect(daemon.socket, "client-sums", allow_pickle=True) as c:
+        c.snapshot(0, state).wait()
+        arena, base, desc = slot_of(c, 0)
+        data = read(arena, base, desc.data_bytes)
+        assert len(made) == 1 and made[0] == crc32c_blocks(data, CRC_BLOCK_BYTES)[1]
+        assert len(made[0]) > 1 and desc.data_crc == crc32c(data)
+        monkeypatch.setattr(BlockSums, "blocks", lambda self: [x ^ 1 for x in real(self)])
+        c.snapshot(1, state).wait()
+        with pytest.raises(RestoreError, match="failed their checksum"):
+            c.restore()
+    assert "data checksum fails" in daemon.log()
 
 
 def test_a_bad_copy_of_a_sound_slot_is_read_again(daemon, monkeypatch) -> None:

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from shardguard.daemon.coding.checksum import crc32c
+from shardguard.daemon.coding.checksum import CRC_BLOCK_BYTES, crc32c
 from shardguard.daemon.errors import (
     ArenaFormatError,
     BudgetExceededError,
@@ -30,6 +30,7 @@ from shardguard.daemon.errors import (
     UnknownJobError,
 )
 from shardguard.daemon.storage.arena import Arena
+from shardguard.daemon.storage.slot_checks import ClientBlocks
 from shardguard.daemon.storage.store import Registration, Store
 from shardguard.proto import arena as fmt
 from shardguard.proto import manifest as mf
@@ -324,6 +325,38 @@ def test_seal_checks_the_request_and_the_manifest(shm: Shm) -> None:
             store.seal("j", 0, reg.lease, *args)
         assert states(store, "j")[slot] == ("WRITING", 1)
     assert store.seal("j", 0, reg.lease, 1, slot, n, mo, mb) == 1
+
+
+def test_seal_takes_the_clients_block_crcs_checked_for_shape(shm: Shm) -> None:
+    """The client's block CRCs (made as it copied) are taken, not recomputed; a list that
+    is not one 32-bit CRC per block, or of another block size, is refused and the slot
+    stays writing. A CRC that does not match the bytes is caught by every later check."""
+    store = shm.store()
+    reg = store.register("j", 0, 1, SLOT, PID, [0])
+    slot = store.begin("j", 0, reg.lease, 1)
+    data = payload(1)
+    n, mo, mb = write(reg, slot, 1, data)
+    good = crc32c(data)
+    bad = [
+        (ClientBlocks(CRC_BLOCK_BYTES, []), "0 block CRCs for 5000 bytes"),
+        (ClientBlocks(CRC_BLOCK_BYTES, [good, good]), "2 block CRCs"),
+        (ClientBlocks(CRC_BLOCK_BYTES, [1 << 32]), "each a 32-bit CRC"),
+        (ClientBlocks(CRC_BLOCK_BYTES // 2, [good]), "keeps them per 4194304 bytes"),
+    ]
+    for given, message in bad:
+        with pytest.raises(InvalidRequestError, match=message):
+            store.seal("j", 0, reg.lease, 1, slot, n, mo, mb, given)
+        assert states(store, "j")[slot] == ("WRITING", 1)
+    assert store.seal("j", 0, reg.lease, 1, slot, n, mo, mb,
+                      ClientBlocks(CRC_BLOCK_BYTES, [good])) == 1
+    assert store.job("j").ranks[0].slots[slot].data_crc == good
+    assert store.check_slot("j", 0, 1)[0] is None
+    # A wrong CRC from the client: sealed as given, and the next check of the slot fails.
+    slot = store.begin("j", 0, reg.lease, 2)
+    n, mo, mb = write(reg, slot, 2, payload(2))
+    assert store.seal("j", 0, reg.lease, 2, slot, n, mo, mb,
+                      ClientBlocks(CRC_BLOCK_BYTES, [crc32c(payload(2)) ^ 1])) == 2
+    assert "data checksum fails" in (store.check_slot("j", 0, 2)[0] or "")
 
 
 def test_manifest_with_an_extent_past_the_data_is_refused(shm: Shm) -> None:
