@@ -92,10 +92,6 @@ class Client:
         self._restorer = Restorer(self._session, self._agreement, self.tier_dir)
         self._copier = Copier(job, rank, nice)
         self._plan: Plan | None = None
-        # The last snapshot, when it was skipped: wait() and close() take it, so that the
-        # final step is protected. Forgotten at the next snapshot() and when the optimizer
-        # steps (the tensors it names change then).
-        self._pending: tuple[int, Any, bool] | None = None
         self._hooks: list[Any] = []
         self._closed = False
         self._session.register(fmt.PAGE)
@@ -126,7 +122,7 @@ class Client:
             lambda *_: self._before_optimizer_step()))
 
     def _before_optimizer_step(self) -> None:
-        self._pending = None  # the state a skipped snapshot named is about to change
+        self._progress.pending = None  # the state a skipped snapshot named is about to change
         if self._progress.last is not None:
             self._progress.last.fence()
 
@@ -139,7 +135,7 @@ class Client:
         yet restorable.
         """
         self._check_open()
-        self._pending = None
+        self._progress.pending = None
         self._restorer.settle()  # a restore without copies lets its slot go first
         fault_point("before-snapshot", step, self.rank)
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
@@ -159,7 +155,7 @@ class Client:
                 f"job {self.job} step {step}: snapshot refused on another rank")
         if decision is Decision.SKIP:
             self._progress.skipped()
-            self._pending = (step, state, pickle_ok)
+            self._progress.pending = (step, state, pickle_ok)
             return SnapshotHandle(step, skipped=True)
         return self._take(step, leaves, manifest, (step, state, pickle_ok))
 
@@ -176,7 +172,7 @@ class Client:
             logger.warning("job=%s rank=%d: step %d not snapshotted: %s", self.job, self.rank,
                            step, exc)
             self._progress.last = SnapshotHandle(step, skipped=True, error=exc)
-            self._pending = pending
+            self._progress.pending = pending
             return self._progress.last
         handle = SnapshotHandle(step)
         self._progress.last = handle
@@ -200,8 +196,8 @@ class Client:
         newest snapshot is the last step snapshotted. That makes ``wait()`` collective
         then: call it on every rank, as at the end of training.
         """
-        if self._pending is not None:
-            self._take_pending(timeout)
+        if self._progress.pending is not None:
+            self._progress.take_pending(self._agreement, self.snapshot, timeout)
         h = self._progress.last
         if h is None or h.skipped:
             return
@@ -212,31 +208,6 @@ class Client:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"step {h.step} not restorable within {timeout}s")
                 time.sleep(0.005)
-
-    def _take_pending(self, timeout: float | None) -> None:
-        """Take the skipped last snapshot once the step in flight has settled here.
-
-        Each rank first waits until its own previous step is sealed and restorable,
-        so that the agreement inside ``snapshot()`` finds every rank ready; a rank
-        that was still behind makes everyone skip once more, and the loop agrees
-        again. Protection that cannot settle (the daemon unreachable, a stall its
-        daemon names, ``protect_timeout_s`` or ``timeout`` passed on any rank) gives
-        the last snapshot up on every rank, with a warning: every round is one
-        agreement on every rank, so the ranks leave the loop together.
-        """
-        limit = self.protect_timeout_s if timeout is None else min(timeout,
-                                                                  self.protect_timeout_s)
-        deadline = time.monotonic() + limit
-        while self._pending is not None:
-            step, state, pickle_ok = self._pending
-            why = self._progress.settle(deadline)
-            if self._agreement.anyone(why is not None):
-                self._pending = None
-                logger.warning("job=%s rank=%d: the last snapshot (step %d) was skipped and "
-                               "cannot be taken now: %s", self.job, self.rank, step,
-                               why or "protection did not settle on another rank")
-                return
-            self.snapshot(step, state, allow_pickle=pickle_ok)
 
     def latest(self) -> int | None:
         """The newest restorable step, the same on every rank (rank 0 asks, all agree)."""
@@ -284,7 +255,7 @@ class Client:
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         agreed, state = self._restorer.restore(step, into, map_location, pickle_ok, copy)
         self._progress.last = None
-        self._pending = None
+        self._progress.pending = None
         return agreed, state
 
     def close(self, *, flush: bool = True) -> None:
@@ -297,8 +268,8 @@ class Client:
         if self._closed:
             return
         try:
-            if flush and self._pending is not None:
-                self._take_pending(None)
+            if flush and self._progress.pending is not None:
+                self._progress.take_pending(self._agreement, self.snapshot, None)
             self._drain()
             self._restorer.settle()
         finally:

@@ -1,13 +1,15 @@
 """Where a rank's newest snapshot stands (in flight, sealed, restorable, failed, given up),
-hence the :class:`Verdict` the rank brings to the take/skip agreement, and the warnings
-when protection stalls."""
+hence the :class:`Verdict` the rank brings to the take/skip agreement, the warnings
+when protection stalls, and the last snapshot when it was skipped (taken later by
+``wait()`` and ``close()``, so that the final step is protected)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Callable
 
-from shardguard.client.agreement import Verdict
+from shardguard.client.agreement import Agreement, Verdict
 from shardguard.client.handle import SnapshotHandle
 from shardguard.client.session import Session
 from shardguard.proto import arena as fmt
@@ -32,6 +34,10 @@ class Progress:
         self.last: SnapshotHandle | None = None
         #: Snapshots skipped in a row.
         self.skips = 0
+        #: The last snapshot, when it was skipped: ``(step, state, allow_pickle)``.
+        #: Forgotten at the next snapshot and when the optimizer steps (the tensors it
+        #: names change then).
+        self.pending: tuple[int, Any, bool] | None = None
 
     def verdict(self) -> tuple[Verdict, BaseException | None]:
         """What this rank can do now; a daemon that restarted is registered with again."""
@@ -100,3 +106,31 @@ class Progress:
                     return stall
             time.sleep(0.005)
         return None
+
+    def take_pending(self, agreement: Agreement, snapshot: Callable[..., Any],
+                     timeout: float | None) -> None:
+        """Take the skipped last snapshot (with ``snapshot``, the client's) once the step
+        in flight has settled here.
+
+        Each rank first waits until its own previous step is sealed and restorable,
+        so that the agreement inside ``snapshot()`` finds every rank ready; a rank
+        that was still behind makes everyone skip once more, and the loop agrees
+        again. Protection that cannot settle (the daemon unreachable, a stall its
+        daemon names, ``protect_timeout_s`` or ``timeout`` passed on any rank) gives
+        the last snapshot up on every rank, with a warning: every round is one
+        agreement on every rank, so the ranks leave the loop together.
+        """
+        limit = self.protect_timeout_s if timeout is None else min(timeout,
+                                                                  self.protect_timeout_s)
+        deadline = time.monotonic() + limit
+        while self.pending is not None:
+            step, state, pickle_ok = self.pending
+            why = self.settle(deadline)
+            if agreement.anyone(why is not None):
+                self.pending = None
+                logger.warning("job=%s rank=%d: the last snapshot (step %d) was skipped and "
+                               "cannot be taken now: %s", self.session.reg.job,
+                               self.session.reg.rank, step,
+                               why or "protection did not settle on another rank")
+                return
+            snapshot(step, state, allow_pickle=pickle_ok)
