@@ -3,7 +3,7 @@
 CRC32C itself and its combination are :mod:`shardguard.proto.crc32c` (ISA-L's
 ``crc32_iscsi``, shared with the client, which checks what a restore copies with it).
 Checksums combine without the bytes (:func:`crc32c_combine`), so a piece's CRC is made
-from the block CRCs its slots' seals computed (:func:`range_crc`) instead of reading the
+from the block CRCs its slots were sealed with (:func:`range_crc`) instead of reading the
 bytes a second time.
 Everything in the daemon that checksums (the store, protection, rebuild, verify, the
 tier) imports this module, not the erasure codec.
@@ -26,7 +26,7 @@ from shardguard.proto.crc32c import (
 __all__ = ["Buffer", "CRC_BLOCK_BYTES", "SegmentCrcs", "crc32c", "crc32c_blocks",
            "combine_blocks", "crc32c_combine", "crc32c_shift", "crc_of", "range_crc", "slice_segments"]
 
-#: Blocks of a slot's data checksummed separately at seal (see Store.block_crcs).
+#: Blocks of a slot's data with a CRC each, from its seal (see Store.block_crcs).
 CRC_BLOCK_BYTES = SEAL_BLOCK_BYTES
 
 
@@ -76,7 +76,7 @@ class SegmentCrcs:
 def range_crc(segs: list[memoryview], infos: list[SegmentCrcs], start: int, end: int) -> int:
     """CRC32C of bytes [start, end) of the concatenation of ``segs``.
 
-    Whole blocks of a slot's data use the CRCs its seal computed; only the
+    Whole blocks of a slot's data use the CRCs it was sealed with; only the
     bytes at the edges (and past the data: padding, manifest) are read.
     """
     crc, pos = 0, 0

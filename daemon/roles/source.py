@@ -5,8 +5,8 @@ pieces of ``P`` bytes (placement.source_piece_bytes: page-aligned), each *offere
 (peer ``Offer``) to the encoder of its stripe. An offer returns once the stripe's ``k``
 sources have offered; the source then streams the piece over ZeroMQ straight from
 arena memory and waits until the encoder says every byte arrived
-(transport/delivery.py). A piece's CRC32C comes from the block CRCs the seals
-computed, not from reading the bytes again. A failure is named as the job's stall
+(transport/delivery.py). A piece's CRC32C comes from the block CRCs the slots were sealed
+with, not from reading the bytes again. A failure is named as the job's stall
 cause; the step is then never restorable, and the trainers give it up.
 """
 
