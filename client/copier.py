@@ -5,9 +5,9 @@ registered as pinned memory, the rest on a background thread, which then writes 
 manifest and seals the slot. The background thread checksums a large host tensor's
 blocks as it copies them and hands the seal every block's CRC (client/seal_sums.py),
 so the daemon does not read the slot again; with device copies it leaves the
-checksums to the daemon (no read to save: the bytes come from the GPU). The next ``optimizer.step()`` waits for the copy (the
-tensors are immutable during forward and backward: that is the window the copy
-hides in).
+checksums to the daemon (no read to save: the bytes come from the GPU). The next
+``optimizer.step()`` waits for the copy (the tensors are immutable during forward and
+backward: that is the window the copy hides in).
 
 The background thread may run at a lower CPU priority (nice ``SHARDGUARD_COPY_NICE``,
 0..19, as NVRx's checkpoint writer runs at 10): the training step's own threads then

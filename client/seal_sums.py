@@ -19,10 +19,7 @@ from __future__ import annotations
 
 from shardguard.proto import parallel_copy
 from shardguard.proto.crc32c import SEAL_BLOCK_BYTES, crc32c_at, crc32c_combine
-
-#: Each block-sized part of a leaf is copied in chunks of this size, each checksummed
-#: while in cache (state_layout.CHECK_CHUNK_BYTES, the restore's: the same copy).
-CHUNK_BYTES = 512 << 10
+from shardguard.proto.state_layout import CHECK_CHUNK_BYTES
 
 
 class BlockSums:
@@ -44,7 +41,7 @@ class BlockSums:
         while pos < end:
             edge = min(end, (pos // self.block_bytes + 1) * self.block_bytes)
             crc = parallel_copy.copy(self.addr + pos, src + (pos - off), edge - pos,
-                                     CHUNK_BYTES, check=True)
+                                     CHECK_CHUNK_BYTES, check=True)
             self._spans.append((pos, edge - pos, crc))
             pos = edge
 
