@@ -17,7 +17,9 @@ own offset).
    transfer floor: the bytes each node must send per step,
    ``(k + m - 1) * P`` with ``P`` the group's piece size
    (``placement.GroupLayout.load``), over the bandwidth of ZeroMQ moving
-   the data plane's frames (``transport.FRAME_BYTES``) on 127.0.0.1, measured
+   the data plane's frames (``transport.FRAME_BYTES``) on 127.0.0.1, with the
+   allocator settings the daemon's data plane runs with
+   (``daemon/base/allocator.py``), measured
    in this run two ways: one PUSH/PULL pair alone, and 4 processes sending
    all-to-all at once (what 4 daemons do during a step; on a machine whose
    cores they share it is the fair one); each in rounds before and after the
@@ -76,6 +78,7 @@ from _common import (base_parser, gbps, load_average, median_time, print_rows, r
 from bench_node import fs_type
 
 import shardguard.client as sg
+from shardguard.daemon.base.allocator import keep_frame_memory
 from shardguard.daemon.service import cluster
 from shardguard.daemon.coding import placement
 from shardguard.daemon.transport.dataplane import FRAME_BYTES
@@ -286,6 +289,7 @@ def zmq_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _zmq_peer(i: int, dests: list[int], per_dest: int, expect: int, ports: Any,
               barrier: Any, results: Any) -> None:
+    keep_frame_memory()  # the allocator settings the daemon's data plane runs with
     zctx = zmq.Context()
     pull = zctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 0)

@@ -32,7 +32,8 @@ from pyeclib.ec_iface import ECDriver
 
 from shardguard.daemon.coding import _isal
 from shardguard.daemon.coding.checksum import crc32c
-from shardguard.daemon.coding.codec import Codec, _default_threads, _tables
+from shardguard.daemon.coding.codec import Codec, _default_threads
+from shardguard.daemon.coding.tables import tables as _tables
 
 logger = logging.getLogger(__name__)
 

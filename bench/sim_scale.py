@@ -208,10 +208,10 @@ class FakeStore:
 
 
 class FakePieces:
-    def create(self, *args: Any) -> np.ndarray:
+    def create(self, *args: Any, **kwargs: Any) -> np.ndarray:
         return np.zeros(0, dtype=np.uint8)
 
-    def scratch(self, *args: Any) -> np.ndarray:
+    def scratch(self, *args: Any, **kwargs: Any) -> np.ndarray:
         return np.zeros(0, dtype=np.uint8)
 
     def release_before(self, *args: Any) -> None:
@@ -220,7 +220,7 @@ class FakePieces:
 
 class FakeCodecs:
     class _C:
-        def encode_update(self, *args: Any) -> None:
+        def encode_update(self, *args: Any, **kwargs: Any) -> None:
             return None
 
     def get(self, k: int, m: int) -> Any:

@@ -33,6 +33,7 @@ import numpy as np
 from pyeclib.ec_iface import ECDriver, ECDriverError
 
 from shardguard.daemon.coding import _isal
+from shardguard.daemon.coding import tables as code_tables
 from shardguard.daemon.errors import CodecError, InsufficientPiecesError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -84,45 +85,6 @@ def _check_range(start: int, stop: int | None, size: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------
-# Coding matrices
-# --------------------------------------------------------------------------
-
-
-def _rows_for(lib: _isal.IsaL, k: int, m: int, sources: tuple[int, ...], outputs: tuple[int, ...]) -> bytes:
-    """Coefficients rebuilding pieces ``outputs`` from the ``k`` pieces ``sources``.
-
-    With ``E`` the (k+m) x k encoding matrix, the sources are ``E[sources] · D``,
-    so ``D = E[sources]^-1 · sources`` and piece ``o`` is
-    ``E[o] · E[sources]^-1 · sources``. Encoding is the case
-    ``sources = data``, where the inverse is the identity.
-    """
-    full = lib.cauchy1_matrix(k + m, k)
-    sub = b"".join(full[s * k : (s + 1) * k] for s in sources)
-    inv = lib.invert_matrix(sub, k)
-    rows = bytearray()
-    for o in outputs:
-        enc = full[o * k : (o + 1) * k]
-        for col in range(k):
-            acc = 0
-            for j in range(k):
-                acc ^= _isal.gf_mul(enc[j], inv[j * k + col])
-            rows.append(acc)
-    return bytes(rows)
-
-
-@functools.lru_cache(maxsize=4096)
-def _tables(k: int, m: int, sources: tuple[int, ...], outputs: tuple[int, ...]) -> ctypes.Array[ctypes.c_ubyte]:
-    """ISA-L tables for one (k, m, erasure pattern), built once and shared.
-
-    A (10, 4) code has under 4,000 patterns of interest, each table a few KiB.
-    """
-    lib = _isal.load()
-    if lib is None:  # pragma: no cover - the ISA-L backend exists only with a library
-        raise CodecError("ISA-L is not loaded")
-    return lib.init_tables(k, len(outputs), _rows_for(lib, k, m, sources, outputs))
-
-
-# --------------------------------------------------------------------------
 # Backends: each turns (sources -> outputs) into a function over one chunk
 # --------------------------------------------------------------------------
 
@@ -142,7 +104,7 @@ class _IsalBackend:
         self, sources: tuple[int, ...], outputs: tuple[int, ...], srcs: list[np.ndarray], dsts: list[np.ndarray]
     ) -> _ChunkFn:
         k, rows = self._k, len(outputs)
-        tables = _tables(k, self._m, sources, outputs)
+        tables = code_tables.tables(k, self._m, sources, outputs)
         src_addrs = [a.ctypes.data for a in srcs]
         dst_addrs = [a.ctypes.data for a in dsts]
         src_array, dst_array = ctypes.c_void_p * k, ctypes.c_void_p * rows
@@ -156,12 +118,19 @@ class _IsalBackend:
 
         return run
 
-    def update_kernel(self, index: int, src: np.ndarray, dsts: list[np.ndarray]) -> _ChunkFn:
+    def update_kernel(self, index: int, src: np.ndarray, dsts: list[np.ndarray], first: bool) -> _ChunkFn:
         k, m = self._k, self._m
-        tables = _tables(k, m, tuple(range(k)), tuple(range(k, k + m)))
         src_addr = src.ctypes.data
         dst_addrs = [a.ctypes.data for a in dsts]
         dst_array = ctypes.c_void_p * m
+        if first:  # the share alone: a k = 1 code whose column is the matrix's ``index``
+            tables, encode = code_tables.share_tables(k, m, index), self._lib.ec_encode_data
+
+            def put(off: int, n: int, _keep: object = (src, dsts)) -> None:  # see kernel()
+                encode(n, 1, m, tables, (ctypes.c_void_p * 1)(src_addr + off), dst_array(*[a + off for a in dst_addrs]))
+
+            return put
+        tables = code_tables.tables(k, m, tuple(range(k)), tuple(range(k, k + m)))
         update = self._lib.ec_encode_data_update
 
         def run(off: int, n: int, _keep: object = (src, dsts)) -> None:  # see kernel()
@@ -234,7 +203,7 @@ class _PyeclibBackend:
 
         return run
 
-    def update_kernel(self, index: int, src: np.ndarray, dsts: list[np.ndarray]) -> _ChunkFn:
+    def update_kernel(self, index: int, src: np.ndarray, dsts: list[np.ndarray], first: bool) -> _ChunkFn:
         data = tuple(range(self._k))
         parity = tuple(range(self._k, self._k + self._m))
 
@@ -244,7 +213,11 @@ class _PyeclibBackend:
             zero = bytes(n)
             blocks = [src[off : off + n].tobytes() if q == index else zero for q in data]
             for dst, payload in zip(dsts, self._code(data, parity, blocks)):
-                np.bitwise_xor(dst[off : off + n], np.frombuffer(payload, dtype=np.uint8), out=dst[off : off + n])
+                share = np.frombuffer(payload, dtype=np.uint8)
+                if first:
+                    dst[off : off + n] = share
+                else:
+                    np.bitwise_xor(dst[off : off + n], share, out=dst[off : off + n])
 
         return run
 
@@ -368,7 +341,7 @@ class Codec:
         self._run(self._backend.kernel(data_idx, parity_idx, list(srcs.values()), list(dsts.values())), start, stop)
 
     def encode_update(
-        self, index: int, piece: Buffer, parity: Sequence[Buffer], start: int = 0, stop: int | None = None
+        self, index: int, piece: Buffer, parity: Sequence[Buffer], start: int = 0, stop: int | None = None, *, first: bool = False
     ) -> None:
         """Add data piece ``index``'s share to bytes ``[start, stop)`` of ``parity``.
 
@@ -376,13 +349,15 @@ class Codec:
         different times: each piece is folded in as it lands, in any order.
         ``parity`` must be zero over the range before the first update, and
         after exactly one update per data piece it equals :meth:`encode`'s.
+        ``first``: no share reached the range yet: it is written, not added to,
+        whatever ``parity`` held there (coding/coverage.py).
         """
         if not 0 <= index < self._k:
             raise InvalidRequestError(f"data piece index {index} is outside 0..{self._k - 1}")
         src = _view(piece, writable=False, what=f"data piece {index}")
         dsts = self._pieces(dict(enumerate(parity)), self._m, "parity", writable=True)
         start, stop = _check_range(start, stop, _common_size({index: src, **{self._k + j: v for j, v in dsts.items()}}))
-        self._run(self._backend.update_kernel(index, src, list(dsts.values())), start, stop)
+        self._run(self._backend.update_kernel(index, src, list(dsts.values()), first), start, stop)
 
     # -- decoding ----------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 A source's ``Offer`` waits until the stripe's ``k`` sources have offered (then the
 stripe's piece size is known: the largest of theirs); the parity buffers are made then
-(parity 0 in its shm file, parities ``1..m-1`` in scratch buffers). Each arriving
-4 MiB frame is folded into the parity in place (ISA-L), so encoding overlaps the
-transfer. When every byte is in, the encoder checksums its parity, keeps parity 0,
+(parity 0 in its shm file, parities ``1..m-1`` in scratch buffers; reused from an older
+step and not cleared). Each arriving 4 MiB frame is folded into the parity in place
+(ISA-L): written where it is the first share to reach those bytes, added to where it is
+not (coding/coverage.py), so encoding overlaps the transfer; bytes past every source's
+end are cleared at the end. When every byte is in, the encoder checksums its parity, keeps parity 0,
 forwards parities ``1..m-1`` to their holders (waiting until each arrived) and reports
 the stripe, with its pieces' places and CRCs and its sources' layouts, to the
 coordinator.
@@ -101,9 +103,9 @@ class Encoder:
             if len(enc.offers) == grp.k and not enc.ready.is_set():
                 enc.piece_bytes = stripe_piece_bytes(o.piece_bytes for o in enc.offers.values())
                 enc.parity = [self.pieces.create(req.job, req.step, req.group, req.stripe,
-                                                 grp.k + j, enc.piece_bytes)
+                                                 grp.k + j, enc.piece_bytes, clear=False)
                               if j == 0 else self.pieces.scratch(req.job, req.group, req.stripe,
-                                                                 j, enc.piece_bytes)
+                                                                 j, enc.piece_bytes, clear=False)
                               for j in range(grp.m)]
                 enc.ready.set()
         if not enc.ready.wait(self.timeout_s):
@@ -156,7 +158,9 @@ class Encoder:
                 if enc.superseded:
                     raise SupersededError(f"frame of piece {q} of {where}: the stripe started "
                                           f"over")
-                codec.encode_update(q, payload, [p[off:off + n] for p in enc.parity])
+                for lo, hi, first in enc.coverage.take(off, n):
+                    codec.encode_update(q, payload[lo - off:hi - off],
+                                        [p[lo:hi] for p in enc.parity], first=first)
         with self.state.arrived:
             enc.got[q] += n
             self.state.arrived.notify_all()
@@ -172,6 +176,9 @@ class Encoder:
             topo = checks.topology_of(self.store, job)
             grp = enc.group
             pieces = {q: PieceMeta(o.node, o.real_bytes, o.crc) for q, o in enc.offers.items()}
+            for lo, hi in enc.coverage.gaps(enc.piece_bytes):  # past every source's end
+                for par in enc.parity:
+                    par[lo:hi] = 0
             faults.point("partial-parity", step, topo.node_index)
             for j, par in enumerate(enc.parity):
                 if enc.superseded:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shardguard.daemon.coding.coverage import Coverage
 from shardguard.daemon.coding.placement import GroupLayout
 from shardguard.daemon.errors import ShardguardError, SupersededError
 from shardguard.proto import peer_pb2 as ppb
@@ -32,7 +33,9 @@ class Encoding:
     offers: dict[int, ppb.OfferRequest] = field(default_factory=dict)
     got: dict[int, int] = field(default_factory=dict)
     piece_bytes: int = 0
+    #: Not cleared: each range is written by the first share to reach it (``coverage``).
     parity: list[np.ndarray] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=Coverage)
     ready: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
     #: A source sealed the step again (a relaunch) after this stripe was under way: it

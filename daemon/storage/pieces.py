@@ -41,8 +41,10 @@ class PieceFiles:
         return os.path.join(self.shm_dir, f"{self.prefix}.{job}.q.g{group}.s{stripe}.i{index}")
 
     def create(self, job: str, step: int, group: int, stripe: int, index: int,
-               nbytes: int) -> np.ndarray:
-        """A zeroed, allocated file for a parity piece, mapped as a uint8 array."""
+               nbytes: int, clear: bool = True) -> np.ndarray:
+        """An allocated file for a parity piece, mapped as a uint8 array: zeroed, or with
+        ``clear=False`` holding whatever a reused file held (for a caller that writes
+        every byte: the encoder, coding/coverage.py)."""
         path = self.path(job, step, group, stripe, index)
         pool = self._pool_path(job, group, stripe, index)
         fd, reused = _reopen(pool), True
@@ -70,7 +72,7 @@ class PieceFiles:
             # memset speed instead of taking a page fault per 4 KiB (133 -> 40 ms for 341 MiB).
             piece = np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED | _POPULATE),
                                   dtype=np.uint8)
-            if reused:
+            if reused and clear:
                 piece[:] = 0
             return piece
         finally:
@@ -86,8 +88,10 @@ class PieceFiles:
         finally:
             os.close(fd)
 
-    def scratch(self, job: str, group: int, stripe: int, j: int, nbytes: int) -> np.ndarray:
-        """A zeroed buffer for parity ``j >= 1`` of a stripe, reused step after step.
+    def scratch(self, job: str, group: int, stripe: int, j: int, nbytes: int,
+                clear: bool = True) -> np.ndarray:
+        """A buffer for parity ``j >= 1`` of a stripe, reused step after step: zeroed, or
+        with ``clear=False`` holding what it held (as :meth:`create`).
 
         Reuse is safe: the next step of the job is offered only once this one is
         restorable, which needs the holder to have stored what was sent from here.
@@ -99,7 +103,8 @@ class PieceFiles:
                 buf = self._scratches[key] = np.zeros(nbytes, dtype=np.uint8)
                 return buf
         view = buf[:nbytes]
-        view[:] = 0
+        if clear:
+            view[:] = 0
         return view
 
     def release_before(self, job: str, step: int) -> None:

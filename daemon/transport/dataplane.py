@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import zmq
 
+from shardguard.daemon.base.allocator import keep_frame_memory
 from shardguard.daemon.transport.auth import Authenticator, reply_from, zmq_context
 from shardguard.daemon.errors import AuthenticationError, PeerUnavailableError
 
@@ -57,6 +58,7 @@ class DataPlane:
     def __init__(self, host: str, port: int, handler: Handler, timeout_s: float,
                  auth: Authenticator | None = None) -> None:
         self.auth = auth or Authenticator(None)
+        keep_frame_memory()  # received frames reuse freed buffers (daemon/base/allocator.py)
         self.ctx = zmq.Context()
         self.timeout_s = timeout_s
         self._handler = handler

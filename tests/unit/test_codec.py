@@ -219,6 +219,31 @@ def test_encode_update_in_any_order_equals_encode(backend: str) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(full, acc))
 
 
+@pytest.mark.parametrize("backend", [pytest.param("isal", marks=needs_isal), "pyeclib"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_the_first_share_overwrites_what_the_parity_held(backend: str, m: int) -> None:
+    """``first=True`` writes a piece's share over whatever the buffer held (a reused
+    parity file); the later shares added to it give :meth:`encode`'s parity, in any
+    order of pieces and with the first share of each range from a different piece."""
+    k, size = 4, 5000
+    with Codec(k, m, threads=2, chunk_bytes=1024, backend=backend) as codec:
+        data = random_pieces(k, size, seed=7)
+        full = zeros(m, size)
+        codec.encode(data, full)
+        acc = random_pieces(m, size, seed=8)  # stale bytes, not zeros
+        codec.encode_update(2, data[2], acc, 0, 3000, first=True)
+        codec.encode_update(0, data[0], acc, 3000, first=True)
+        for q, (lo, hi) in [(0, (0, 3000)), (1, (0, size)), (3, (0, size)), (2, (3000, size))]:
+            codec.encode_update(q, data[q], acc, lo, hi)
+        assert all(np.array_equal(a, b) for a, b in zip(full, acc))
+        # A share written twice as first is that share alone, not the stripe's parity.
+        alone = random_pieces(m, size, seed=9)
+        codec.encode_update(1, data[1], alone, first=True)
+        only = zeros(m, size)
+        codec.encode_update(1, data[1], only)
+        assert all(np.array_equal(a, b) for a, b in zip(alone, only))
+
+
 # --------------------------------------------------------------------------
 # buffers: zero copy, read-only inputs, mmap
 # --------------------------------------------------------------------------

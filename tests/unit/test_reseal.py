@@ -72,12 +72,23 @@ class _Store:
 
 
 class _Pieces:
-    def create(self, job: str, step: int, group: int, stripe: int, index: int,
-               nbytes: int) -> np.ndarray:
-        return np.zeros(nbytes, dtype=np.uint8)
+    """In-memory parity buffers; not asked to clear them, they hold stale bytes (a pool
+    file of an older step)."""
 
-    def scratch(self, job: str, group: int, stripe: int, j: int, nbytes: int) -> np.ndarray:
-        return np.zeros(nbytes, dtype=np.uint8)
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(11)
+
+    def _buffer(self, nbytes: int, clear: bool) -> np.ndarray:
+        return np.zeros(nbytes, dtype=np.uint8) if clear else \
+            self.rng.integers(0, 256, nbytes, dtype=np.uint8)
+
+    def create(self, job: str, step: int, group: int, stripe: int, index: int,
+               nbytes: int, clear: bool = True) -> np.ndarray:
+        return self._buffer(nbytes, clear)
+
+    def scratch(self, job: str, group: int, stripe: int, j: int, nbytes: int,
+                clear: bool = True) -> np.ndarray:
+        return self._buffer(nbytes, clear)
 
 
 class _Reporter:
@@ -199,6 +210,34 @@ def test_a_newer_seal_restarts_a_stripe_under_way_and_the_older_bytes_are_refuse
     want = np.zeros(PLEN, dtype=np.uint8)
     Codecs().get(3, 1).encode([d.data for d in new_data], [want.data])
     assert rep.pieces[3].crc == crc32c(want)  # the newer seal's parity alone
+
+
+def test_parity_from_frames_in_any_order_over_a_stale_file_is_the_stripes_parity() -> None:
+    """The encoder writes each range's first share and adds the others (parity files are
+    reused uncleared, coding/coverage.py): frames of uneven sources in a shuffled order,
+    split unaligned, give the parity that encoding the zero-padded pieces gives, and the
+    bytes past every source's end are zero."""
+    enc, reporter, stalls = _encoder()
+    rng = np.random.default_rng(4)
+    lengths = [PLEN - 96, PLEN - 1000, 3001]  # no source reaches the piece's last 96 bytes
+    data = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
+    offers = [ppb.OfferRequest(job=JOB, step=STEP, stripe=0, group=0, index=q, node=node,
+                               piece_bytes=PLEN, real_bytes=lengths[q], crc=0,
+                               layout=_layout(node, 1)) for q, node in enumerate([1, 2, 3])]
+    assert _offer_all(enc, offers) == [PLEN] * 3
+    frames = []
+    for q, n in enumerate(lengths):
+        cuts = sorted({0, n, *rng.integers(1, n, 5).tolist()})
+        frames += [(q, lo, hi - lo) for lo, hi in zip(cuts, cuts[1:])]
+    for i in rng.permutation(len(frames)):
+        q, off, n = frames[i]
+        _frame(enc, offers[q], data[q], off, n)
+    assert not stalls.errors and len(reporter.sent) == 1
+    padded = [np.concatenate([d, np.zeros(PLEN - len(d), np.uint8)]) for d in data]
+    want = np.zeros(PLEN, dtype=np.uint8)
+    Codecs().get(3, 1).encode([p.data for p in padded], [want.data])
+    assert not want[-96:].any()
+    assert reporter.sent[0].pieces[3].crc == crc32c(want)
 
 
 def test_an_older_offer_still_waiting_is_void_once_a_newer_one_completes_the_stripe() -> None:
