@@ -6,7 +6,9 @@ step is restorable the older step's files are released into a pool
 (``<prefix>.<job>.q.g<group>.s<stripe>.i<index>``, one per piece position) and the next
 step's same piece reuses the file: clearing allocated pages runs at memset speed,
 allocating fresh tmpfs pages ten times slower, and this sits between the last offer and
-the first byte sent. Files are opened through proto/safefile.py: this daemon's own
+the first byte sent. A reused file's mapping is kept with it: allocating, mapping
+(``MAP_POPULATE``) and unmapping 341 MiB again every step cost 50 ms of CPU (11 + 25 +
+14 ms), against none. Files are opened through proto/safefile.py: this daemon's own
 regular files only, never through a planted link.
 """
 
@@ -32,6 +34,13 @@ class PieceFiles:
         self.shm_dir, self.prefix = shm_dir, prefix
         self._lock = threading.Lock()
         self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
+        #: (job, "g.s.i" position) -> the file (st_dev, st_ino) mapped, and its mapping:
+        #: the piece file of that position, kept mapped while it is reused.
+        self._mapped: dict[tuple[str, str], tuple[tuple[int, int], np.ndarray]] = {}
+
+    @staticmethod
+    def _where(group: int, stripe: int, index: int) -> str:
+        return f"g{group}.s{stripe}.i{index}"
 
     def path(self, job: str, step: int, group: int, stripe: int, index: int) -> str:
         return os.path.join(self.shm_dir,
@@ -61,17 +70,27 @@ class PieceFiles:
                 os.ftruncate(fd, 0)
             else:
                 fd = safefile.open_new(path, os.O_RDWR, 0o600)
+        key = (job, self._where(group, stripe, index))
         try:
-            if not nbytes:
-                os.ftruncate(fd, 0)
-                return np.zeros(0, dtype=np.uint8)
-            if os.fstat(fd).st_size != nbytes:
-                os.ftruncate(fd, nbytes)
-            os.posix_fallocate(fd, 0, nbytes)
-            # MAP_POPULATE maps every page in one call: clearing a reused file then runs at
-            # memset speed instead of taking a page fault per 4 KiB (133 -> 40 ms for 341 MiB).
-            piece = np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED | _POPULATE),
-                                  dtype=np.uint8)
+            st = os.fstat(fd)
+            with self._lock:
+                kept = self._mapped.pop(key, None)
+            if reused and kept is not None and kept[0] == (st.st_dev, st.st_ino) \
+                    and len(kept[1]) == st.st_size == nbytes:
+                piece = kept[1]  # the same file, allocated and mapped a step ago
+            else:
+                if not nbytes:
+                    os.ftruncate(fd, 0)
+                    return np.zeros(0, dtype=np.uint8)
+                if st.st_size != nbytes:
+                    os.ftruncate(fd, nbytes)
+                os.posix_fallocate(fd, 0, nbytes)
+                # MAP_POPULATE maps every page in one call: clearing a reused file then runs
+                # at memset speed instead of a page fault per 4 KiB (133 -> 40 ms, 341 MiB).
+                piece = np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED | _POPULATE),
+                                      dtype=np.uint8)
+            with self._lock:
+                self._mapped[key] = ((st.st_dev, st.st_ino), piece)
             if reused and clear:
                 piece[:] = 0
             return piece
@@ -118,9 +137,22 @@ class PieceFiles:
                 continue
             pool = os.path.join(self.shm_dir, f"{self.prefix}.{job}.q.{where}") if dot else ""
             if not pool or os.path.exists(pool):
+                self._unmap(job, where, path)
                 _unlink(path)
             else:
                 os.rename(path, pool)
+
+    def _unmap(self, job: str, where: str, path: str) -> None:
+        """Stop keeping the mapping of the file at ``path`` (about to be deleted), so that
+        its memory goes with it."""
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        with self._lock:
+            kept = self._mapped.get((job, where))
+            if kept is not None and kept[0] == (st.st_dev, st.st_ino):
+                del self._mapped[(job, where)]
 
     def drop(self, job: str) -> None:
         """Delete every piece file of ``job`` and its scratch buffers."""
@@ -130,6 +162,8 @@ class PieceFiles:
         with self._lock:
             for key in [k for k in self._scratches if k[0] == job]:
                 del self._scratches[key]
+            for mkey in [k for k in self._mapped if k[0] == job]:
+                del self._mapped[mkey]
 
 
 def _reopen(path: str) -> int | None:
