@@ -34,9 +34,11 @@ class PieceFiles:
         self.shm_dir, self.prefix = shm_dir, prefix
         self._lock = threading.Lock()
         self._scratches: dict[tuple[str, int, int, int], np.ndarray] = {}
-        #: (job, "g.s.i" position) -> the file (st_dev, st_ino) mapped, and its mapping:
-        #: the piece file of that position, kept mapped while it is reused.
-        self._mapped: dict[tuple[str, str], tuple[tuple[int, int], np.ndarray]] = {}
+        #: (job, "g.s.i" position) -> {file (st_dev, st_ino): its mapping}: the piece files
+        #: of that position kept mapped while they are reused. Two per position: a step's
+        #: parity and the previous step's (released into the pool only once the step is
+        #: restorable) take turns.
+        self._mapped: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
 
     @staticmethod
     def _where(group: int, stripe: int, index: int) -> str:
@@ -73,11 +75,11 @@ class PieceFiles:
         key = (job, self._where(group, stripe, index))
         try:
             st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino)
             with self._lock:
-                kept = self._mapped.pop(key, None)
-            if reused and kept is not None and kept[0] == (st.st_dev, st.st_ino) \
-                    and len(kept[1]) == st.st_size == nbytes:
-                piece = kept[1]  # the same file, allocated and mapped a step ago
+                kept = self._mapped.setdefault(key, {}).pop(ident, None)
+            if reused and kept is not None and len(kept) == st.st_size == nbytes:
+                piece = kept  # the same file, allocated and mapped steps ago
             else:
                 if not nbytes:
                     os.ftruncate(fd, 0)
@@ -90,7 +92,10 @@ class PieceFiles:
                 piece = np.frombuffer(mmap.mmap(fd, nbytes, mmap.MAP_SHARED | _POPULATE),
                                       dtype=np.uint8)
             with self._lock:
-                self._mapped[key] = ((st.st_dev, st.st_ino), piece)
+                files = self._mapped.setdefault(key, {})
+                files[ident] = piece
+                while len(files) > 2:  # the oldest goes (a file replaced meanwhile)
+                    del files[next(iter(files))]
             if reused and clear:
                 piece[:] = 0
             return piece
@@ -150,9 +155,7 @@ class PieceFiles:
         except FileNotFoundError:
             return
         with self._lock:
-            kept = self._mapped.get((job, where))
-            if kept is not None and kept[0] == (st.st_dev, st.st_ino):
-                del self._mapped[(job, where)]
+            self._mapped.get((job, where), {}).pop((st.st_dev, st.st_ino), None)
 
     def drop(self, job: str) -> None:
         """Delete every piece file of ``job`` and its scratch buffers."""
