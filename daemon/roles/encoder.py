@@ -76,13 +76,14 @@ class Encoder:
         NodeLayout.decode(req.layout)  # a layout that does not parse is refused now
         st = self.state.job(req.job)
         key = (req.step, req.group, req.stripe)
+        voided = False
         with self.state.lock:
             if req.epoch < st.epoch:
                 raise SupersededError(
                     f"job {req.job} step {req.step}: node {req.node}'s offer is of launch "
                     f"{req.epoch}; launch {st.epoch} of the job offers here now")
             if req.epoch > st.epoch:
-                self._void_older(req.job, st, req.epoch)
+                voided = self._void_older(req.job, st, req.epoch)
             enc = st.encodings.get(key)
             prev = enc.offers.get(req.index) if enc is not None else None
             if enc is not None and enc.ready.is_set() and prev is not None \
@@ -92,6 +93,7 @@ class Encoder:
                 # frames are refused and its parity never reported.
                 with enc.lock:
                     enc.superseded = True
+                voided = True
                 logger.info("group %d stripe %d: node %d sealed the step again; the stripe "
                             "starts over", req.group, req.stripe, req.node,
                             extra={"job": req.job, "step": req.step})
@@ -108,6 +110,12 @@ class Encoder:
                                                                  j, enc.piece_bytes, clear=False)
                               for j in range(grp.m)]
                 enc.ready.set()
+        if voided:
+            # Senders of the void stripes waiting in ``Received`` learn it now (frames
+            # wake them only when a piece is complete); outside the state lock, which
+            # they take under this condition.
+            with self.state.arrived:
+                self.state.arrived.notify_all()
         if not enc.ready.wait(self.timeout_s):
             raise PeerUnavailableError(
                 f"job {req.job} step {req.step} group {req.group} stripe {req.stripe}: only "
@@ -119,10 +127,10 @@ class Encoder:
                 f"seal or launch of the step)")
         return enc.piece_bytes
 
-    def _void_older(self, job: str, st: JobState, epoch: int) -> None:
+    def _void_older(self, job: str, st: JobState, epoch: int) -> bool:
         """A newer launch offers here: every encoding of an older one is void (its waiting
         offers are answered SupersededError, its frames refused, its parity unreported).
-        Called under the state lock."""
+        Called under the state lock; whether any was."""
         st.epoch = epoch
         void = [key for key, enc in st.encodings.items() if enc.epoch < epoch]
         for key in void:
@@ -133,6 +141,7 @@ class Encoder:
         if void:
             logger.info("launch %d of the job offers here: %d stripe(s) of older launches "
                         "void", epoch, len(void), extra={"job": job})
+        return bool(void)
 
     def on_data(self, h: dict[str, Any], payload: memoryview) -> None:
         """A frame of a data piece (the data plane calls this on its thread)."""
@@ -163,7 +172,8 @@ class Encoder:
                                         [p[lo:hi] for p in enc.parity], first=first)
         with self.state.arrived:
             enc.got[q] += n
-            self.state.arrived.notify_all()
+            if enc.got[q] >= offer.real_bytes:  # its sender waits for the whole piece
+                self.state.arrived.notify_all()
         self.store.metrics.bytes_received(job, "data", n)
         if all(enc.got.get(i) == o.real_bytes for i, o in enc.offers.items()) \
                 and len(enc.offers) == enc.group.k and not enc.finished:

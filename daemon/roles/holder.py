@@ -64,7 +64,8 @@ class Holder:
         held.piece[off:off + n] = np.frombuffer(payload, dtype=np.uint8)
         with self.state.arrived:
             held.got += n
-            self.state.arrived.notify_all()
+            if held.got >= len(held.piece):  # its sender waits for the whole piece
+                self.state.arrived.notify_all()
         self.store.metrics.bytes_received(job, "parity", n)
         if held.got == len(held.piece):
             self.pool.submit(self._finish, job, key, held)

@@ -240,6 +240,57 @@ def test_parity_from_frames_in_any_order_over_a_stale_file_is_the_stripes_parity
     assert reporter.sent[0].pieces[3].crc == crc32c(want)
 
 
+def _waiting(enc: Encoder, target: Any) -> threading.Thread:
+    """``target`` on a thread of its own, returned once it waits in ``wait_received``."""
+    t = threading.Thread(target=target)
+    t.start()
+    for _ in range(1000):
+        if enc.state.arrived._waiters:  # type: ignore[attr-defined]
+            return t
+        threading.Event().wait(0.01)
+    raise AssertionError("the sender never waited")
+
+
+def test_a_sender_waiting_for_its_piece_is_woken_when_it_completes() -> None:
+    """Frames wake the senders' ``Received`` waits only when a piece is complete (not
+    once per frame); the wait then returns at once, not at its deadline."""
+    enc, _, _ = _encoder()
+    offers = [_offer(q, n, 1) for q, n in enumerate([1, 2, 3])]
+    assert _offer_all(enc, offers) == [PLEN] * 3
+    data = np.random.default_rng(6).integers(0, 256, PLEN, dtype=np.uint8)
+    got: dict[str, int] = {}
+
+    def wait() -> None:
+        got["n"] = enc.state.wait_received(JOB, STEP, 0, 0, 0, PLEN, 60.0,
+                                           seal_token(offers[0].layout))
+
+    t = _waiting(enc, wait)
+    _frame(enc, offers[0], data, 0, 1024)
+    t.join(0.2)
+    assert t.is_alive()  # a part of the piece: still waiting
+    _frame(enc, offers[0], data, 1024, PLEN - 1024)
+    t.join(10)  # far below the wait's 60 s: woken, not timed out
+    assert not t.is_alive() and got == {"n": PLEN}
+
+
+def test_a_sender_waiting_on_a_stripe_that_starts_over_is_told_at_once() -> None:
+    enc, _, _ = _encoder()
+    old = [_offer(q, n, 1) for q, n in enumerate([1, 2, 3])]
+    assert _offer_all(enc, old) == [PLEN] * 3
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            enc.state.wait_received(JOB, STEP, 0, 0, 0, PLEN, 60.0, seal_token(old[0].layout))
+        except SupersededError as exc:
+            raised.append(exc)
+
+    t = _waiting(enc, wait)
+    assert _offer_all(enc, [_offer(q, n, 2) for q, n in enumerate([1, 2, 3])]) == [PLEN] * 3
+    t.join(10)
+    assert not t.is_alive() and len(raised) == 1
+
+
 def test_an_older_offer_still_waiting_is_void_once_a_newer_one_completes_the_stripe() -> None:
     """The case CI hit: the older seal's offers wait (node 3 died before offering); the
     relaunch's offers complete the stripe; the older waiters are told they are void
