@@ -15,6 +15,9 @@ from shardguard.proto import arena as fmt
 from shardguard.proto import hostmem
 from shardguard.proto import safefile
 
+#: Bytes :meth:`Arena.prefault` faults in per call (the memory-map lock is let go between).
+PREFAULT_STEP_BYTES = 8 << 20
+
 logger = logging.getLogger(__name__)
 
 
@@ -125,7 +128,12 @@ class Arena:
             if self._fd < 0:
                 return
             part = np.frombuffer(self.slot(index, slot_bytes), dtype=np.uint8)
-            hostmem.populate(part.ctypes.data, part.size)
+            # In steps: one call holds the process's memory-map lock until every page is
+            # in, and the rebuild's fetches, whose frames need memory mapped meanwhile,
+            # stood still behind it (1 GiB: ~1.8 s of a 4.8 s rebuild with the peers
+            # idle, perf, 2026-12-05).
+            for off in range(0, part.size, PREFAULT_STEP_BYTES):
+                hostmem.populate(part.ctypes.data + off, min(PREFAULT_STEP_BYTES, part.size - off))
             del part
 
     def write_header(self, header: fmt.Header) -> None:
