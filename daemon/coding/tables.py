@@ -36,23 +36,26 @@ def rows_for(lib: _isal.IsaL, k: int, m: int, sources: tuple[int, ...], outputs:
     return bytes(rows)
 
 
+def _lib() -> _isal.IsaL:
+    lib = _isal.load()
+    if lib is None:  # pragma: no cover - the ISA-L backend exists only with a library
+        raise CodecError("ISA-L is not loaded")
+    return lib
+
+
 @functools.lru_cache(maxsize=4096)
 def tables(k: int, m: int, sources: tuple[int, ...], outputs: tuple[int, ...]) -> ctypes.Array[ctypes.c_ubyte]:
     """ISA-L tables for one (k, m, erasure pattern), built once and shared.
 
     A (10, 4) code has under 4,000 patterns of interest, each table a few KiB.
     """
-    lib = _isal.load()
-    if lib is None:  # pragma: no cover - the ISA-L backend exists only with a library
-        raise CodecError("ISA-L is not loaded")
+    lib = _lib()
     return lib.init_tables(k, len(outputs), rows_for(lib, k, m, sources, outputs))
 
 
 @functools.lru_cache(maxsize=256)
 def share_tables(k: int, m: int, index: int) -> ctypes.Array[ctypes.c_ubyte]:
     """ISA-L tables that make data piece ``index``'s share of the ``m`` parities."""
-    lib = _isal.load()
-    if lib is None:  # pragma: no cover - as in tables()
-        raise CodecError("ISA-L is not loaded")
+    lib = _lib()
     rows = rows_for(lib, k, m, tuple(range(k)), tuple(range(k, k + m)))
     return lib.init_tables(1, m, bytes(rows[j * k + index] for j in range(m)))

@@ -5,10 +5,10 @@ stripe's piece size is known: the largest of theirs); the parity buffers are mad
 (parity 0 in its shm file, parities ``1..m-1`` in scratch buffers; reused from an older
 step and not cleared). Each arriving 4 MiB frame is folded into the parity in place
 (ISA-L): written where it is the first share to reach those bytes, added to where it is
-not (coding/coverage.py), so encoding overlaps the transfer; bytes past every source's
-end are cleared at the end. When every byte is in, the encoder checksums its parity, keeps parity 0,
-forwards parities ``1..m-1`` to their holders (waiting until each arrived) and reports
-the stripe, with its pieces' places and CRCs and its sources' layouts, to the
+not (coding/coverage.py), so encoding overlaps the transfer. When every byte is in, the
+encoder clears what no source reached (past every source's end), checksums its parity,
+keeps parity 0, forwards parities ``1..m-1`` to their holders (waiting until each
+arrived) and reports the stripe, with its pieces' places and CRCs and its sources' layouts, to the
 coordinator.
 """
 

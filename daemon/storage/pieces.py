@@ -46,10 +46,11 @@ class PieceFiles:
 
     def path(self, job: str, step: int, group: int, stripe: int, index: int) -> str:
         return os.path.join(self.shm_dir,
-                            f"{self.prefix}.{job}.p{step}.g{group}.s{stripe}.i{index}")
+                            f"{self.prefix}.{job}.p{step}.{self._where(group, stripe, index)}")
 
     def _pool_path(self, job: str, group: int, stripe: int, index: int) -> str:
-        return os.path.join(self.shm_dir, f"{self.prefix}.{job}.q.g{group}.s{stripe}.i{index}")
+        return os.path.join(self.shm_dir,
+                            f"{self.prefix}.{job}.q.{self._where(group, stripe, index)}")
 
     def create(self, job: str, step: int, group: int, stripe: int, index: int,
                nbytes: int, clear: bool = True) -> np.ndarray:
