@@ -1,4 +1,4 @@
-"""The C allocator's settings for a process that receives pieces in 4 MiB frames.
+"""The C allocator's settings for a process that receives pieces in 8 MiB frames.
 
 ZeroMQ receives each frame into a buffer it ``malloc``s on its I/O thread; the daemon
 frees it on another thread once the frame is encoded, stored or decoded. With glibc's
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 #: Requests at least this large are still mapped on their own (glibc's largest allowed
-#: threshold on 64-bit): a frame (4 MiB) is well below it.
+#: threshold on 64-bit): a frame (8 MiB) is well below it.
 MMAP_THRESHOLD_BYTES = 32 << 20
 #: Free memory at an arena's top is given back to the kernel only beyond this.
 TRIM_THRESHOLD_BYTES = 1 << 30

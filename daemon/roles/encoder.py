@@ -3,7 +3,7 @@
 A source's ``Offer`` waits until the stripe's ``k`` sources have offered (then the
 stripe's piece size is known: the largest of theirs); the parity buffers are made then
 (parity 0 in its shm file, parities ``1..m-1`` in scratch buffers; reused from an older
-step and not cleared). Each arriving 4 MiB frame is folded into the parity in place
+step and not cleared). Each arriving 8 MiB frame is folded into the parity in place
 (ISA-L): written where it is the first share to reach those bytes, added to where it is
 not (coding/coverage.py), so encoding overlaps the transfer. When every byte is in, the
 encoder clears what no source reached (past every source's end), checksums its parity,

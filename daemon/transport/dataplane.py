@@ -1,4 +1,4 @@
-"""Bulk bytes between daemons over ZeroMQ: pieces in 4 MiB frames, never through gRPC.
+"""Bulk bytes between daemons over ZeroMQ: pieces in 8 MiB frames, never through gRPC.
 
 Every daemon binds one ROUTER socket. A message is ``[kind, header, token,
 payload?]`` with a JSON header; the token authenticates kind and header with
@@ -27,16 +27,21 @@ from shardguard.daemon.errors import AuthenticationError, PeerUnavailableError
 
 logger = logging.getLogger(__name__)
 
-# 4 MiB, not 1: the per-frame Python work on both sides dominated the daemons' CPU on a
-# 4-node, 2-core run (1.38 -> 1.08 CPU-s per GB sent, bench/bench_cluster.py), while ZeroMQ
-# still moves frames this size at full speed (it slows down only around 64 MiB).
-FRAME_BYTES = 4 << 20
-# Frames in flight per connection: flow control, so a slow receiver slows its senders
-# instead of queueing whole pieces in memory, and a dead one is noticed.
-WINDOW_FRAMES = 64
+# 8 MiB: the Python work on both sides (header, token, handler, metrics) is per frame,
+# and the largest part of what a daemon spends beyond ZeroMQ's copies (perf, 4 MiB
+# frames: ~0.1 of ~0.25 CPU-s per daemon and step; ISA-L ~0.08, CRC ~0.02): 1 -> 4
+# MiB took a 4-node, 2-core run from 1.38 to 1.08 CPU-s per GB sent; 4 -> 8 MiB a
+# daemon's CPU per step from 0.73-0.75 to 0.68-0.72 s and a lost node's rebuild from
+# 3.5 to 3.0 s (bench/bench_cluster.py, 3 alternating runs each, 2026-12-05). ZeroMQ
+# moves frames this size at full speed (it slows down only around 64 MiB).
+FRAME_BYTES = 8 << 20
+# Frames in flight per connection (256 MiB): flow control, so a slow receiver slows its
+# senders instead of queueing whole pieces in memory, and a dead one is noticed.
+WINDOW_FRAMES = 32
 # Frames a fetch's socket queues before it stops reading (and TCP stops the sender): a
-# caller that stops taking frames (a rebuild waiting for a slower piece) holds no more.
-FETCH_WINDOW_FRAMES = 8
+# caller that stops taking frames (a rebuild waiting for a slower piece) holds no more
+# (32 MiB).
+FETCH_WINDOW_FRAMES = 4
 # A handler gets (kind, header, payload) and may return messages to send back to the caller.
 Handler = Callable[[bytes, dict[str, Any], memoryview | None], Iterable[list[Any]] | None]
 

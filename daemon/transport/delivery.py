@@ -8,7 +8,7 @@ long as bytes keep arriving it waits (a slow link is slow, not broken; past
 ``peer_timeout_s`` it is named ``too_slow``); a data port that takes no byte for
 ``peer_timeout_s`` raises :class:`PeerUnavailableError` naming it.
 
-The receiver counts whole ZeroMQ frames (up to 4 MiB), and pieces to one node share its
+The receiver counts whole ZeroMQ frames (up to 8 MiB), and pieces to one node share its
 link: on a slow link a piece may see nothing for a while because another piece to the
 same node is taking the bytes, or because one frame takes longer than the timeout. So
 "no byte" is judged per destination (any piece to it that grows counts), and the quiet
