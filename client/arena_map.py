@@ -7,12 +7,14 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from shardguard.proto import arena as fmt
+from shardguard.proto import hostmem
 from shardguard.proto.errors import ArenaFormatError, ShardguardError
 
 logger = logging.getLogger(__name__)
@@ -68,16 +70,29 @@ class ArenaMap:
             logger.debug("arena %s still referenced; unmapped at exit", self.path)
 
 
-def map_arena(path: str, size: int, slot_bytes: int) -> ArenaMap:
+def map_arena(path: str, size: int, slot_bytes: int, lazy_slots: Iterable[int] = ()
+              ) -> ArenaMap:
+    """Map the arena, every page now (``MAP_POPULATE``: the first snapshot does not
+    fault) but those of ``lazy_slots``: slots the daemon is still allocating and
+    faulting in (a just rebuilt arena's other slot, ``RegisterReply.lazy_slots``).
+    Faulting them in here would clear their fresh pages in this process, on the way to
+    the restore; they are mapped when first written instead."""
+    lazy = sorted(set(lazy_slots))
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         if os.fstat(fd).st_size != size:
             raise ArenaFormatError(f"arena {path} is not {size} bytes")
-        # MAP_POPULATE maps every page now, so the first snapshot does not fault.
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                       mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED | (0 if lazy else getattr(mmap, "MAP_POPULATE", 0))
+        mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     u8 = torch.frombuffer(mm, dtype=torch.uint8)
     arr = np.frombuffer(mm, dtype=np.uint8)
+    if lazy:
+        pos = 0
+        for lo, hi in [(fmt.slot_offset(i, slot_bytes), fmt.slot_offset(i, slot_bytes)
+                        + slot_bytes) for i in lazy] + [(size, size)]:
+            if lo > pos:
+                hostmem.populate_read(arr.ctypes.data + pos, min(lo, size) - pos)
+            pos = max(pos, hi)
     return ArenaMap(path, size, slot_bytes, mm, u8, arr)

@@ -97,7 +97,8 @@ class Session:
         self.lost = False
         if self.arena is not None:
             self.arena.close()
-        self.arena = map_arena(reply.arena_path, reply.arena_bytes, reply.slot_bytes)
+        self.arena = map_arena(reply.arena_path, reply.arena_bytes, reply.slot_bytes,
+                               reply.lazy_slots)
         return self.arena
 
     def begin(self, step: int, skipped: int) -> int:

@@ -27,7 +27,8 @@ PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
 
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
-# Linux 5.14; Python does not name it.
+# Linux 5.14; Python does not name them.
+_MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -53,6 +54,15 @@ def populate(addr: int, nbytes: int) -> bool:
     in when first written, as before."""
     lo = addr // PAGE * PAGE
     return nbytes > 0 and _madvise(lo, addr + nbytes - lo, _MADV_POPULATE_WRITE) == 0
+
+
+def populate_read(addr: int, nbytes: int) -> bool:
+    """Map the pages under ``[addr, addr + nbytes)`` now, as a read would (what
+    ``MAP_POPULATE`` does for a whole mapping: a shared file mapping's pages come in
+    writable); False where the kernel cannot (before Linux 5.14): they are then mapped
+    when first used."""
+    lo = addr // PAGE * PAGE
+    return nbytes > 0 and _madvise(lo, addr + nbytes - lo, _MADV_POPULATE_READ) == 0
 
 
 def map_private(path: str, offset: int, length: int) -> mmap.mmap:

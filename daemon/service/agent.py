@@ -57,7 +57,8 @@ class AgentService(pb_grpc.AgentServicer):
         if self.roles is not None and self.roles.exit_flush is not None:
             self.roles.exit_flush.saw_trainer(req.job)
         reply = pb.RegisterReply(arena_path=r.arena_path, arena_bytes=r.arena_bytes,
-                                 slot_bytes=r.slot_bytes, lease=r.lease)
+                                 slot_bytes=r.slot_bytes, lease=r.lease,
+                                 lazy_slots=r.lazy_slots)
         if r.restorable_step is not None:
             reply.restorable_step = r.restorable_step
         return reply

@@ -7,6 +7,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -33,6 +34,9 @@ class Arena:
         # tmpfs is a SIGBUS, not an error).
         self.allocated = allocated
         self._allocating = threading.Lock()
+        #: Slots a thread of :meth:`prepare` is still allocating and faulting in.
+        self._preparing: set[int] = set()
+        self._prepared = threading.Condition()
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
 
@@ -135,6 +139,42 @@ class Arena:
             for off in range(0, part.size, PREFAULT_STEP_BYTES):
                 hostmem.populate(part.ctypes.data + off, min(PREFAULT_STEP_BYTES, part.size - off))
             del part
+
+    def prepare(self, indices: Iterable[int], slot_bytes: int,
+                on_error: Callable[[Exception], None]) -> None:
+        """Allocate the pages not allocated yet and fault slots ``indices`` in, on a thread
+        of its own (a rebuilt arena's other slot, once the rebuilt one is in place);
+        :meth:`preparing` names them until it is done. A failure goes to ``on_error``
+        (the slot stays a hole: the next Begin meets the NoSpaceError)."""
+        todo = set(indices)
+        if not todo:
+            return
+        with self._prepared:
+            self._preparing |= todo
+
+        def run() -> None:
+            try:
+                self.ensure_allocated()
+                for i in sorted(todo):
+                    self.prefault(i, slot_bytes)
+            except Exception as exc:  # noqa: BLE001 - reported, and met again at Begin
+                on_error(exc)
+            finally:
+                with self._prepared:
+                    self._preparing -= todo
+                    self._prepared.notify_all()
+
+        threading.Thread(target=run, daemon=True, name="sg-arena-prepare").start()
+
+    def preparing(self) -> tuple[int, ...]:
+        """The slots :meth:`prepare` has not finished yet."""
+        with self._prepared:
+            return tuple(sorted(self._preparing))
+
+    def wait_prepared(self, timeout_s: float | None = None) -> bool:
+        """Wait until :meth:`prepare` is done with every slot; False on the timeout."""
+        with self._prepared:
+            return self._prepared.wait_for(lambda: not self._preparing, timeout_s)
 
     def write_header(self, header: fmt.Header) -> None:
         self.view[: fmt.HEADER_BYTES] = fmt.pack_header(header)

@@ -155,7 +155,7 @@ class Jobs:
             logger.info("registered: world %d, pid %d, arena %s, slot_bytes %d", world_size,
                         pid, rr.arena.path, rr.slot_bytes, extra={"job": job, "rank": rank})
             return Registration(rr.arena.path, rr.arena.size, rr.slot_bytes, rr.lease,
-                                rec.restorable_step)
+                                rec.restorable_step, rr.arena.preparing())
 
     def unregister(self, job: str, rank: int, lease: str) -> None:
         with self._lock:
@@ -178,7 +178,7 @@ class Jobs:
                 if rr is not None:
                     rr.arena.unlink()
                 # The rebuilt bytes go into the first slot, allocated now; the other
-                # one while they arrive (Slots.install), else at the next Begin.
+                # once they are in place (Slots.install), else at the next Begin.
                 rr = self.files.new_rank(rec, rank, slot_bytes, slots_now=1)
                 rec.ranks[rank] = rr
             return rec, rr

@@ -77,6 +77,8 @@ class Registration:
     slot_bytes: int
     lease: str
     restorable_step: int | None
+    #: Slots the daemon is still allocating and faulting in (a just rebuilt arena's).
+    lazy_slots: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -155,12 +155,14 @@ class Slots:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step.
 
         ``fill`` writes the slot's bytes; their checksums must match ``record``. A new
-        arena's other slot is allocated and faulted in while ``fill`` runs (its fetches
-        leave the CPU idle), and before this returns: the trainer maps the whole arena
-        as soon as it is told it may (``MAP_POPULATE``), and clearing those pages in its
-        mapping, or faulting them in while they were being allocated, took it 0.9-2.2 s
-        for a 2 GiB arena. Without room for that slot the rebuild still succeeds; the
-        trainer's first Begin then meets the NoSpaceError.
+        arena's other slot is allocated and faulted in once the rebuilt one is in place,
+        on a thread of its own (:meth:`Arena.prepare`), not while ``fill`` runs: on 2
+        cores, clearing its fresh pages (1 GiB: ~1.2 CPU-s, perf, 2026-12-05) competed
+        with the fetches and the decoding for the CPU. The trainer's Register names it
+        lazy meanwhile (``RegisterReply.lazy_slots``): the trainer maps it without
+        faulting it in, so the clearing is not moved into its mapping. Without room for
+        that slot the rebuild still succeeds; the trainer's first Begin then meets the
+        NoSpaceError.
         """
         with self._lock:
             rec, rr = self._jobs.for_rebuild(job, world_size, local_ranks, rank, slot_bytes)
@@ -168,15 +170,10 @@ class Slots:
             if index is None:
                 raise SlotStateError(f"job {job} rank {rank}: no free slot to rebuild into")
             view = rr.arena.slot(index, rr.slot_bytes)
+        fresh = not rr.arena.allocated  # a new arena: only its first slot is allocated
         if index > 0:
-            rr.arena.ensure_allocated()  # only the first slot of a rebuilt arena may be
-        rest = threading.Thread(target=_allocate_rest, args=(rr, job, rank, index),
-                                daemon=True, name="sg-rebuild-alloc")
-        rest.start()
-        try:
-            fill(view)
-        finally:
-            rest.join()
+            rr.arena.ensure_allocated()
+        fill(view)
         verify(job, rank, view, record)
         with self._lock:
             state = SlotState.SEALED
@@ -190,6 +187,11 @@ class Slots:
             rr.slots[index] = dataclasses.replace(record, state=state)
             rec.local_ranks = tuple(sorted(set(rec.local_ranks) | {rank}))
             self._files.sync(rec, rr)
+        if fresh:
+            rr.arena.prepare((i for i in range(fmt.NSLOTS) if i != index), rr.slot_bytes,
+                             lambda exc: logger.warning(
+                                 "allocating the rebuilt arena's other slot failed: %s", exc,
+                                 extra={"job": job, "rank": rank}))
 
     # ------------------------------------------------- the restorable step
 
@@ -261,19 +263,6 @@ class Slots:
         self._files.sync_all(rec)
         self._metrics.restorable(rec.job, step)
         logger.debug("step %d restorable", step, extra={"job": rec.job, "step": step})
-
-
-def _allocate_rest(rr: RankRecord, job: str, rank: int, filling: int) -> None:
-    """The slots of a rebuilt arena not allocated yet, allocated and faulted in (a
-    failure is Begin's to report); ``filling`` is the slot being rebuilt."""
-    try:
-        rr.arena.ensure_allocated()
-        for i in range(fmt.NSLOTS):
-            if i != filling:
-                rr.arena.prefault(i, rr.slot_bytes)
-    except Exception as exc:  # noqa: BLE001 - Begin meets it again, typed
-        logger.warning("allocating the rebuilt arena's other slot failed: %s", exc,
-                       extra={"job": job, "rank": rank})
 
 
 def _has_sealed(rr: RankRecord | None, step: int) -> bool:

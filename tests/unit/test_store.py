@@ -867,19 +867,43 @@ def _rebuilt(shm: Shm, slot_bytes: int) -> tuple[Store, SlotDesc, int, bytes]:
     return src, record, used, read(reg, slot, used)
 
 
-def test_a_rebuilt_arena_is_whole_when_install_returns(shm: Shm) -> None:
-    # The other slot is allocated while the rebuilt bytes arrive, not after: a trainer
-    # maps the whole arena as soon as the rebuild returns.
+def test_a_rebuilt_arenas_other_slot_is_prepared_after_install_and_named_lazy_meanwhile(
+        shm: Shm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The other slot is allocated and faulted in once the rebuilt one is in place, on a
+    # thread of its own; a trainer registering meanwhile is told to map it lazily.
     slot_bytes = 64 * fmt.PAGE
     _, record, used, good = _rebuilt(shm, slot_bytes)
+    go, started = threading.Event(), threading.Event()
+    real = Arena.prefault
+
+    def held(self: Arena, index: int, nbytes: int) -> None:
+        started.set()
+        assert go.wait(30)
+        real(self, index, nbytes)
+
+    monkeypatch.setattr(Arena, "prefault", held)
     dst = shm.store()
-    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
-        slice(0, used), good))
+    filled: list[bool] = []
+
+    def fill(view: memoryview) -> None:
+        assert not started.is_set()  # nothing competes with the rebuild's own work
+        view[0:used] = good
+        filled.append(True)
+
+    dst.install("b", 1, [0], 0, slot_bytes, record, fill)
+    assert filled
     arena = dst.job("b").ranks[0].arena
-    assert arena.allocated and allocated_bytes(arena.path) >= fmt.arena_bytes(slot_bytes)
+    assert started.wait(30)
+    assert arena.preparing() == (1,)
     dst.set_restorable("b", 3)
     reg_b = dst.register("b", 0, 1, slot_bytes, PID, [0])
+    assert reg_b.lazy_slots == (1,)
     assert read(reg_b, 0, used) == good
+    go.set()
+    assert arena.wait_prepared(30)
+    assert arena.preparing() == ()
+    assert arena.allocated and allocated_bytes(arena.path) >= fmt.arena_bytes(slot_bytes)
+    assert dst.register("b", 0, 1, slot_bytes, PID, [0], force=True).lazy_slots == ()
 
 
 def test_a_rebuilt_arena_without_room_for_its_other_slot(shm: Shm,
@@ -897,8 +921,9 @@ def test_a_rebuilt_arena_without_room_for_its_other_slot(shm: Shm,
     dst = shm.store()
     dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
         slice(0, used), good))
-    monkeypatch.setattr(Arena, "ensure_allocated", real)
     arena = dst.job("b").ranks[0].arena
+    assert arena.wait_prepared(30)
+    monkeypatch.setattr(Arena, "ensure_allocated", real)
     size = fmt.arena_bytes(slot_bytes)
     # The header and the rebuilt slot are allocated; the second slot is a hole.
     assert not arena.allocated
