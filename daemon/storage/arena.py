@@ -36,6 +36,7 @@ class Arena:
         self._allocating = threading.Lock()
         #: Slots a thread of :meth:`prepare` is still allocating and faulting in.
         self._preparing: set[int] = set()
+        self._deferred: tuple[int, Callable[[Exception], None]] | None = None
         self._prepared = threading.Condition()
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
@@ -142,15 +143,23 @@ class Arena:
 
     def prepare(self, indices: Iterable[int], slot_bytes: int,
                 on_error: Callable[[Exception], None]) -> None:
-        """Allocate the pages not allocated yet and fault slots ``indices`` in, on a thread
-        of its own (a rebuilt arena's other slot, once the rebuilt one is in place);
-        :meth:`preparing` names them until it is done. A failure goes to ``on_error``
-        (the slot stays a hole: the next Begin meets the NoSpaceError)."""
-        todo = set(indices)
-        if not todo:
-            return
+        """Slots ``indices`` are to be allocated and faulted in (a rebuilt arena's other
+        slot), later: by a thread of their own that :meth:`start_preparing` starts once
+        the trainer is done with its restore. :meth:`preparing` names them until that
+        thread is done. A failure goes to ``on_error`` (the slot stays a hole: the next
+        Begin meets the NoSpaceError)."""
         with self._prepared:
-            self._preparing |= todo
+            self._preparing |= set(indices)
+            if self._preparing:
+                self._deferred = (slot_bytes, on_error)
+
+    def start_preparing(self) -> None:
+        """Start what :meth:`prepare` deferred, if anything (once)."""
+        with self._prepared:
+            if self._deferred is None:
+                return
+            (slot_bytes, on_error), self._deferred = self._deferred, None
+            todo = set(self._preparing)
 
         def run() -> None:
             try:
@@ -172,7 +181,8 @@ class Arena:
             return tuple(sorted(self._preparing))
 
     def wait_prepared(self, timeout_s: float | None = None) -> bool:
-        """Wait until :meth:`prepare` is done with every slot; False on the timeout."""
+        """Wait until the preparation started is done with every slot; False on the
+        timeout (or while it has not been started)."""
         with self._prepared:
             return self._prepared.wait_for(lambda: not self._preparing, timeout_s)
 

@@ -104,6 +104,7 @@ class RestorePins:
         with self._lock:
             for i in slots:
                 rr.pinned.pop(i, None)
+        rr.arena.start_preparing()  # a rebuilt arena's other slot, now the restore is done
         if failure is not None:
             raise failure
         if corrupt:

@@ -69,6 +69,7 @@ class Slots:
         with self._lock:
             arena = self._jobs.claimed(job, rank, lease).arena
         arena.ensure_allocated()  # a rebuilt arena's second slot, if nothing did it yet
+        arena.start_preparing()  # and faulted in, if no restore started it
         with self._lock:
             while True:
                 rec = self._jobs.get(job)
@@ -155,14 +156,15 @@ class Slots:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step.
 
         ``fill`` writes the slot's bytes; their checksums must match ``record``. A new
-        arena's other slot is allocated and faulted in once the rebuilt one is in place,
-        on a thread of its own (:meth:`Arena.prepare`), not while ``fill`` runs: on 2
-        cores, clearing its fresh pages (1 GiB: ~1.2 CPU-s, perf, 2026-12-05) competed
-        with the fetches and the decoding for the CPU. The trainer's Register names it
-        lazy meanwhile (``RegisterReply.lazy_slots``): the trainer maps it without
-        faulting it in, so the clearing is not moved into its mapping. Without room for
-        that slot the rebuild still succeeds; the trainer's first Begin then meets the
-        NoSpaceError.
+        arena's other slot is allocated and faulted in later, on a thread of its own
+        (:meth:`Arena.prepare`), once the trainer has restored (the restore's release)
+        or at its first Begin: not while ``fill`` runs, where clearing its fresh pages
+        (1 GiB: ~1.2 CPU-s, perf, 2026-12-05) competed with the fetches and the decoding
+        for 2 cores, nor beside the restore, whose own fresh memory it then slowed as
+        much. The trainer's Register names it lazy meanwhile
+        (``RegisterReply.lazy_slots``): the trainer maps it without faulting it in, so
+        the clearing is not moved into its mapping. Without room for that slot the
+        rebuild still succeeds; the trainer's first Begin then meets the NoSpaceError.
         """
         with self._lock:
             rec, rr = self._jobs.for_rebuild(job, world_size, local_ranks, rank, slot_bytes)

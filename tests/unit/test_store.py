@@ -867,42 +867,43 @@ def _rebuilt(shm: Shm, slot_bytes: int) -> tuple[Store, SlotDesc, int, bytes]:
     return src, record, used, read(reg, slot, used)
 
 
-def test_a_rebuilt_arenas_other_slot_is_prepared_after_install_and_named_lazy_meanwhile(
-        shm: Shm, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The other slot is allocated and faulted in once the rebuilt one is in place, on a
-    # thread of its own; a trainer registering meanwhile is told to map it lazily.
+@pytest.mark.parametrize("trigger", ["restore", "begin"])
+def test_a_rebuilt_arenas_other_slot_is_prepared_after_the_restore_and_named_lazy_until(
+        shm: Shm, monkeypatch: pytest.MonkeyPatch, trigger: str) -> None:
+    # The other slot is allocated and faulted in neither while the rebuild fills its
+    # slot nor beside the trainer's restore: once the restore is released (or at the
+    # first Begin, without one), on a thread of its own. A trainer registering before
+    # that is told to map it lazily.
     slot_bytes = 64 * fmt.PAGE
     _, record, used, good = _rebuilt(shm, slot_bytes)
-    go, started = threading.Event(), threading.Event()
+    started = threading.Event()
     real = Arena.prefault
 
-    def held(self: Arena, index: int, nbytes: int) -> None:
+    def seen(self: Arena, index: int, nbytes: int) -> None:
         started.set()
-        assert go.wait(30)
         real(self, index, nbytes)
 
-    monkeypatch.setattr(Arena, "prefault", held)
+    monkeypatch.setattr(Arena, "prefault", seen)
     dst = shm.store()
-    filled: list[bool] = []
-
-    def fill(view: memoryview) -> None:
-        assert not started.is_set()  # nothing competes with the rebuild's own work
-        view[0:used] = good
-        filled.append(True)
-
-    dst.install("b", 1, [0], 0, slot_bytes, record, fill)
-    assert filled
+    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
+        slice(0, used), good))
     arena = dst.job("b").ranks[0].arena
-    assert started.wait(30)
+    size = fmt.arena_bytes(slot_bytes)
     assert arena.preparing() == (1,)
+    assert allocated_bytes(arena.path) < size  # a hole still
     dst.set_restorable("b", 3)
     reg_b = dst.register("b", 0, 1, slot_bytes, PID, [0])
     assert reg_b.lazy_slots == (1,)
-    assert read(reg_b, 0, used) == good
-    go.set()
-    assert arena.wait_prepared(30)
+    if trigger == "restore":
+        o = dst.open_for_restore("b", 0, reg_b.lease, None, client_checks=True)
+        assert read(reg_b, o.slot, used) == good
+        assert not started.is_set() and arena.preparing() == (1,)  # not beside the restore
+        dst.release("b", 0, reg_b.lease, o.record.step)
+    else:
+        assert dst.begin("b", 0, reg_b.lease, 4) == 1
+    assert arena.wait_prepared(30) and started.is_set()
     assert arena.preparing() == ()
-    assert arena.allocated and allocated_bytes(arena.path) >= fmt.arena_bytes(slot_bytes)
+    assert arena.allocated and allocated_bytes(arena.path) >= size
     assert dst.register("b", 0, 1, slot_bytes, PID, [0], force=True).lazy_slots == ()
 
 
@@ -922,6 +923,7 @@ def test_a_rebuilt_arena_without_room_for_its_other_slot(shm: Shm,
     dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
         slice(0, used), good))
     arena = dst.job("b").ranks[0].arena
+    arena.start_preparing()  # as the trainer's restore would: it finds no room
     assert arena.wait_prepared(30)
     monkeypatch.setattr(Arena, "ensure_allocated", real)
     size = fmt.arena_bytes(slot_bytes)
