@@ -32,7 +32,7 @@ own offset).
    the daemon's "rebuilt ranks" log line confirms it. Its floor is the transfer
    floor of the rebuild: the bytes the replacement must fetch, ``k`` pieces for
    each of the ``g`` pieces the node held (``g * k * P``), at the 1-pair loopback
-   bandwidth; the ratio is printed next to it and stored (``rebuild_vs_floor``;
+   bandwidth (its best sample: the pair's rate is bimodal on 2 cores); the ratio is printed next to it and stored (``rebuild_vs_floor``;
    issue target: within 2x). Then ``restore()`` on
    that rank is timed and its state checked against the original (the other
    ranks restore onto the meta device: no copy, so 4 GiB of restored state
@@ -432,6 +432,7 @@ def measure_bandwidth(bench: Bench, nbytes: int, repeat: int,
         for pattern in runs:
             runs[pattern].append(bench.launch("zmq", pattern=pattern, nodes=NODES, bytes=nbytes))
     return {p: {"gbps_per_node": statistics.median(r["gbps_per_node"] for r in rs),
+                "best_gbps_per_node": max(r["gbps_per_node"] for r in rs),
                 "bytes_per_node": rs[0]["bytes_per_node"], "processes": rs[0]["processes"],
                 "cpu_s_per_gb": statistics.median(r["cpu_s_per_node"] for r in rs)
                 / (rs[0]["bytes_per_node"] / 1e9),
@@ -591,7 +592,7 @@ def report(res: dict[str, Any]) -> None:
         return {"name": name, "ms": s * 1e3, "gbps": gbps(nbytes, s), "floor": s / fetch_floor,
                 "vs": s / tl["warm_s"], "vs_fsync": s / tl["after_fsync_s"]}
 
-    rrows = [rrow(f"rebuild fetch floor: {fl['rebuild_fetch_bytes'] / MiB:.0f} MiB at 1-pair GB/s",
+    rrows = [rrow(f"rebuild fetch floor: {fl['rebuild_fetch_bytes'] / MiB:.0f} MiB at best 1-pair GB/s",
                   fetch_floor),
              rrow("shardguard rebuild (sg.connect on the new node)", connect),
              rrow("shardguard restore() after it", restore),
@@ -608,7 +609,7 @@ def report(res: dict[str, Any]) -> None:
     print(f"rebuild: {connect * 1e3:.0f} ms, fetch floor {fetch_floor * 1e3:.0f} ms "
           f"({fl['rebuild_fetch_bytes'] / MiB:.0f} MiB: k={fl['k']} pieces of {fl['piece_bytes'] / MiB:.1f} MiB "
           f"for each of the {fl['rebuild_fetch_bytes'] // (fl['k'] * fl['piece_bytes'])} lost pieces, at "
-          f"{res['bandwidth']['pair']['gbps_per_node']:.2f} GB/s), ratio {connect / fetch_floor:.2f}x; per run: "
+          f"{pair_floor_gbps(res):.2f} GB/s, the best 1-pair sample), ratio {connect / fetch_floor:.2f}x; per run: "
           f"{[round(r['connect_s'] / fetch_floor, 2) for r in rb]}")
     print("(torch.load: nothing was dropped from the page cache, so both rows read memory, not the disk;\n"
           f" the other ranks' connect during a rebuild: {[r['other_connect_s'] for r in rb]})")
@@ -619,8 +620,15 @@ def report(res: dict[str, Any]) -> None:
 
 def rebuild_floor_s(res: dict[str, Any]) -> float:
     """The rebuild's transfer floor: the bytes the replacement node must fetch (``k``
-    pieces for each lost piece) at the loopback bandwidth of one ZeroMQ pair."""
-    return res["floor"]["rebuild_fetch_bytes"] / (res["bandwidth"]["pair"]["gbps_per_node"] * 1e9)
+    pieces for each lost piece) at the loopback bandwidth of one ZeroMQ pair, its best
+    sample: on 2 cores the pair's rate jumps between ~1.8 and ~4.2 GB/s from sample to
+    sample (2026-12-05), and a median that lands on the low mode flattered the rebuild."""
+    return res["floor"]["rebuild_fetch_bytes"] / (pair_floor_gbps(res) * 1e9)
+
+
+def pair_floor_gbps(res: dict[str, Any]) -> float:
+    pair = res["bandwidth"]["pair"]
+    return float(pair.get("best_gbps_per_node", pair["gbps_per_node"]))
 
 
 # ----------------------------------------------------------------------- main
@@ -716,7 +724,7 @@ def main() -> None:
     res["rebuild_vs_floor"] = {"rebuild_s": connect, "fetch_floor_s": fetch_floor,
                                "ratio": connect / fetch_floor,
                                "fetch_bytes": floor["rebuild_fetch_bytes"],
-                               "pair_gbps": bw["pair"]["gbps_per_node"],
+                               "pair_gbps": bw["pair"]["best_gbps_per_node"],
                                "ratios": [r["connect_s"] / fetch_floor for r in rb]}
     report(res)
     res["elapsed_s"] = time.monotonic() - t_start
