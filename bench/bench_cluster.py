@@ -235,10 +235,22 @@ def rebuild_and_restore(sock: str, spec: dict[str, Any], rank: int, state: dict[
         t3 = time.monotonic()
         ok = same_state(got, state) if lost else None
         del got
+        # The first snapshot after the rebuild: on the replacement node it writes the
+        # arena's other slot, which the daemon prepares only once the restore is done.
+        state["step"] = step + 1
+        dist.barrier()
+        t4 = time.monotonic()
+        h = client.snapshot(step + 1, state)
+        t5 = time.monotonic()
+        h.wait()
+        t6 = time.monotonic()
+        client.wait(restorable=True, timeout=STEP_TIMEOUT_S)
+        t7 = time.monotonic()
     finally:
         client.close()
     return {"rank": rank, "connect_s": t1 - t0, "restore_s": t3 - t2, "step": step, "verified": ok,
-            "daemon_cpu_s": daemon_cpu}
+            "daemon_cpu_s": daemon_cpu, "next_step": step + 1,
+            "next_snapshot": {"called_s": t5 - t4, "sealed_s": t6 - t4, "restorable_s": t7 - t4}}
 
 
 def status(sock: str) -> pb.StatusReply:
@@ -486,13 +498,17 @@ def measure_rebuilds(bench: Bench, count: int, step: int) -> list[dict[str, Any]
             raise RuntimeError(f"rebuild of node {lost} not confirmed: restored step "
                                f"{mine['step']} (want {step}), state equal {mine['verified']}, "
                                f"'rebuilt ranks' lines {logged}")
+        step = mine["next_step"]  # the next rebuild restores the snapshot taken after this one
         out.append({"lost": lost, "connect_s": mine["connect_s"], "restore_s": mine["restore_s"],
-                    "daemon_cpu_s": mine["daemon_cpu_s"],
+                    "daemon_cpu_s": mine["daemon_cpu_s"], "next_snapshot": mine["next_snapshot"],
                     "other_connect_s": [r["connect_s"] for r in per_rank if r["rank"] != lost],
                     "log": _rebuilt_line(bench.daemon_log(lost), lost),
                     "load_average": load_average()})
+        nxt = mine["next_snapshot"]
         print(f"  rebuild {i + 1}/{count}: node {lost}, connect {mine['connect_s']:.2f} s, "
-              f"restore {mine['restore_s']:.2f} s (loadavg {load_average()})", flush=True)
+              f"restore {mine['restore_s']:.2f} s; the next snapshot there: sealed "
+              f"{nxt['sealed_s']:.2f} s, restorable {nxt['restorable_s']:.2f} s (loadavg "
+              f"{load_average()})", flush=True)
     return out
 
 
@@ -615,6 +631,12 @@ def report(res: dict[str, Any]) -> None:
           f" the other ranks' connect during a rebuild: {[r['other_connect_s'] for r in rb]})")
     print(f"replacement daemon CPU during the rebuild: {[round(r['daemon_cpu_s'], 2) for r in rb]} s; "
           f"daemon log: {rb[-1]['log']}")
+    nxt = [r["next_snapshot"] for r in rb if "next_snapshot" in r]
+    if nxt:
+        print(f"the first snapshot after each rebuild, on the replacement node: snapshot() "
+              f"{[round(n['called_s'] * 1e3) for n in nxt]} ms, sealed "
+              f"{[round(n['sealed_s'] * 1e3) for n in nxt]} ms, restorable "
+              f"{[round(n['restorable_s'] * 1e3) for n in nxt]} ms")
     print(f"load average: {res['load_average']}")
 
 
