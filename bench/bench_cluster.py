@@ -199,20 +199,26 @@ def snapshot_steps(sock: str, spec: dict[str, Any], state: dict[str, Any]) -> di
             dist.barrier()
             if step == spec["warmup"]:
                 cpu0 = cpu_s(daemon)
-            t0 = time.monotonic()
-            h = client.snapshot(step, state)
-            t1 = time.monotonic()
-            if h.skipped:
-                raise RuntimeError(f"step {step} was skipped: the previous one is not restorable")
-            h.wait()
-            t2 = time.monotonic()
-            client.wait(restorable=True, timeout=STEP_TIMEOUT_S)
-            t3 = time.monotonic()
-            rows.append({"step": step, "start": t0, "called": t1, "sealed": t2, "restorable": t3})
+            rows.append(timed_snapshot(client, step, state))
         daemon_cpu = cpu_s(daemon) - cpu0
     finally:
         client.close()
     return {"steps": rows, "daemon_cpu_s": daemon_cpu}
+
+
+def timed_snapshot(client: Any, step: int, state: dict[str, Any]) -> dict[str, Any]:
+    """Snapshot ``step`` and wait until it is restorable: monotonic stamps of the start,
+    the return of ``snapshot()``, the seal and restorability."""
+    t0 = time.monotonic()
+    h = client.snapshot(step, state)
+    t1 = time.monotonic()
+    if h.skipped:
+        raise RuntimeError(f"step {step} was skipped: the previous one is not restorable")
+    h.wait()
+    t2 = time.monotonic()
+    client.wait(restorable=True, timeout=STEP_TIMEOUT_S)
+    t3 = time.monotonic()
+    return {"step": step, "start": t0, "called": t1, "sealed": t2, "restorable": t3}
 
 
 def rebuild_and_restore(sock: str, spec: dict[str, Any], rank: int, state: dict[str, Any]
@@ -239,18 +245,13 @@ def rebuild_and_restore(sock: str, spec: dict[str, Any], rank: int, state: dict[
         # arena's other slot, which the daemon prepares only once the restore is done.
         state["step"] = step + 1
         dist.barrier()
-        t4 = time.monotonic()
-        h = client.snapshot(step + 1, state)
-        t5 = time.monotonic()
-        h.wait()
-        t6 = time.monotonic()
-        client.wait(restorable=True, timeout=STEP_TIMEOUT_S)
-        t7 = time.monotonic()
+        nxt = timed_snapshot(client, step + 1, state)
     finally:
         client.close()
     return {"rank": rank, "connect_s": t1 - t0, "restore_s": t3 - t2, "step": step, "verified": ok,
             "daemon_cpu_s": daemon_cpu, "next_step": step + 1,
-            "next_snapshot": {"called_s": t5 - t4, "sealed_s": t6 - t4, "restorable_s": t7 - t4}}
+            "next_snapshot": {f"{k}_s": nxt[k] - nxt["start"]
+                              for k in ("called", "sealed", "restorable")}}
 
 
 def status(sock: str) -> pb.StatusReply:
@@ -649,8 +650,7 @@ def rebuild_floor_s(res: dict[str, Any]) -> float:
 
 
 def pair_floor_gbps(res: dict[str, Any]) -> float:
-    pair = res["bandwidth"]["pair"]
-    return float(pair.get("best_gbps_per_node", pair["gbps_per_node"]))
+    return float(res["bandwidth"]["pair"]["best_gbps_per_node"])
 
 
 # ----------------------------------------------------------------------- main

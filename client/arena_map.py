@@ -89,10 +89,10 @@ def map_arena(path: str, size: int, slot_bytes: int, lazy_slots: Iterable[int] =
     u8 = torch.frombuffer(mm, dtype=torch.uint8)
     arr = np.frombuffer(mm, dtype=np.uint8)
     if lazy:
-        pos = 0
-        for lo, hi in [(fmt.slot_offset(i, slot_bytes), fmt.slot_offset(i, slot_bytes)
-                        + slot_bytes) for i in lazy] + [(size, size)]:
-            if lo > pos:
-                hostmem.populate_read(arr.ctypes.data + pos, min(lo, size) - pos)
-            pos = max(pos, hi)
+        pos = 0  # every byte outside the lazy slots, faulted in
+        for i in lazy:
+            lo = fmt.slot_offset(i, slot_bytes)
+            hostmem.populate_read(arr.ctypes.data + pos, lo - pos)
+            pos = lo + slot_bytes
+        hostmem.populate_read(arr.ctypes.data + pos, size - pos)
     return ArenaMap(path, size, slot_bytes, mm, u8, arr)

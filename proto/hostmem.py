@@ -52,8 +52,7 @@ def populate(addr: int, nbytes: int) -> bool:
     writing them (their contents, and those of the bytes around in the same pages, stay as
     they are); False where the kernel cannot (before Linux 5.14): they are then faulted
     in when first written, as before."""
-    lo = addr // PAGE * PAGE
-    return nbytes > 0 and _madvise(lo, addr + nbytes - lo, _MADV_POPULATE_WRITE) == 0
+    return _populate(addr, nbytes, _MADV_POPULATE_WRITE)
 
 
 def populate_read(addr: int, nbytes: int) -> bool:
@@ -61,8 +60,12 @@ def populate_read(addr: int, nbytes: int) -> bool:
     ``MAP_POPULATE`` does for a whole mapping: a shared file mapping's pages come in
     writable); False where the kernel cannot (before Linux 5.14): they are then mapped
     when first used."""
+    return _populate(addr, nbytes, _MADV_POPULATE_READ)
+
+
+def _populate(addr: int, nbytes: int, advice: int) -> bool:
     lo = addr // PAGE * PAGE
-    return nbytes > 0 and _madvise(lo, addr + nbytes - lo, _MADV_POPULATE_READ) == 0
+    return nbytes > 0 and _madvise(lo, addr + nbytes - lo, advice) == 0
 
 
 def map_private(path: str, offset: int, length: int) -> mmap.mmap:
