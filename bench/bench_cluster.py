@@ -90,6 +90,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 NODES = 4
 GROUP_SIZE = 4
+#: Snapshots taken before the timed ones (see main()).
+WARMUP_STEPS = 2
 PARITY = 1
 JOB = "bench-cluster"
 # Tensor sizes in MiB, taken in turn until the state is full (the last one is cut).
@@ -227,11 +229,11 @@ def rebuild_and_restore(sock: str, spec: dict[str, Any], rank: int, state: dict[
     lost = rank == spec["lost"]
     daemon = psutil.Process(status(sock).pid)
     dist.barrier()
-    cpu0 = cpu_s(daemon)
+    cpu0, faults0 = cpu_s(daemon), minor_faults(daemon)
     t0 = time.monotonic()
     client = sg.connect(sock, spec["job"], group_size=GROUP_SIZE, parity=PARITY)
     t1 = time.monotonic()
-    daemon_cpu = cpu_s(daemon) - cpu0
+    daemon_cpu, daemon_faults = cpu_s(daemon) - cpu0, minor_faults(daemon) - faults0
     try:
         dist.barrier()
         t2 = time.monotonic()
@@ -249,7 +251,8 @@ def rebuild_and_restore(sock: str, spec: dict[str, Any], rank: int, state: dict[
     finally:
         client.close()
     return {"rank": rank, "connect_s": t1 - t0, "restore_s": t3 - t2, "step": step, "verified": ok,
-            "daemon_cpu_s": daemon_cpu, "next_step": step + 1,
+            "daemon_cpu_s": daemon_cpu, "daemon_minor_faults": daemon_faults,
+            "next_step": step + 1,
             "next_snapshot": {f"{k}_s": nxt[k] - nxt["start"]
                               for k in ("called", "sealed", "restorable")}}
 
@@ -262,6 +265,13 @@ def status(sock: str) -> pb.StatusReply:
 def cpu_s(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return t.user + t.system
+
+
+def minor_faults(proc: psutil.Process) -> int:
+    """The process's minor page faults so far (/proc/PID/stat field 10): a fault on a page
+    that is new to it, which the kernel clears before the first write."""
+    with open(f"/proc/{proc.pid}/stat", encoding="ascii") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[7])
 
 
 # ------------------------------------------------------------ loopback floor
@@ -501,7 +511,9 @@ def measure_rebuilds(bench: Bench, count: int, step: int) -> list[dict[str, Any]
                                f"'rebuilt ranks' lines {logged}")
         step = mine["next_step"]  # the next rebuild restores the snapshot taken after this one
         out.append({"lost": lost, "connect_s": mine["connect_s"], "restore_s": mine["restore_s"],
-                    "daemon_cpu_s": mine["daemon_cpu_s"], "next_snapshot": mine["next_snapshot"],
+                    "daemon_cpu_s": mine["daemon_cpu_s"],
+                    "daemon_minor_faults": mine["daemon_minor_faults"],
+                    "next_snapshot": mine["next_snapshot"],
                     "other_connect_s": [r["connect_s"] for r in per_rank if r["rank"] != lost],
                     "log": _rebuilt_line(bench.daemon_log(lost), lost),
                     "load_average": load_average()})
@@ -630,7 +642,8 @@ def report(res: dict[str, Any]) -> None:
           f"{[round(r['connect_s'] / fetch_floor, 2) for r in rb]}")
     print("(torch.load: nothing was dropped from the page cache, so both rows read memory, not the disk;\n"
           f" the other ranks' connect during a rebuild: {[r['other_connect_s'] for r in rb]})")
-    print(f"replacement daemon CPU during the rebuild: {[round(r['daemon_cpu_s'], 2) for r in rb]} s; "
+    print(f"replacement daemon CPU during the rebuild: {[round(r['daemon_cpu_s'], 2) for r in rb]} s, "
+          f"minor page faults {[r['daemon_minor_faults'] for r in rb]}; "
           f"daemon log: {rb[-1]['log']}")
     nxt = [r["next_snapshot"] for r in rb if "next_snapshot" in r]
     if nxt:
@@ -705,7 +718,9 @@ def main() -> None:
         load["after_bandwidth"] = load_average()
         print(f"  loopback measured (loadavg {load['after_bandwidth']})", flush=True)
         bench.up()
-        snap = measure_snapshots(bench, steps, warmup=1)
+        # Two untimed steps: a node's parity files are new at the first two steps and
+        # reused from a pool from the third on (daemon/storage/pieces.py).
+        snap = measure_snapshots(bench, steps, warmup=WARMUP_STEPS)
         load["after_snapshots"] = load_average()
         print(f"  snapshots done (loadavg {load['after_snapshots']})", flush=True)
         bw = measure_bandwidth(bench, bw_bytes, repeat, bw_runs)  # the daemons idle meanwhile
@@ -732,7 +747,7 @@ def main() -> None:
 
     sizes = bench.sizes
     res = {
-        "config": {"gib": gib, "steps": steps, "warmup_steps": 1, "repeat": repeat, "rebuilds": rebuilds,
+        "config": {"gib": gib, "steps": steps, "warmup_steps": WARMUP_STEPS, "repeat": repeat, "rebuilds": rebuilds,
                    "nodes": NODES, "group_size": GROUP_SIZE, "parity": PARITY, "quick": args.quick,
                    "disk_dir": args.disk_dir, "disk_fs": kind, "frame_bytes": FRAME_BYTES},
         "state": {"bytes_per_rank": sum(sizes), "tensors": len(sizes), "smallest": min(sizes),
