@@ -29,10 +29,12 @@ from shardguard.daemon.errors import (
     StepOrderError,
     UnknownJobError,
 )
+from shardguard.daemon.storage import arena as arena_mod
 from shardguard.daemon.storage.arena import Arena
 from shardguard.daemon.storage.slot_checks import ClientBlocks
 from shardguard.daemon.storage.store import Registration, Store
 from shardguard.proto import arena as fmt
+from shardguard.proto import hostmem
 from shardguard.proto import manifest as mf
 from shardguard.proto.arena import ChecksumAlgo, SlotDesc, SlotState
 
@@ -942,3 +944,50 @@ def test_a_rebuilt_arena_without_room_for_its_other_slot(shm: Shm,
     assert arena.allocated and allocated_bytes(arena.path) >= size
     # ...and the restorable step's bytes are the source's.
     assert read(reg_b, 0, used) == good
+
+
+def test_a_begin_waits_for_the_other_slots_allocation_not_for_its_faulting(
+        shm: Shm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The trainer's first snapshot after a rebuild: its Begin needs the slot allocated
+    # (nothing may write a tmpfs hole), not faulted in. A Begin that came while the
+    # preparation was allocating once stayed blocked through the faulting as well, the
+    # lock being taken again at once for it (snapshot() calls of 2.4-2.6 s, bench_cluster).
+    slot_bytes = 64 * fmt.PAGE
+    _, record, used, good = _rebuilt(shm, slot_bytes)
+    dst = shm.store()
+    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
+        slice(0, used), good))
+    dst.set_restorable("b", 3)
+    reg_b = dst.register("b", 0, 1, slot_bytes, PID, [0])
+    arena = dst.job("b").ranks[0].arena
+    allocating, allocate, faulting, fault = (threading.Event() for _ in range(4))
+    real_fallocate, real_populate = os.posix_fallocate, hostmem.populate
+
+    def slow_fallocate(fd: int, off: int, n: int) -> None:
+        allocating.set()
+        assert allocate.wait(60)
+        real_fallocate(fd, off, n)
+
+    def held_populate(addr: int, n: int) -> bool:
+        faulting.set()
+        assert fault.wait(60)
+        return real_populate(addr, n)
+
+    monkeypatch.setattr(arena_mod.os, "posix_fallocate", slow_fallocate)
+    monkeypatch.setattr(arena_mod.hostmem, "populate", held_populate)
+    arena.start_preparing()
+    assert allocating.wait(30)
+    got: list[int] = []
+    begin = threading.Thread(target=lambda: got.append(dst.begin("b", 0, reg_b.lease, 4)))
+    begin.start()
+    begin.join(0.5)
+    assert begin.is_alive()  # waits for the allocation...
+    allocate.set()
+    assert faulting.wait(30)
+    begin.join(30)
+    try:
+        assert not begin.is_alive() and got == [1]  # ...not for the faulting
+        assert arena.preparing() == (1,)
+    finally:
+        fault.set()
+    assert arena.wait_prepared(30) and arena.preparing() == ()
