@@ -46,7 +46,9 @@ class FakePlane:
         return piece.size
 
 
-class Counting:
+class NoMetrics:
+    """The metrics the decode path reports to, discarded."""
+
     def bytes_received(self, job: str, kind: str, n: int) -> None:
         pass
 
@@ -71,7 +73,7 @@ def stripe() -> tuple[placement.GroupLayout, StepMeta, list[np.ndarray]]:
 def decode(stripe, served: list[np.ndarray], q: int) -> tuple[np.ndarray, FakePlane]:
     grp, meta, _ = stripe
     plane = FakePlane({(STRIPE, i): p for i, p in enumerate(served)})
-    source = PieceSource(reader=None, plane=plane, codecs=Codecs(), metrics=Counting())
+    source = PieceSource(reader=None, plane=plane, codecs=Codecs(), metrics=NoMetrics())
     lost = meta.stripes[(0, STRIPE)].pieces[q].node
     alive = {n: f"tcp://node-{n}" for n in grp.nodes if n != lost}
     dest = np.zeros(PLEN, np.uint8)
