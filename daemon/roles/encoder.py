@@ -223,6 +223,6 @@ class Encoder:
                                            "stripe": stripe, "index": index, "plen": plen,
                                            "crc": crc, "encoding": encoding,
                                            "epoch": epoch}, [par.data],
-                        delivered=lambda: self.delivery.confirm(where, len(par), holder,
-                                                                control, data))
+                        delivered=lambda acked: self.delivery.confirm(
+                            where, len(par), holder, control, data, acked))
         self.store.metrics.bytes_sent(job, "parity", len(par))

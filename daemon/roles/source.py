@@ -147,6 +147,6 @@ class Source:
         self.plane.push(data, b"data", {"job": job, "step": step, "group": grp.group,
                                          "stripe": stripe, "index": q, "seal": token}, bufs,
                         on_frame=lambda: faults.point("mid-transfer", step, topo.node_index),
-                        delivered=lambda: self.delivery.confirm(where, real, encoder, control,
-                                                                data))
+                        delivered=lambda acked: self.delivery.confirm(
+                            where, real, encoder, control, data, acked))
         self.store.metrics.bytes_sent(job, "data", real)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator
 
@@ -23,6 +24,7 @@ import zmq
 
 from shardguard.daemon.base.allocator import keep_frame_memory
 from shardguard.daemon.transport.auth import Authenticator, reply_from, zmq_context
+from shardguard.daemon.transport.tcp_counts import TcpCounts
 from shardguard.daemon.errors import AuthenticationError, PeerUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,29 @@ WINDOW_FRAMES = 32
 # caller that stops taking frames (a rebuild waiting for a slower piece) holds no more
 # (32 MiB).
 FETCH_WINDOW_FRAMES = 4
+# How often a socket waiting for room or for a frame looks at what its link counted.
+WAIT_POLL_MS = 500
 # A handler gets (kind, header, payload) and may return messages to send back to the caller.
 Handler = Callable[[bytes, dict[str, Any], memoryview | None], Iterable[list[Any]] | None]
+# Bytes the kernel counted on a connection so far, acknowledged by the far end or
+# received from it (transport/tcp_counts.py; None: unknown).
+Counted = Callable[[], "int | None"]
+
+
+def _ready(sock: zmq.Socket, event: int, counted: Counted, timeout_s: float) -> bool:
+    """Whether ``sock`` became ready for ``event`` before ``counted()`` stood still for
+    ``timeout_s`` (an unknown count stands still)."""
+    quiet_since = time.monotonic()
+    if sock.poll(WAIT_POLL_MS, event):
+        return True  # the usual case: the count is not read at all
+    last = counted()
+    while not sock.poll(WAIT_POLL_MS, event):
+        now, seen = time.monotonic(), counted()
+        if seen is not None and (last is None or seen > last):
+            quiet_since, last = now, seen
+        elif now - quiet_since > timeout_s:
+            return False
+    return True
 
 
 def chunks(buffers: Iterable[memoryview], frame_bytes: int = FRAME_BYTES
@@ -125,40 +148,46 @@ class DataPlane:
 
     def push(self, address: str, kind: bytes, header: dict[str, Any],
              buffers: Iterable[memoryview], on_frame: Callable[[], None] | None = None,
-             delivered: Callable[[], None] | None = None) -> None:
+             delivered: Callable[[Counted], None] | None = None) -> None:
         """Send a piece as frames ``[kind, header+{off, n}, bytes]``.
 
-        ``delivered`` (which blocks until the receiver says it has every byte, or
+        ``delivered(acked)`` (which blocks until the receiver says it has every byte, or
         raises) is called once every frame is handed to ZeroMQ, while the socket is
-        still open to drain them: closing it would drop what is still queued. Without
-        it, this returns once the frames are handed over and gives them the timeout
-        to drain. An empty piece is sent as one empty frame so the receiver sees it.
+        still open to drain them: closing it would drop what is still queued. ``acked()``
+        is how many bytes the receiving kernel acknowledged so far (transport/tcp_counts.py;
+        None when that cannot be known). Without it, this returns once the frames are
+        handed over and gives them the timeout to drain. An empty piece is sent as one
+        empty frame so the receiver sees it. Handing a frame over waits while the window
+        is full, as long as the link acknowledges bytes within the timeout.
         """
-        sock = self._dealer(address, window=WINDOW_FRAMES)
-        timeout_ms = int(self.timeout_s * 1000)
+        sock = self._unconnected(window=WINDOW_FRAMES)
+        counts = TcpCounts(sock)  # before connecting: the monitor sees the connection made
+        sock.connect(f"tcp://{address}")
         try:
             sent = False
             for off, part in chunks(buffers):
                 hdr = json.dumps({**header, "off": off, "n": len(part)}).encode()
-                self._send(sock, self._signed([kind, hdr, part], address), address, timeout_ms)
+                self._send(sock, self._signed([kind, hdr, part], address), address, counts.acked)
                 sent = True
                 if on_frame is not None:
                     on_frame()
             if not sent:
                 hdr = json.dumps({**header, "off": 0, "n": 0}).encode()
-                self._send(sock, self._signed([kind, hdr, b""], address), address, timeout_ms)
+                self._send(sock, self._signed([kind, hdr, b""], address), address, counts.acked)
             if delivered is not None:
-                delivered()
+                delivered(counts.acked)
         finally:
+            counts.close()
             # Delivered: nothing is left to drain. Else at most a window of frames is still
             # queued: they get the timeout to drain.
-            sock.close(linger=0 if delivered is not None else timeout_ms)
+            sock.close(linger=0 if delivered is not None else int(self.timeout_s * 1000))
 
-    @staticmethod
-    def _send(sock: zmq.Socket, msg: list[Any], address: str, timeout_ms: int) -> None:
-        if not sock.poll(timeout_ms, zmq.POLLOUT):
+    def _send(self, sock: zmq.Socket, msg: list[Any], address: str, acked: Counted) -> None:
+        """Hand ``msg`` to ZeroMQ, waiting while the window is full (it drains a frame at
+        a time: a slow link's frame may take longer than the timeout)."""
+        if not _ready(sock, zmq.POLLOUT, acked, self.timeout_s):
             raise PeerUnavailableError(
-                f"peer {address} took no data for {timeout_ms / 1000:.0f}s")
+                f"peer {address} took no data for {self.timeout_s:.0f}s")
         sock.send_multipart(msg, copy=False)
 
     def fetch(self, address: str, header: dict[str, Any], out: np.ndarray) -> int:
@@ -184,12 +213,16 @@ class DataPlane:
         Raises:
             PeerUnavailableError: no answer within the timeout, or the peer refused.
         """
-        sock = self._dealer(address, rcv_window=FETCH_WINDOW_FRAMES)
+        sock = self._unconnected(rcv_window=FETCH_WINDOW_FRAMES)
+        counts = TcpCounts(sock)  # before connecting: the monitor sees the connection made
+        sock.connect(f"tcp://{address}")
         try:
             sock.send_multipart(self._signed([b"fetch", json.dumps(header).encode()], address))
             got, total = 0, None
             while total is None or got < total:
-                if not sock.poll(int(self.timeout_s * 1000)):
+                # A frame may take longer than the timeout on a slow link: the wait goes
+                # on while bytes come in.
+                if not _ready(sock, zmq.POLLIN, counts.received, self.timeout_s):
                     raise PeerUnavailableError(f"peer {address} did not answer a fetch in "
                                                f"{self.timeout_s}s ({header})")
                 frames = sock.recv_multipart(copy=False)
@@ -213,6 +246,7 @@ class DataPlane:
                 got += n
             return got
         finally:
+            counts.close()
             sock.close(linger=0)
 
     def ping(self, address: str, timeout_s: float) -> bool:
@@ -233,10 +267,14 @@ class DataPlane:
             sock.close(linger=0)
 
     def _dealer(self, address: str, window: int = 0, rcv_window: int = 0) -> zmq.Socket:
+        sock = self._unconnected(window, rcv_window)
+        sock.connect(f"tcp://{address}")
+        return sock
+
+    def _unconnected(self, window: int = 0, rcv_window: int = 0) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.SNDHWM, window)
         sock.setsockopt(zmq.RCVHWM, rcv_window)
-        sock.connect(f"tcp://{address}")
         return sock
 
     def close(self) -> None:

@@ -9,12 +9,14 @@ long as bytes keep arriving it waits (a slow link is slow, not broken; past
 ``peer_timeout_s`` raises :class:`PeerUnavailableError` naming it.
 
 The receiver counts whole ZeroMQ frames (up to 8 MiB), and pieces to one node share its
-link: on a slow link a piece may see nothing for a while because another piece to the
+link: on a slow link a piece may see no frame for a while because another piece to the
 same node is taking the bytes, or because one frame takes longer than the timeout. So
-"no byte" is judged per destination (any piece to it that grows counts), and the quiet
+"no byte" is judged per destination and below the frame: any piece to it that grows
+counts, and so does any byte the receiving kernel acknowledged on the piece's own
+connection (TCP's count, transport/tcp_counts.py); where that count is unknown, the quiet
 time allowed is the larger of ``peer_timeout_s`` and :data:`QUIET_FRAMES` times what
-one frame to that node took lately. A cut link shows nothing new after the cut: it is
-still named after ``peer_timeout_s`` (or a few frame times of what it showed before).
+one frame to that node took lately. A cut link shows nothing new after the cut: no
+frame and no acknowledged byte, named after ``peer_timeout_s``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from shardguard.daemon.base.stalls import Cause, Stalls
 from shardguard.daemon.errors import PeerUnavailableError
-from shardguard.daemon.transport.dataplane import FRAME_BYTES
+from shardguard.daemon.transport.dataplane import FRAME_BYTES, Counted
 from shardguard.daemon.transport.peer_client import PeerClients
 from shardguard.proto import peer_pb2 as ppb
 
@@ -62,6 +64,12 @@ class Delivery:
             link.frame_s = sample if link.frame_s == 0 else (
                 SAMPLE_WEIGHT * sample + (1 - SAMPLE_WEIGHT) * link.frame_s)
 
+    def _acknowledged(self, data: str, now: float) -> None:
+        """The link to ``data`` acknowledged more bytes: it carries bytes, frame or not."""
+        with self._lock:
+            link = self._links.setdefault(data, _Link())
+            link.last_progress = max(link.last_progress, now)
+
     def quiet(self, data: str, mine: float, now: float) -> tuple[float, float]:
         """(seconds since a byte of any piece reached ``data``, or of this piece at
         ``mine``; seconds allowed) as of ``now``."""
@@ -71,12 +79,13 @@ class Delivery:
                     max(self.timeout_s, QUIET_FRAMES * link.frame_s))
 
     def confirm(self, where: ppb.ReceivedRequest, expected: int, node: int, control: str,
-                data: str) -> None:
-        """Block until ``expected`` bytes of the piece ``where`` names arrived at ``node``."""
+                data: str, acked: Counted = lambda: None) -> None:
+        """Block until ``expected`` bytes of the piece ``where`` names arrived at ``node``;
+        ``acked()`` is what its connection's far end acknowledged so far (None: unknown)."""
         if expected == 0:
             return
         started = last_progress = time.monotonic()
-        have, slow = 0, False
+        have, slow, was_acked = 0, False, acked()
         req = ppb.ReceivedRequest()
         req.CopyFrom(where)
         req.wait_ms, req.want = RECEIVED_WAIT_MS, expected
@@ -89,6 +98,10 @@ class Delivery:
             if got > have:
                 self._progress(data, now, got - have, now - last_progress)
                 have, last_progress = got, now
+            now_acked = acked()
+            if now_acked is not None and (was_acked is None or now_acked > was_acked):
+                self._acknowledged(data, now)
+                was_acked = now_acked
             if not slow and now - started > self.timeout_s:
                 slow = True  # named while it lasts, not only once the piece is in
                 self.stalls.record(where.job, Cause.TOO_SLOW, (
@@ -102,8 +115,9 @@ class Delivery:
                     raise PeerUnavailableError(
                         f"data port {data} of node {node}: {got} of {expected} bytes of "
                         f"piece {where.index} of group {where.group} stripe {where.stripe} "
-                        f"arrived, and no byte of any piece for {quiet:.0f}s: the data port "
-                        f"is unreachable or the link dropped them")
+                        f"arrived, and no byte of any piece for {quiet:.0f}s (no frame, nothing "
+                        f"acknowledged): the data port is unreachable or the link dropped "
+                        f"them")
         self._progress(data, now, expected - have, now - last_progress)
         took = now - started
         if took > self.timeout_s:

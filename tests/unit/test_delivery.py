@@ -129,3 +129,40 @@ def test_a_slow_frame_time_stretches_the_quiet_allowed(clock: Clock) -> None:
     d2 = Delivery(Peer(clock, lambda i, t: 0), TIMEOUT_S, Stalls())
     d2._progress(DATA, clock.now, 1000, 0.001)
     assert d2.quiet(DATA, clock.now, clock.now + 4)[1] == TIMEOUT_S
+
+
+def confirm_acked(d: Delivery, index: int, expected: int, acked: Callable[[], int | None]
+                  ) -> None:
+    d.confirm(ppb.ReceivedRequest(job="j", step=7, group=0, stripe=0, index=index),
+              expected, 1, "ctl", DATA, acked)
+
+
+def test_a_frame_slower_than_the_timeout_is_slow_while_its_bytes_are_acknowledged(
+        clock: Clock) -> None:
+    """The 30 Mbit/s class after 8 MiB frames: no frame for 8 s, a link that had been
+    fast (its frame time says nothing of now), but the connection's far kernel keeps
+    acknowledging bytes: slow, not unreachable."""
+    d = Delivery(Peer(clock, lambda i, t: 0 if t < 8 else FRAME_BYTES), TIMEOUT_S, Stalls())
+    d._progress(DATA, clock.now, FRAME_BYTES, 0.01)
+    start = clock.now
+    confirm_acked(d, 0, FRAME_BYTES, lambda: int((clock.now - start) * 1e6))
+    s = d.stalls.get("j")
+    assert s is not None and s.cause == Cause.TOO_SLOW and "took 8s" in s.detail
+
+
+def test_acknowledged_bytes_that_stop_are_named_after_the_timeout(clock: Clock) -> None:
+    """Bytes acknowledged for 2 s, then nothing (a cut, or every frame sent and none
+    counted): named once nothing moved for the timeout."""
+    d = Delivery(Peer(clock, lambda i, t: 0), TIMEOUT_S, Stalls())
+    start = clock.now
+    with pytest.raises(PeerUnavailableError, match="nothing acknowledged"):
+        confirm_acked(d, 0, FRAME_BYTES, lambda: int(min(clock.now - start, 2.0) * 1e6))
+    assert clock.now - start <= 2 + TIMEOUT_S + 2 * POLL_S
+
+
+def test_an_unknown_acknowledged_count_judges_by_frames(clock: Clock) -> None:
+    d = Delivery(Peer(clock, lambda i, t: 0), TIMEOUT_S, Stalls())
+    start = clock.now
+    with pytest.raises(PeerUnavailableError):
+        confirm_acked(d, 0, FRAME_BYTES, lambda: None)
+    assert clock.now - start <= TIMEOUT_S + 2 * POLL_S
