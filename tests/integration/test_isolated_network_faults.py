@@ -522,10 +522,13 @@ def test_a_link_slower_than_a_frame_per_timeout_is_too_slow_not_unreachable(
     link = NodeLink(run.spec, 0)
     try:
         run.wait_protected(after=-1)
-        progress(slow_link(run, link, CRAWL_MBIT))
+        outcome = slow_link(run, link, CRAWL_MBIT)
+        progress(outcome)
     finally:
         link.heal()
         run.stop()
+    record(f"bandwidth limit {CRAWL_MBIT} Mbit/s (tc tbf), under one 8 MiB frame per peer "
+           "timeout", 1, outcome)
 
 
 TRIALS = 20
