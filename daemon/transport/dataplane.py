@@ -160,9 +160,7 @@ class DataPlane:
         empty frame so the receiver sees it. Handing a frame over waits while the window
         is full, as long as the link acknowledges bytes within the timeout.
         """
-        sock = self._unconnected(window=WINDOW_FRAMES)
-        counts = TcpCounts(sock)  # before connecting: the monitor sees the connection made
-        sock.connect(f"tcp://{address}")
+        sock, counts = self._watched(address, window=WINDOW_FRAMES)
         try:
             sent = False
             for off, part in chunks(buffers):
@@ -213,9 +211,7 @@ class DataPlane:
         Raises:
             PeerUnavailableError: no answer within the timeout, or the peer refused.
         """
-        sock = self._unconnected(rcv_window=FETCH_WINDOW_FRAMES)
-        counts = TcpCounts(sock)  # before connecting: the monitor sees the connection made
-        sock.connect(f"tcp://{address}")
+        sock, counts = self._watched(address, rcv_window=FETCH_WINDOW_FRAMES)
         try:
             sock.send_multipart(self._signed([b"fetch", json.dumps(header).encode()], address))
             got, total = 0, None
@@ -267,15 +263,21 @@ class DataPlane:
             sock.close(linger=0)
 
     def _dealer(self, address: str, window: int = 0, rcv_window: int = 0) -> zmq.Socket:
-        sock = self._unconnected(window, rcv_window)
-        sock.connect(f"tcp://{address}")
-        return sock
-
-    def _unconnected(self, window: int = 0, rcv_window: int = 0) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.SNDHWM, window)
         sock.setsockopt(zmq.RCVHWM, rcv_window)
+        if address:
+            sock.connect(f"tcp://{address}")
         return sock
+
+    def _watched(self, address: str, window: int = 0, rcv_window: int = 0
+                 ) -> tuple[zmq.Socket, TcpCounts]:
+        """A DEALER to ``address`` with its connection's TCP counts (watched from before
+        it connects: the monitor sees only later events)."""
+        sock = self._dealer("", window, rcv_window)
+        counts = TcpCounts(sock)
+        sock.connect(f"tcp://{address}")
+        return sock, counts
 
     def close(self) -> None:
         with self.ctx.socket(zmq.PAIR) as stop:

@@ -59,16 +59,16 @@ class Delivery:
         piece's previous ones (or its start)."""
         sample = took / -(-got // FRAME_BYTES)
         with self._lock:
-            link = self._links.setdefault(data, _Link())
-            link.last_progress = max(link.last_progress, now)
+            link = self._moved(data, now)
             link.frame_s = sample if link.frame_s == 0 else (
                 SAMPLE_WEIGHT * sample + (1 - SAMPLE_WEIGHT) * link.frame_s)
 
-    def _acknowledged(self, data: str, now: float) -> None:
-        """The link to ``data`` acknowledged more bytes: it carries bytes, frame or not."""
-        with self._lock:
-            link = self._links.setdefault(data, _Link())
-            link.last_progress = max(link.last_progress, now)
+    def _moved(self, data: str, now: float) -> _Link:
+        """The link to ``data`` carried bytes at ``now`` (a frame, or bytes its far kernel
+        acknowledged); the caller holds the lock."""
+        link = self._links.setdefault(data, _Link())
+        link.last_progress = max(link.last_progress, now)
+        return link
 
     def quiet(self, data: str, mine: float, now: float) -> tuple[float, float]:
         """(seconds since a byte of any piece reached ``data``, or of this piece at
@@ -100,7 +100,8 @@ class Delivery:
                 have, last_progress = got, now
             now_acked = acked()
             if now_acked is not None and (was_acked is None or now_acked > was_acked):
-                self._acknowledged(data, now)
+                with self._lock:
+                    self._moved(data, now)
                 was_acked = now_acked
             if not slow and now - started > self.timeout_s:
                 slow = True  # named while it lasts, not only once the piece is in
