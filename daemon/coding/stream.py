@@ -4,7 +4,8 @@ A rebuild gets ``k`` pieces of a stripe from ``k`` nodes; their bytes arrive fra
 frame, each source at its own pace and, for all this class cares, in any order.
 :class:`StripeStream` decodes each byte range as soon as all ``k`` sources hold it,
 straight into the destination (the slot being rebuilt, or a parity file), so decoding
-overlaps the transfer and no piece is staged whole: frames are read in place (the data
+overlaps the transfer and no piece is staged whole (a file destination takes each
+decoded range from a buffer of :data:`CHUNK_BYTES`): frames are read in place (the data
 plane's received frames, or views of this node's own memory) and dropped once decoded.
 
 Integrity: each source's CRC32C is made frame by frame as it lands (by the thread that
@@ -25,6 +26,7 @@ import numpy as np
 
 from shardguard.daemon.coding.checksum import crc32c, crc32c_combine
 from shardguard.daemon.coding.codec import Codec
+from shardguard.daemon.coding.dest import Dest, as_dest
 from shardguard.daemon.errors import CorruptionError, ShardguardError
 
 #: Bytes decoded per codec call (and the size of the zeros a short source is padded with).
@@ -63,15 +65,17 @@ class StripeStream:
     """Rebuilds bytes ``[0, length)`` of piece ``output`` of a stripe from the ``k``
     pieces ``sources`` (index -> (real length, CRC32C)) as their frames are fed.
 
-    Bytes ``[dest_off, dest_off + len(dest))`` of the output land in ``dest``; the
-    rest of ``[0, length)`` is decoded into scratch memory and only checksummed (a piece
-    shared by two ranks). ``plen`` is the stripe's piece length: a source shorter than
+    Bytes ``[dest_off, dest_off + len(dest))`` of the output land in ``dest`` (memory,
+    decoded into in place, or a file, each range decoded into a buffer and written from
+    it: coding/dest.py); the rest of ``[0, length)`` is decoded into scratch memory and
+    only checksummed (a piece shared by two ranks). ``plen`` is the stripe's piece length: a source shorter than
     it reads as zeros past its end. Thread-safe: any thread may :meth:`feed`,
     :meth:`done` or :meth:`fail`; one thread calls :meth:`run`.
     """
 
     def __init__(self, codec: Codec, sources: Mapping[int, tuple[int, int]], output: int,
-                 length: int, plen: int, dest: np.ndarray, dest_off: int = 0) -> None:
+                 length: int, plen: int, dest: Dest | np.ndarray, dest_off: int = 0) -> None:
+        dest = as_dest(dest)
         if len(sources) != codec.k:
             raise ValueError(f"a stripe decodes from {codec.k} pieces, not {len(sources)}")
         if output in sources or not 0 <= length <= plen:
@@ -232,12 +236,16 @@ class StripeStream:
                 end = min(end, f_off + arr.size)
             for i, (arr, f_off) in spans.items():
                 views[i] = arr[pos - f_off:end - f_off] if arr is not _ZEROS else _ZEROS[:end - pos]
-            if self.dest_off <= pos and end <= self.dest_off + len(self.dest):
-                out = self.dest[pos - self.dest_off:end - self.dest_off]
-            else:
+            inside = self.dest_off <= pos and end <= self.dest_off + len(self.dest)
+            out = self.dest.direct(pos - self.dest_off, end - self.dest_off) if inside else None
+            staged = out is None
+            if staged:
                 if self._scratch is None:
                     self._scratch = np.empty(CHUNK_BYTES, dtype=np.uint8)
                 out = self._scratch[:end - pos]
             self.codec.decode(views, {self.output: out})
-            self.crc = crc32c(out, self.crc)
+            c = crc32c(out)
+            self.crc = crc32c_combine(self.crc, c, out.size)
+            if inside and staged:  # a file destination: written from the buffer, still in cache
+                self.dest.write(pos - self.dest_off, out, c)
             pos = end

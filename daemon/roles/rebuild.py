@@ -26,11 +26,10 @@ import logging
 import threading
 import time
 
-import numpy as np
-
 from shardguard.daemon.base import faults
 from shardguard.daemon.coding import placement
 from shardguard.daemon.coding.codec import Codecs
+from shardguard.daemon.coding.dest import Dest
 from shardguard.daemon.coding.stream import StreamClosed
 from shardguard.daemon.errors import (
     CorruptionError,
@@ -125,33 +124,44 @@ class Rebuilder:
         self.metas.save(keep or next(iter(newest.metas.values())), held)
         self.store.set_restorable(job, step)
         if need or replaced is not None:
-            self.store.metrics.rebuild_pass(job, time.monotonic() - started)
-            logger.info("rebuilt ranks %s%s", need,
+            took = time.monotonic() - started
+            self.store.metrics.rebuild_pass(job, took)
+            logger.info("rebuilt ranks %s%s in %.3f s", need,
                         f" and the parity of node {replaced}" if replaced is not None else "",
-                        extra={"job": job, "step": step, "node": self.topo.node_index})
+                        took, extra={"job": job, "step": step, "node": self.topo.node_index})
 
     def _recreate_parity(self, job: str, meta: StepMeta, node: int,
                          alive: dict[int, str], abort: threading.Event) -> StepMeta:
         """Decode the parity pieces the lost node held, so the group is protected again."""
         grp = placement.placement_of(meta.code).groups[meta.group]
         others = {i: a for i, a in alive.items() if i != node}
-        futs = []
-        for ref in grp.parity_pieces(grp.position(node)):
-            info = meta.stripes[(grp.group, ref.stripe)]
-            out = self.pieces.create(job, meta.step, grp.group, ref.stripe, ref.index, info.plen)
-            futs.append(spawn(self._parity_into, job, meta, grp, ref.stripe, ref.index, others,
-                               out, abort))
-        wait_all(futs, abort)
+        futs, outs = [], []
+        try:
+            for ref in grp.parity_pieces(grp.position(node)):
+                info = meta.stripes[(grp.group, ref.stripe)]
+                outs.append(self.pieces.create_dest(job, meta.step, grp.group, ref.stripe,
+                                                    ref.index, info.plen))
+                futs.append(spawn(self._parity_into, job, meta, grp, ref.stripe, ref.index,
+                                  others, outs[-1], abort))
+            wait_all(futs, abort)
+        except BaseException:
+            abort.set()
+            raise
+        finally:
+            concurrent.futures.wait(futs)  # none writes into a destination closed under it
+            for out in outs:
+                out.close()
         # This daemon now serves the lost node's pieces: point the metadata at it.
         return meta.with_member(node, self.topo.me)
 
     def _parity_into(self, job: str, meta: StepMeta, grp: placement.GroupLayout, stripe: int,
-                     index: int, alive: dict[int, str], out: np.ndarray,
+                     index: int, alive: dict[int, str], out: Dest,
                      abort: threading.Event) -> None:
         n = meta.stripes[(grp.group, stripe)].pieces[index].len
         with self._gate:
             # Decoded straight into the parity file: no staging copy.
-            self.source.decode_into(job, meta, grp, stripe, index, alive, out[:n], 0, n, abort)
+            self.source.decode_into(job, meta, grp, stripe, index, alive, out.part(0, n), 0, n,
+                                    abort)
         self.store.metrics.rebuilt(job, n)
 
     def repair(self, job: str, meta: StepMeta, rank: int, world_size: int,
@@ -186,15 +196,15 @@ class Rebuilder:
         if distrust_self:
             alive = {i: a for i, a in alive.items() if a != LOCAL}
 
-        def fill(view: memoryview) -> None:
+        def fill(slot: Dest) -> None:
             # Straight into the slot: no staging copy of the rank's bytes.
-            self._read_into(np.frombuffer(view, dtype=np.uint8, count=entry.used), job, meta,
-                            owner, lay, entry.off, alive, abort or threading.Event())
+            self._read_into(slot.part(0, entry.used), job, meta, owner, lay, entry.off, alive,
+                            abort or threading.Event())
 
         self.store.install(job, world_size, local_ranks, rank, entry.slot_bytes, entry.record, fill)
         self.store.metrics.rebuilt(job, entry.used)
 
-    def _read_into(self, out: np.ndarray, job: str, meta: StepMeta, owner: int,
+    def _read_into(self, out: Dest, job: str, meta: StepMeta, owner: int,
                    lay: NodeLayout, off: int, alive: dict[int, str],
                    abort: threading.Event) -> None:
         """Bytes [off, off+len(out)) of old node ``owner``'s payload, into ``out``: its
@@ -211,7 +221,7 @@ class Rebuilder:
                 raise CorruptionError(f"job {job} step {meta.step}: piece {q} of node {owner} "
                                       f"({want.len} bytes) ends before byte {lo} of it")
             futs.append(spawn(self._piece_into, job, meta, grp, owner, q, stripe, alive,
-                               out[pos - off:pos - off + take], lo, abort))
+                               out.part(pos - off, pos - off + take), lo, abort))
             pos += take
         wait_all(futs, abort,
                   each=lambda: faults.point("mid-rebuild", meta.step, self.topo.node_index))
@@ -219,7 +229,7 @@ class Rebuilder:
     # --------------------------------------------------------------- pieces
 
     def _piece_into(self, job: str, meta: StepMeta, grp: placement.GroupLayout, owner: int,
-                    q: int, stripe: int, alive: dict[int, str], dest: np.ndarray, dest_off: int,
+                    q: int, stripe: int, alive: dict[int, str], dest: Dest, dest_off: int,
                     abort: threading.Event) -> None:
         """Bytes [dest_off, dest_off+len(dest)) of old node ``owner``'s data piece ``q``:
         from the node itself when it is alive and its bytes hold, else decoded."""

@@ -17,8 +17,9 @@ import numpy as np
 
 from shardguard.daemon.base.metrics import Metrics
 from shardguard.daemon.coding import placement
-from shardguard.daemon.coding.checksum import crc32c
+from shardguard.daemon.coding.checksum import crc32c, crc32c_combine
 from shardguard.daemon.coding.codec import Codecs
+from shardguard.daemon.coding.dest import Dest
 from shardguard.daemon.coding.stream import StreamClosed, StripeStream
 from shardguard.daemon.errors import (
     CorruptionError,
@@ -82,9 +83,9 @@ class PieceSource:
         self.reader, self.plane, self.codecs, self.metrics = reader, plane, codecs, metrics
 
     def fetch_into(self, job: str, meta: StepMeta, alive: dict[int, str], group: int,
-                    stripe: int, index: int, want: PieceMeta, dest: np.ndarray,
+                    stripe: int, index: int, want: PieceMeta, dest: Dest,
                     dest_off: int) -> None:
-        """A piece as its holder has it, bytes [dest_off, ...) copied into ``dest`` as they
+        """A piece as its holder has it, bytes [dest_off, ...) written into ``dest`` as they
         arrive and checksummed on the way."""
         what = (f"job {job} step {meta.step} group {group} stripe {stripe} piece {index} from "
                 f"node {want.node}")
@@ -96,10 +97,12 @@ class PieceSource:
             if off != pos or pos + arr.size > want.len:
                 raise CorruptionError(f"{what}: bytes [{off}, {off + arr.size}) arrived out of "
                                       f"order or past the {want.len}-byte piece")
-            crc = crc32c(arr, crc)
+            c = crc32c(arr)
+            crc = crc32c_combine(crc, c, arr.size)
             lo, hi = max(off, dest_off), min(off + arr.size, dest_off + len(dest))
             if lo < hi:
-                dest[lo - dest_off:hi - dest_off] = arr[lo - off:hi - off]
+                dest.write(lo - dest_off, arr[lo - off:hi - off],
+                           c if hi - lo == arr.size else None)
             pos += arr.size
 
         if alive[want.node] == LOCAL:
@@ -125,7 +128,7 @@ class PieceSource:
             raise PeerUnavailableError(f"own piece {group}/{stripe}/{index}: {exc}") from None
 
     def decode_into(self, job: str, meta: StepMeta, grp: placement.GroupLayout, stripe: int,
-                     q: int, alive: dict[int, str], dest: np.ndarray, dest_off: int,
+                     q: int, alive: dict[int, str], dest: Dest, dest_off: int,
                      length: int, abort: threading.Event) -> None:
         """Piece ``q`` of a stripe decoded from ``k`` others as they arrive: its bytes
         [dest_off, dest_off+len(dest)) into ``dest`` (the rest only checksummed).
@@ -169,7 +172,7 @@ class PieceSource:
                                   f"{stripe}: checksum fails")
 
     def _stream(self, job: str, meta: StepMeta, group: int, stripe: int, q: int,
-                use: list[int], alive: dict[int, str], k: int, m: int, dest: np.ndarray,
+                use: list[int], alive: dict[int, str], k: int, m: int, dest: Dest,
                 dest_off: int, length: int) -> StripeStream:
         """A stream decoding piece ``q`` from the pieces ``use``, their fetches started."""
         info = meta.stripes[(group, stripe)]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from shardguard.daemon.coding.dest import FileDest, WrittenCrcs
 from shardguard.daemon.errors import ArenaFormatError, BudgetExceededError, NoSpaceError
 from shardguard.proto import arena as fmt
 from shardguard.proto import hostmem
@@ -200,6 +201,35 @@ class Arena:
     def slot(self, index: int, slot_bytes: int) -> memoryview:
         start = fmt.slot_offset(index, slot_bytes)
         return self.view[start:start + slot_bytes]
+
+    def allocate(self, offset: int, nbytes: int) -> None:
+        """Allocate the pages under bytes ``[offset, offset + nbytes)`` now.
+
+        Raises:
+            NoSpaceError: the shm directory's filesystem has no room for them.
+        """
+        if nbytes <= 0:
+            return
+        with self._allocating:
+            if self._fd < 0:
+                raise ArenaFormatError(f"arena {self.path} is closed")
+            try:
+                os.posix_fallocate(self._fd, offset, nbytes)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise NoSpaceError(f"cannot allocate {nbytes} bytes of arena {self.path}: "
+                                       f"{exc.strerror}") from None
+                raise
+
+    def slot_dest(self, index: int, slot_bytes: int, crcs: WrittenCrcs | None = None
+                  ) -> FileDest:
+        """Slot ``index`` as a destination written with ``pwrite`` (a rebuild's: its fresh
+        pages are then neither cleared nor mapped here first, coding/dest.py), each write's
+        CRC recorded in ``crcs`` (file offsets); its own descriptor, closed by the caller."""
+        with self._allocating:  # close() waits: the descriptor duplicated is this file's
+            if self._fd < 0:
+                raise ArenaFormatError(f"arena {self.path} is closed")
+            return FileDest(self._fd, fmt.slot_offset(index, slot_bytes), slot_bytes, crcs)
 
     def close(self) -> None:
         # Never closes the fd under a running fallocate, nor unmaps under a faulting.

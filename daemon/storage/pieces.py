@@ -21,6 +21,7 @@ import threading
 
 import numpy as np
 
+from shardguard.daemon.coding.dest import FileDest
 from shardguard.daemon.errors import UnsafePathError
 from shardguard.proto import safefile
 
@@ -100,6 +101,28 @@ class PieceFiles:
             if reused and clear:
                 piece[:] = 0
             return piece
+        finally:
+            os.close(fd)
+
+    def create_dest(self, job: str, step: int, group: int, stripe: int, index: int,
+                    nbytes: int) -> FileDest:
+        """A zeroed file for a parity piece of ``step``, not mapped here and not allocated:
+        written with ``pwrite`` (a rebuild's decoded parity), its pages are allocated as
+        they are filled, neither cleared first nor mapped (coding/dest.py); no room is a
+        NoSpaceError from the write. Never a pooled file (its old bytes would have to be
+        cleared); the caller closes the destination."""
+        path = self.path(job, step, group, stripe, index)
+        fd = _reopen(path)  # this step's own file, offered again
+        if fd is None:
+            fd = safefile.open_new(path, os.O_RDWR, 0o600)
+        try:
+            st = os.fstat(fd)
+            with self._lock:  # a mapping of the file's old bytes is not reused
+                self._mapped.get((job, self._where(group, stripe, index)), {}).pop(
+                    (st.st_dev, st.st_ino), None)
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, nbytes)  # pages are allocated as they are written
+            return FileDest(fd, 0, nbytes)
         finally:
             os.close(fd)
 

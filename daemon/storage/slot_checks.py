@@ -70,12 +70,17 @@ def seal_sums(view: memoryview, step: int, data_bytes: int, manifest_offset: int
     return SealSums(combine_blocks(blocks, data_bytes, CRC_BLOCK_BYTES), manifest_crc, blocks)
 
 
-def verify(job: str, rank: int, view: memoryview, s: SlotDesc) -> None:
-    """Raise CorruptionError unless the slot's bytes match the checksums of its seal."""
+def verify(job: str, rank: int, view: memoryview, s: SlotDesc,
+           data_crc: int | None = None) -> None:
+    """Raise CorruptionError unless the slot's bytes match the checksums of its seal;
+    ``data_crc``: the data's CRC as it was written (coding/dest.py's WrittenCrcs), so the
+    data need not be read again."""
     m = view[s.manifest_offset:s.manifest_offset + s.manifest_bytes]
     if crc32c(m) != s.manifest_crc:
         raise CorruptionError(f"job {job} rank {rank} step {s.step}: manifest checksum fails")
-    if crc32c(view[:s.data_bytes]) != s.data_crc:
+    if data_crc is None:
+        data_crc = crc32c(view[:s.data_bytes])
+    if data_crc != s.data_crc:
         raise CorruptionError(f"job {job} rank {rank} step {s.step}: data checksum fails")
 
 

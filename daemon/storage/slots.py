@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 from shardguard.daemon.base import faults
 from shardguard.daemon.base.metrics import Metrics
+from shardguard.daemon.coding.dest import FileDest, WrittenCrcs
 from shardguard.daemon.errors import (
     InvalidRequestError,
     NotRestorableError,
@@ -152,10 +153,14 @@ class Slots:
         return restorable
 
     def install(self, job: str, world_size: int, local_ranks: Iterable[int], rank: int,
-                slot_bytes: int, record: SlotDesc, fill: Callable[[memoryview], None]) -> None:
+                slot_bytes: int, record: SlotDesc, fill: Callable[[FileDest], None]) -> None:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step.
 
-        ``fill`` writes the slot's bytes; their checksums must match ``record``. A new
+        ``fill`` writes the slot's bytes, with ``pwrite`` (coding/dest.py: fresh pages
+        written through this daemon's mapping would each be cleared and mapped first);
+        their checksums must match ``record``: the data's is combined from the CRCs each
+        write was made with (read back only where those do not tile it), the manifest's
+        read. No room for a page is a NoSpaceError from the write. A new
         arena's other slot is allocated and faulted in later, on a thread of its own
         (:meth:`Arena.prepare`), once the trainer has restored (the restore's release)
         or at its first Begin: not while ``fill`` runs, where clearing its fresh pages
@@ -172,11 +177,18 @@ class Slots:
             if index is None:
                 raise SlotStateError(f"job {job} rank {rank}: no free slot to rebuild into")
             view = rr.arena.slot(index, rr.slot_bytes)
-        fresh = not rr.arena.allocated  # a new arena: only its first slot is allocated
+        fresh = not rr.arena.allocated  # a new arena: only its header is allocated
         if index > 0:
             rr.arena.ensure_allocated()
-        fill(view)
-        verify(job, rank, view, record)
+        base = fmt.slot_offset(index, rr.slot_bytes)
+        # The slot past its snapshot is allocated now, the snapshot's own pages as they
+        # are written: the whole slot, as in a trainer's arena.
+        used = record.manifest_offset + record.manifest_bytes
+        rr.arena.allocate(base + used, rr.slot_bytes - used)
+        written = WrittenCrcs(marks=(base + record.data_bytes,))
+        with rr.arena.slot_dest(index, rr.slot_bytes, written) as dest:
+            fill(dest)
+        verify(job, rank, view, record, written.crc(base, base + record.data_bytes))
         with self._lock:
             state = SlotState.SEALED
             if rec.restorable_step == record.step:

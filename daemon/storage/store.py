@@ -21,6 +21,7 @@ import threading
 from typing import Callable, Iterable
 
 from shardguard.daemon.base.metrics import Metrics
+from shardguard.daemon.coding.dest import FileDest
 from shardguard.daemon.storage.flush_holds import FLUSH_HOLD_WAIT_S, FlushHolds
 from shardguard.daemon.storage.jobs import Jobs
 from shardguard.daemon.storage.records import (
@@ -193,7 +194,7 @@ class Store:
         self._slots.mark_restorable(job, step)
 
     def install(self, job: str, world_size: int, local_ranks: Iterable[int], rank: int,
-                slot_bytes: int, record: SlotDesc, fill: Callable[[memoryview], None]) -> None:
+                slot_bytes: int, record: SlotDesc, fill: Callable[[FileDest], None]) -> None:
         """Put a rebuilt snapshot of ``rank`` in place as its restorable step."""
         self._slots.install(job, world_size, local_ranks, rank, slot_bytes, record, fill)
 

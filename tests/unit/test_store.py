@@ -887,8 +887,8 @@ def test_a_rebuilt_arenas_other_slot_is_prepared_after_the_restore_and_named_laz
 
     monkeypatch.setattr(Arena, "prefault", seen)
     dst = shm.store()
-    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
-        slice(0, used), good))
+    dst.install("b", 1, [0], 0, slot_bytes, record, lambda dest: dest.write(
+        0, good))
     arena = dst.job("b").ranks[0].arena
     size = fmt.arena_bytes(slot_bytes)
     assert arena.preparing() == (1,)
@@ -909,6 +909,41 @@ def test_a_rebuilt_arenas_other_slot_is_prepared_after_the_restore_and_named_laz
     assert dst.register("b", 0, 1, slot_bytes, PID, [0], force=True).lazy_slots == ()
 
 
+@pytest.mark.parametrize("how", ["whole", "in-parts", "rewritten"])
+def test_a_rebuilt_slot_is_checked_by_what_was_written(shm: Shm, how: str) -> None:
+    # The data's checksum comes from the CRCs the writes were made with where they tile
+    # the data exactly once; written again cut differently, the bytes are read back.
+    # Either way the rank's snapshot is the source's, and a wrong byte is refused.
+    slot_bytes = 64 * fmt.PAGE
+    _, record, used, good = _rebuilt(shm, slot_bytes)
+    raw = np.frombuffer(good, np.uint8)
+
+    def fill(dest, spoil: bool = False) -> None:
+        buf = raw.copy()
+        if spoil:
+            buf[record.data_bytes // 2] ^= 1
+        if how == "whole":
+            dest.write(0, buf)
+        elif how == "in-parts":  # out of order, one write given its CRC
+            dest.write(used // 3, buf[used // 3:], crc32c(buf[used // 3:]))
+            dest.write(0, buf[:used // 3])
+        else:  # a first pass cut one way, then all of it again cut another
+            dest.write(0, buf[:100])
+            dest.write(100, buf[100:])
+            dest.write(0, buf[:5000])
+            dest.write(5000, buf[5000:])
+
+    bad = shm.store()
+    with pytest.raises(CorruptionError, match="data checksum fails"):
+        bad.install("b", 1, [0], 0, slot_bytes, record, lambda d: fill(d, spoil=True))
+    dst = shm.store()
+    dst.install("b", 1, [0], 0, slot_bytes, record, fill)
+    dst.set_restorable("b", 3)
+    reg_b = dst.register("b", 0, 1, slot_bytes, PID, [0])
+    o = dst.open_for_restore("b", 0, reg_b.lease, None, client_checks=True)
+    assert read(reg_b, o.slot, used) == good
+
+
 def test_a_rebuilt_arena_without_room_for_its_other_slot(shm: Shm,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # The rebuild still succeeds; the hole is known after a restart, and the trainer's
@@ -922,14 +957,15 @@ def test_a_rebuilt_arena_without_room_for_its_other_slot(shm: Shm,
 
     monkeypatch.setattr(Arena, "ensure_allocated", no_room)
     dst = shm.store()
-    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
-        slice(0, used), good))
+    dst.install("b", 1, [0], 0, slot_bytes, record, lambda dest: dest.write(
+        0, good))
     arena = dst.job("b").ranks[0].arena
     arena.start_preparing()  # as the trainer's restore would: it finds no room
     assert arena.wait_prepared(30)
     monkeypatch.setattr(Arena, "ensure_allocated", real)
     size = fmt.arena_bytes(slot_bytes)
-    # The header and the rebuilt slot are allocated; the second slot is a hole.
+    # The header and the rebuilt slot are allocated (the snapshot's pages as written); the
+    # second slot is a hole.
     assert not arena.allocated
     assert fmt.arena_bytes(slot_bytes, 1) <= allocated_bytes(arena.path) < size
     dst.set_restorable("b", 3)
@@ -955,8 +991,8 @@ def test_a_begin_waits_for_the_other_slots_allocation_not_for_its_faulting(
     slot_bytes = 64 * fmt.PAGE
     _, record, used, good = _rebuilt(shm, slot_bytes)
     dst = shm.store()
-    dst.install("b", 1, [0], 0, slot_bytes, record, lambda view: view.__setitem__(
-        slice(0, used), good))
+    dst.install("b", 1, [0], 0, slot_bytes, record, lambda dest: dest.write(
+        0, good))
     dst.set_restorable("b", 3)
     reg_b = dst.register("b", 0, 1, slot_bytes, PID, [0])
     arena = dst.job("b").ranks[0].arena

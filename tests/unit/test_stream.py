@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 
@@ -11,6 +12,7 @@ import pytest
 from shardguard.daemon.coding import stream as stream_mod
 from shardguard.daemon.coding.checksum import crc32c
 from shardguard.daemon.coding.codec import Codec
+from shardguard.daemon.coding.dest import FileDest, WrittenCrcs
 from shardguard.daemon.coding.stream import StreamClosed, StripeStream
 from shardguard.daemon.errors import CorruptionError, PeerUnavailableError
 
@@ -92,6 +94,34 @@ def test_a_destination_window_gets_its_bytes_and_the_rest_is_only_checksummed(st
     assert np.array_equal(dest[32:32 + hi - lo], pieces[0][lo:hi])
     assert not dest[:32].any() and not dest[32 + hi - lo:].any()
     assert st.crc == crc32c(pieces[0][:lens[0]])
+
+
+def test_a_file_destination_gets_its_window_written_and_each_write_recorded(stripe,
+                                                                           tmp_path) -> None:
+    # A rebuild's slot or parity file: decoded into a buffer, written with pwrite at the
+    # destination's base; the CRCs recorded as written tile the window exactly.
+    _, pieces, lens = stripe
+    lo, hi, base = 4096 + 3, lens[0] - 77, 1000
+    path = tmp_path / "slot"
+    path.write_bytes(b"\xee" * (base + hi - lo + 50))
+    fd = os.open(path, os.O_RDWR)
+    crcs = WrittenCrcs(marks=(base + 5 * (1 << 20) + 1,))  # a mark inside a chunk
+    try:
+        with FileDest(fd, base, hi - lo, crcs) as dest:
+            st = make(stripe, [1, 3, 4], 0, dest, lo)
+            threads = feed_all(st, stripe, [1, 3, 4], shuffle=True, size=(2 << 20) + 7)
+            assert st.run() == {}
+            for t in threads:
+                t.join()
+    finally:
+        os.close(fd)
+    got = path.read_bytes()
+    assert got[base:base + hi - lo] == pieces[0][lo:hi].tobytes()
+    assert got[:base] == b"\xee" * base and got[base + hi - lo:] == b"\xee" * 50
+    assert st.crc == crc32c(pieces[0][:lens[0]])
+    assert crcs.crc(base, base + hi - lo) == crc32c(pieces[0][lo:hi])
+    mark = base + 5 * (1 << 20) + 1
+    assert crcs.crc(base, mark) == crc32c(pieces[0][lo:lo + mark - base])
 
 
 def test_a_source_that_fails_its_checksum_is_named_not_accepted(stripe) -> None:
