@@ -944,6 +944,48 @@ def test_a_rebuilt_slot_is_checked_by_what_was_written(shm: Shm, how: str) -> No
     assert read(reg_b, o.slot, used) == good
 
 
+def test_a_rebuild_without_room_in_the_shm_dir_is_a_no_space_error(tmp_path: Path) -> None:
+    # The rebuilt slot's pages are allocated as they are written (pwrite): a tmpfs that
+    # fills up meanwhile answers ENOSPC, a typed NoSpaceError here (a store through a
+    # mapping would have been a SIGBUS); the slot is not installed, and once there is
+    # room the same rebuild succeeds.
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(tiny)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    src_shm, dst_shm = Shm(tmp_path), Shm(tiny)
+    try:
+        slot_bytes = 256 * fmt.PAGE  # 1 MiB
+        src = src_shm.store()
+        reg = src.register("a", 0, 1, slot_bytes, PID, [0])
+        slot, _ = snap(src, reg, "a", 3, payload(3, 200 * fmt.PAGE))
+        record = src.job("a").ranks[0].slots[slot]
+        used = record.manifest_offset + record.manifest_bytes
+        good = read(reg, slot, used)
+        filler = tiny / "filler"
+        with open(filler, "wb", buffering=0) as fh:  # all but 100 pages, as a neighbour would
+            fh.write(b"\0" * (2 * 1024 * 1024 - 100 * fmt.PAGE))
+        dst = dst_shm.store()
+        with pytest.raises(NoSpaceError):
+            dst.install("b", 1, [0], 0, slot_bytes, record,
+                        lambda d: [d.write(o, good[o:o + 65536]) for o in range(0, used, 65536)])
+        assert dst.job("b").restorable_step is None
+        filler.unlink()
+        dst.install("b", 1, [0], 0, slot_bytes, record, lambda d: d.write(0, good))
+        dst.set_restorable("b", 3)
+        reg_b = dst.register("b", 0, 1, slot_bytes, PID, [0])
+        o = dst.open_for_restore("b", 0, reg_b.lease, None, client_checks=True)
+        assert read(reg_b, o.slot, used) == good
+    finally:
+        for store in src_shm.stores + dst_shm.stores:
+            store.close()
+        subprocess.run(["umount", "--lazy", str(tiny)], capture_output=True, timeout=30)
+
+
 def test_a_rebuilt_arena_without_room_for_its_other_slot(shm: Shm,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # The rebuild still succeeds; the hole is known after a restart, and the trainer's
