@@ -6,9 +6,11 @@ reply before its frame is whole."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import zmq
@@ -30,99 +32,101 @@ def settle(count: Callable[[], int | None], seconds: float = 0.3) -> int | None:
         last = now
 
 
-def test_unknown_before_the_connection_then_every_byte_that_was_taken() -> None:
+@dataclass
+class Pair:
+    """A ROUTER bound on 127.0.0.1 and a DEALER for it, its connection's counts watched."""
+
+    ctx: zmq.Context
+    router: zmq.Socket
+    dealer: zmq.Socket
+    counts: TcpCounts
+    port: int
+
+    def connect(self) -> None:
+        self.dealer.connect(f"tcp://127.0.0.1:{self.port}")
+
+
+@contextlib.contextmanager
+def pair(router_opts: dict[int, int] | None = None, dealer_opts: dict[int, int] | None = None,
+         connect: bool = True) -> Iterator[Pair]:
+    """The two sockets (options set before bind and connect), closed afterwards, the
+    ROUTER that :attr:`Pair.router` names then (a test may replace it)."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
+    for opt, val in (router_opts or {}).items():
+        router.setsockopt(opt, val)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     dealer = ctx.socket(zmq.DEALER)
-    counts = TcpCounts(dealer)
+    for opt, val in (dealer_opts or {}).items():
+        dealer.setsockopt(opt, val)
+    p = Pair(ctx, router, dealer, TcpCounts(dealer), port)
+    if connect:
+        p.connect()
     try:
-        assert counts.acked() is None  # not connected: nothing can be said
-        dealer.connect(f"tcp://127.0.0.1:{port}")
+        yield p
+    finally:
+        p.counts.close()
+        p.dealer.close(linger=0)
+        p.router.close(linger=0)
+        ctx.term()
+
+
+def test_unknown_before_the_connection_then_every_byte_that_was_taken() -> None:
+    with pair(connect=False) as p:
+        assert p.counts.acked() is None  # not connected: nothing can be said
+        p.connect()
         payload = bytes(8 * MIB)
         for _ in range(4):
-            dealer.send(payload, copy=False)
+            p.dealer.send(payload, copy=False)
         for _ in range(4):
-            assert len(router.recv_multipart()[1]) == 8 * MIB
-        got = settle(counts.acked)
+            assert len(p.router.recv_multipart()[1]) == 8 * MIB
+        got = settle(p.counts.acked)
         # Every payload byte, and ZeroMQ's greeting and frame headers (a few hundred bytes).
         assert got is not None and 32 * MIB <= got < 32 * MIB + 4096
-    finally:
-        counts.close()
-        dealer.close(linger=0)
-        router.close(linger=0)
-        ctx.term()
 
 
 def test_a_receiver_that_stops_taking_bytes_stops_the_count() -> None:
     """A receiver whose queue is full stops reading its socket: TCP's window closes and
     the count stands still far below what was sent."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.RCVHWM, 1)
-    router.setsockopt(zmq.RCVBUF, 1 * MIB)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.SNDHWM, 0)
-    counts = TcpCounts(dealer)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    try:
+    with pair({zmq.RCVHWM: 1, zmq.RCVBUF: 1 * MIB}, {zmq.SNDHWM: 0}) as p:
         payload = bytes(8 * MIB)
         for _ in range(32):
-            dealer.send(payload, copy=False)
-        stood = settle(counts.acked)
+            p.dealer.send(payload, copy=False)
+        stood = settle(p.counts.acked)
         assert stood is not None and 8 * MIB < stood < 128 * MIB
         time.sleep(1.0)
-        assert counts.acked() == stood
+        assert p.counts.acked() == stood
         for _ in range(32):  # taken now: it moves again, up to all of it
-            router.recv_multipart()
-        final = settle(counts.acked)
+            p.router.recv_multipart()
+        final = settle(p.counts.acked)
         assert final is not None and final >= 256 * MIB
-    finally:
-        counts.close()
-        dealer.close(linger=0)
-        router.close(linger=0)
-        ctx.term()
 
 
 def test_a_new_connection_keeps_what_the_old_one_had_acknowledged() -> None:
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.RECONNECT_IVL, 50)
-    counts = TcpCounts(dealer)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        dealer.send(bytes(4 * MIB), copy=False)
-        router.recv_multipart()
-        first = settle(counts.acked)
+    with pair({zmq.LINGER: 0}, {zmq.RECONNECT_IVL: 50}) as p:
+        p.dealer.send(bytes(4 * MIB), copy=False)
+        p.router.recv_multipart()
+        first = settle(p.counts.acked)
         assert first is not None and first >= 4 * MIB
-        router.close(linger=0)  # the receiver goes; ZeroMQ reconnects to its successor
-        router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
+        p.router.close(linger=0)  # the receiver goes; ZeroMQ reconnects to its successor
+        p.router = p.ctx.socket(zmq.ROUTER)
+        p.router.setsockopt(zmq.LINGER, 0)
         deadline = time.monotonic() + 30
         while True:  # the old socket lets its port go in the background
             try:
-                router.bind(f"tcp://127.0.0.1:{port}")
+                p.router.bind(f"tcp://127.0.0.1:{p.port}")
                 break
             except zmq.ZMQError:
-                assert time.monotonic() < deadline, f"port {port} never freed"
+                assert time.monotonic() < deadline, f"port {p.port} never freed"
                 time.sleep(0.05)
         second: int | None = None
         while time.monotonic() < deadline:
-            dealer.send(bytes(4 * MIB), copy=False)
-            if router.poll(200):
-                router.recv_multipart()
-                second = settle(counts.acked)
+            p.dealer.send(bytes(4 * MIB), copy=False)
+            if p.router.poll(200):
+                p.router.recv_multipart()
+                second = settle(p.counts.acked)
                 break
         assert second is not None and second >= first + 4 * MIB
-    finally:
-        counts.close()
-        dealer.close(linger=0)
-        router.close(linger=0)
-        ctx.term()
 
 
 def test_a_push_hands_its_acknowledged_count_to_delivered() -> None:
@@ -155,36 +159,23 @@ def test_a_reply_counts_as_received_before_its_frame_is_whole() -> None:
     """A fetch's side: the far end sends one 128 MiB frame that the sender's kernel lets
     out slowly (a small send buffer, a receiver that reads in bursts); the bytes received
     grow while no frame is there yet."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.SNDBUF, 256 << 10)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.RCVBUF, 256 << 10)
-    counts = TcpCounts(dealer)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        dealer.send(b"hello")
-        ident, _ = router.recv_multipart()
-        assert counts.received() is not None
-        sender = threading.Thread(target=router.send_multipart,
+    with pair({zmq.SNDBUF: 256 << 10}, {zmq.RCVBUF: 256 << 10}) as p:
+        p.dealer.send(b"hello")
+        ident, _ = p.router.recv_multipart()
+        assert p.counts.received() is not None
+        sender = threading.Thread(target=p.router.send_multipart,
                                   args=([ident, bytes(128 * MIB)],), kwargs={"copy": False})
         sender.start()
         seen = []
-        while not dealer.poll(0):
-            got = counts.received()
+        while not p.dealer.poll(0):
+            got = p.counts.received()
             if got is not None and 0 < got < 128 * MIB:
                 seen.append(got)
             time.sleep(0.0005)
-        assert len(dealer.recv_multipart()[0]) == 128 * MIB
+        assert len(p.dealer.recv_multipart()[0]) == 128 * MIB
         sender.join()
         assert seen, "the bytes of the frame were never seen before the frame"
-        assert settle(counts.received) >= 128 * MIB
-    finally:
-        counts.close()
-        dealer.close(linger=0)
-        router.close(linger=0)
-        ctx.term()
+        assert settle(p.counts.received) >= 128 * MIB
 
 
 def test_a_fetch_hands_over_every_frame_with_its_counts_watched() -> None:
