@@ -14,9 +14,11 @@ Speed (issue 14, item 3: a rebuild runs at its transfer floor, the ``k`` pieces
 fetched per lost piece): the pieces of a rebuild are worked on in parallel, up
 to :data:`STRIPES_IN_FLIGHT` at a time, each stripe's ``k`` fetches at once; a
 stripe is decoded range by range as its frames arrive (coding/stream.py),
-straight from the received frames into the slot or parity file, and each
-frame's checksum is made as it lands, so nothing is staged, copied or read a
-second time.
+from the received frames into a small buffer written with ``pwrite`` into the
+slot or parity file (coding/dest.py: fresh tmpfs pages are then neither cleared
+nor mapped first), and each frame's checksum is made as it lands, so no piece
+is staged whole or read a second time; the slot is checked against its seal
+from the CRCs its writes were made with.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ class Rebuilder:
                      abort: threading.Event) -> None:
         n = meta.stripes[(grp.group, stripe)].pieces[index].len
         with self._gate:
-            # Decoded straight into the parity file: no staging copy.
+            # Decoded a range at a time and written into the parity file (coding/dest.py).
             self.source.decode_into(job, meta, grp, stripe, index, alive, out.part(0, n), 0, n,
                                     abort)
         self.store.metrics.rebuilt(job, n)
@@ -197,7 +199,7 @@ class Rebuilder:
             alive = {i: a for i, a in alive.items() if a != LOCAL}
 
         def fill(slot: Dest) -> None:
-            # Straight into the slot: no staging copy of the rank's bytes.
+            # Into the slot as the pieces arrive: no staging copy of the rank's bytes.
             self._read_into(slot.part(0, entry.used), job, meta, owner, lay, entry.off, alive,
                             abort or threading.Event())
 
