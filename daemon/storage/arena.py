@@ -120,14 +120,7 @@ class Arena:
         with self._allocating:
             if self.allocated or self._fd < 0:
                 return
-            try:
-                os.posix_fallocate(self._fd, 0, self.size)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                    raise NoSpaceError(
-                        f"cannot allocate the rest of arena {self.path} ({self.size} bytes): "
-                        f"{exc.strerror}") from None
-                raise
+            self._fallocate(0, self.size)
             self.allocated = True
 
     def prefault(self, index: int, slot_bytes: int) -> None:
@@ -213,13 +206,18 @@ class Arena:
         with self._allocating:
             if self._fd < 0:
                 raise ArenaFormatError(f"arena {self.path} is closed")
-            try:
-                os.posix_fallocate(self._fd, offset, nbytes)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                    raise NoSpaceError(f"cannot allocate {nbytes} bytes of arena {self.path}: "
-                                       f"{exc.strerror}") from None
-                raise
+            self._fallocate(offset, nbytes)
+
+    def _fallocate(self, offset: int, nbytes: int) -> None:
+        """``posix_fallocate`` of bytes ``[offset, offset + nbytes)``, no room a NoSpaceError
+        (the caller holds ``_allocating``)."""
+        try:
+            os.posix_fallocate(self._fd, offset, nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise NoSpaceError(f"cannot allocate bytes [{offset}, {offset + nbytes}) of "
+                                   f"arena {self.path}: {exc.strerror}") from None
+            raise
 
     def slot_dest(self, index: int, slot_bytes: int, crcs: WrittenCrcs | None = None
                   ) -> FileDest:
