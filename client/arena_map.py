@@ -8,7 +8,7 @@ import mmap
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ class ArenaMap:
     u8: torch.Tensor
     arr: np.ndarray
     cuda_registered: bool = False
+    #: Slots whose pages are mapped (:meth:`populate_slot`).
+    populated: set[int] = field(default_factory=set)
 
     def header(self) -> fmt.Header:
         # The daemon may be rewriting the header this instant; a torn read fails its checksum.
@@ -48,6 +50,15 @@ class ArenaMap:
     def slot_base(self, slot: int) -> int:
         """Where ``slot`` starts in the arena."""
         return fmt.slot_offset(slot, self.slot_bytes)
+
+    def populate_slot(self, slot: int) -> None:
+        """Map every page of ``slot`` now, writable, in one call (once per mapping): before a
+        copy into it, so the copy does not fault page by page. Where the kernel cannot
+        (before Linux 5.14) the pages are mapped as they are written, as before."""
+        if slot in self.populated:
+            return
+        hostmem.populate_read(self.arr.ctypes.data + self.slot_base(slot), self.slot_bytes)
+        self.populated.add(slot)
 
     def pin_for_cuda(self) -> None:
         """Register the arena as pinned memory (once): what lets a non_blocking
@@ -70,29 +81,39 @@ class ArenaMap:
             logger.debug("arena %s still referenced; unmapped at exit", self.path)
 
 
-def map_arena(path: str, size: int, slot_bytes: int, lazy_slots: Iterable[int] = ()
-              ) -> ArenaMap:
-    """Map the arena, every page now (``MAP_POPULATE``: the first snapshot does not
-    fault) but those of ``lazy_slots``: slots the daemon is still allocating and
-    faulting in (a just rebuilt arena's other slot, ``RegisterReply.lazy_slots``).
-    Faulting them in here would clear their fresh pages in this process, on the way to
-    the restore; they are mapped when first written instead."""
-    lazy = sorted(set(lazy_slots))
+def map_arena(path: str, size: int, slot_bytes: int, now: Iterable[int] = ()) -> ArenaMap:
+    """Map the arena; its header's pages and those of slots ``now`` are mapped at once (the
+    slot a restore reads next), every other slot's at its first snapshot
+    (:meth:`ArenaMap.populate_slot`, on the copy thread) or as it is touched.
+
+    Mapping the pages of a slot that is there already costs ~70 ms per GiB (one
+    ``MADV_POPULATE_READ``: a shared mapping's tmpfs pages come in writable), a slot written
+    page by page through an empty mapping ~375 ms per GiB of write faults (2 cores, KVM,
+    2026-12-06). A restarting trainer needs only the restorable slot before it can resume:
+    the other is the next snapshot's, so mapping it at connect put ~0.1 s per GiB of state
+    on the way to the restore, and on a node whose cores a rebuild was using, on the way
+    of the rebuild. A slot the daemon is still allocating and faulting in (a just rebuilt
+    arena's other slot, ``RegisterReply.lazy_slots``) is never in ``now``: faulting it in
+    here would clear its fresh pages in this process, on the way to the restore."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         if os.fstat(fd).st_size != size:
             raise ArenaFormatError(f"arena {path} is not {size} bytes")
-        flags = mmap.MAP_SHARED | (0 if lazy else getattr(mmap, "MAP_POPULATE", 0))
-        mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     u8 = torch.frombuffer(mm, dtype=torch.uint8)
     arr = np.frombuffer(mm, dtype=np.uint8)
-    if lazy:
-        pos = 0  # every byte outside the lazy slots, faulted in
-        for i in lazy:
-            lo = fmt.slot_offset(i, slot_bytes)
-            hostmem.populate_read(arr.ctypes.data + pos, lo - pos)
-            pos = lo + slot_bytes
-        hostmem.populate_read(arr.ctypes.data + pos, size - pos)
-    return ArenaMap(path, size, slot_bytes, mm, u8, arr)
+    hostmem.populate_read(arr.ctypes.data, fmt.HEADER_BYTES)
+    m = ArenaMap(path, size, slot_bytes, mm, u8, arr)
+    for i in sorted(set(now)):
+        m.populate_slot(i)
+    return m
+
+
+def restorable_slots(m: ArenaMap, lazy: Iterable[int] = ()) -> list[int]:
+    """The slots of ``m`` whose header says they hold the restorable step, but those the
+    daemon named ``lazy``: what a restore reads next."""
+    skip = set(lazy)
+    return [i for i, s in enumerate(m.header().slots)
+            if s.state == fmt.SlotState.RESTORABLE and i not in skip]

@@ -179,7 +179,7 @@ class Client:
         arena, plan, lease = self._session.arena, self._plan, self._session.lease
         assert arena is not None and plan is not None
         try:
-            self._copier.start(handle, arena, arena.slot_base(slot), leaves, plan.data_bytes,
+            self._copier.start(handle, arena, slot, leaves, plan.data_bytes,
                                manifest, plan.manifest_offset, lambda blocks: self._session.seal(
                                    lease, step, slot, plan.data_bytes, plan.manifest_offset,
                                    len(manifest), blocks))

@@ -63,23 +63,28 @@ class Copier:
         self._worker = threading.Thread(target=self._work, name=f"sg-copy-r{rank}", daemon=True)
         self._worker.start()
 
-    def start(self, h: SnapshotHandle, arena: ArenaMap, base: int, leaves: list[Leaf],
+    def start(self, h: SnapshotHandle, arena: ArenaMap, slot: int, leaves: list[Leaf],
               data_bytes: int, manifest: bytes, manifest_offset: int, seal: Seal) -> None:
-        """Copy ``leaves`` into the data region ``[0, data_bytes)`` of the slot at
-        ``base``, then write ``manifest`` at ``manifest_offset`` of it and ``seal`` it;
-        ``h`` tells how far it got."""
+        """Copy ``leaves`` into the data region ``[0, data_bytes)`` of ``slot``, then
+        write ``manifest`` at ``manifest_offset`` of it and ``seal`` it; ``h`` tells how
+        far it got."""
+        base = arena.slot_base(slot)
         cuda = [lf for lf in leaves if lf.kind == "tensor" and lf.value.is_cuda]
         if cuda:
             h.copying_on_gpu(self._copy_cuda(arena, cuda, base))
         host = [lf for lf in leaves if not (lf.kind == "tensor" and lf.value.is_cuda)]
         deferred = [lf for lf in host if lf.nbytes > SYNC_COPY_BYTES and lf.kind != "pickle"]
         inline = [lf for lf in host if lf.nbytes <= SYNC_COPY_BYTES or lf.kind == "pickle"]
+        if sum(lf.nbytes for lf in inline) * 5 > arena.slot_bytes:
+            # Copies made here that would fault a fifth of the slot's pages one by one
+            # (~1.4 us each) cost more than mapping all of them in one call (~0.26 us).
+            arena.populate_slot(slot)
         for i, lf in enumerate(inline):
             if not deferred and i == len(inline) // 2:
                 fault_point("mid-copy", h.step, self.rank)
             copy_leaf(lf, arena.u8, arena.arr, base)
         sums = None if cuda else BlockSums(arena.u8.data_ptr() + base, data_bytes)
-        self._queue.put(lambda: self._finish(h, arena, base, deferred, sums,
+        self._queue.put(lambda: self._finish(h, arena, slot, deferred, sums,
                                              base + manifest_offset, manifest, seal))
 
     def close(self, timeout_s: float) -> None:
@@ -87,10 +92,14 @@ class Copier:
         self._queue.put(None)
         self._worker.join(timeout=timeout_s)
 
-    def _finish(self, h: SnapshotHandle, arena: ArenaMap, base: int, deferred: list[Leaf],
+    def _finish(self, h: SnapshotHandle, arena: ArenaMap, slot: int, deferred: list[Leaf],
                 sums: BlockSums | None, manifest_at: int, manifest: bytes, seal: Seal) -> None:
+        base = arena.slot_base(slot)
         try:
             fault_point("before-copy", h.step, self.rank)
+            # The slot's first copy in this mapping: its pages mapped in one call, not
+            # faulted one by one by the copy (client/arena_map.py).
+            arena.populate_slot(slot)
             half = len(deferred) // 2
             for i, lf in enumerate(deferred):
                 if i == half:
