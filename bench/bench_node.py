@@ -78,7 +78,9 @@ GiB = 1 << 30
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "shardguard-bench"
 DAEMON_START_S = 60.0
-WARMUP_STEPS = 1
+#: Steps each method takes before timing: the first writes of its buffers (shardguard's
+#: arena has two slots, each mapped at its first copy: client/arena_map.py).
+WARMUP_STEPS = 2
 FLOOR = "memcpy floor"
 
 

@@ -35,7 +35,12 @@ CHUNK_BYTES = 4 << 20
 #: stripe) before :meth:`StripeStream.feed` blocks: its feeder stops receiving, and the
 #: data plane's receive window then stops the sender (whose frames are views of its
 #: memory, not copies), so the frames held stay bounded whatever the sources' pace.
-AHEAD_BYTES = 32 << 20
+#: Every byte held is a received frame's buffer, which a new daemon faults in at its
+#: first use: 32 -> 16 MiB here and 4 -> 2 frames in a fetch's window took a lost node's
+#: rebuild (2 stripes of 3 sources at once) from ~122k to ~99k page faults in the
+#: replacement daemon and from 2100 to 2014 ms (medians of 9, ``bench/bench_cluster.py
+#: --gib 1 --steps 4 --rebuilds 3``, 3 alternating runs each, 2026-12-06).
+AHEAD_BYTES = 16 << 20
 _ZEROS = np.zeros(CHUNK_BYTES, dtype=np.uint8)
 _ZEROS.flags.writeable = False
 

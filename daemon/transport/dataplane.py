@@ -42,8 +42,8 @@ FRAME_BYTES = 8 << 20
 WINDOW_FRAMES = 32
 # Frames a fetch's socket queues before it stops reading (and TCP stops the sender): a
 # caller that stops taking frames (a rebuild waiting for a slower piece) holds no more
-# (32 MiB).
-FETCH_WINDOW_FRAMES = 4
+# (16 MiB; coding/stream.py's AHEAD_BYTES says what 32 cost a rebuild).
+FETCH_WINDOW_FRAMES = 2
 # How often a socket waiting for room or for a frame looks at what its link counted.
 WAIT_POLL_MS = 500
 # A handler gets (kind, header, payload) and may return messages to send back to the caller.
