@@ -81,10 +81,12 @@ class ArenaMap:
             logger.debug("arena %s still referenced; unmapped at exit", self.path)
 
 
-def map_arena(path: str, size: int, slot_bytes: int, now: Iterable[int] = ()) -> ArenaMap:
-    """Map the arena; its header's pages and those of slots ``now`` are mapped at once (the
-    slot a restore reads next), every other slot's at its first snapshot
-    (:meth:`ArenaMap.populate_slot`, on the copy thread) or as it is touched.
+def map_arena(path: str, size: int, slot_bytes: int, lazy_slots: Iterable[int] = ()
+              ) -> ArenaMap:
+    """Map the arena; its header's pages and those of the slot a restore reads next (the
+    one holding the restorable step, :func:`restorable_slots`) are mapped at once, every
+    other slot's at its first snapshot (:meth:`ArenaMap.populate_slot`, on the copy
+    thread) or as it is touched.
 
     Mapping the pages of a slot that is there already costs ~70 ms per GiB (one
     ``MADV_POPULATE_READ``: a shared mapping's tmpfs pages come in writable), a slot written
@@ -92,9 +94,10 @@ def map_arena(path: str, size: int, slot_bytes: int, now: Iterable[int] = ()) ->
     2026-12-06). A restarting trainer needs only the restorable slot before it can resume:
     the other is the next snapshot's, so mapping it at connect put ~0.1 s per GiB of state
     on the way to the restore, and on a node whose cores a rebuild was using, on the way
-    of the rebuild. A slot the daemon is still allocating and faulting in (a just rebuilt
-    arena's other slot, ``RegisterReply.lazy_slots``) is never in ``now``: faulting it in
-    here would clear its fresh pages in this process, on the way to the restore."""
+    of the rebuild. ``lazy_slots``, slots the daemon is still allocating and faulting in
+    (a just rebuilt arena's other slot, ``RegisterReply.lazy_slots``), are never mapped
+    here: faulting them in would clear their fresh pages in this process, on the way to
+    the restore."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         if os.fstat(fd).st_size != size:
@@ -106,7 +109,7 @@ def map_arena(path: str, size: int, slot_bytes: int, now: Iterable[int] = ()) ->
     arr = np.frombuffer(mm, dtype=np.uint8)
     hostmem.populate_read(arr.ctypes.data, fmt.HEADER_BYTES)
     m = ArenaMap(path, size, slot_bytes, mm, u8, arr)
-    for i in sorted(set(now)):
+    for i in restorable_slots(m, lazy_slots):
         m.populate_slot(i)
     return m
 

@@ -75,7 +75,8 @@ class Copier:
         host = [lf for lf in leaves if not (lf.kind == "tensor" and lf.value.is_cuda)]
         deferred = [lf for lf in host if lf.nbytes > SYNC_COPY_BYTES and lf.kind != "pickle"]
         inline = [lf for lf in host if lf.nbytes <= SYNC_COPY_BYTES or lf.kind == "pickle"]
-        if sum(lf.nbytes for lf in inline) * 5 > arena.slot_bytes:
+        if slot not in arena.populated and \
+                sum(lf.nbytes for lf in inline) * 5 > arena.slot_bytes:
             # Copies made here that would fault a fifth of the slot's pages one by one
             # (~1.4 us each) cost more than mapping all of them in one call (~0.26 us).
             arena.populate_slot(slot)

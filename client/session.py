@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from shardguard.client.arena_map import ArenaMap, map_arena, restorable_slots
+from shardguard.client.arena_map import ArenaMap, map_arena
 from shardguard.proto import agent_pb2 as pb
 from shardguard.proto import agent_pb2_grpc as pb_grpc
 from shardguard.proto.errors import (
@@ -97,10 +97,8 @@ class Session:
         self.lost = False
         if self.arena is not None:
             self.arena.close()
-        self.arena = map_arena(reply.arena_path, reply.arena_bytes, reply.slot_bytes)
-        # The slot a restore reads next, now; the next snapshot's when it is copied into.
-        for slot in restorable_slots(self.arena, reply.lazy_slots):
-            self.arena.populate_slot(slot)
+        self.arena = map_arena(reply.arena_path, reply.arena_bytes, reply.slot_bytes,
+                               reply.lazy_slots)
         return self.arena
 
     def begin(self, step: int, skipped: int) -> int:

@@ -1,8 +1,8 @@
 """client/arena_map.py: which of the arena's pages a trainer's mapping takes when.
 
-``map_arena(now=...)`` maps the header's pages and those of the slots named at once;
-every other slot is left to :meth:`ArenaMap.populate_slot` (the copy thread's, before
-a slot's first copy) or to its first touch. What the tests look at, on a real /dev/shm
+``map_arena`` maps the header's pages and those of the restorable slot at once (not a
+slot the daemon named lazy); every other slot is left to :meth:`ArenaMap.populate_slot`
+(the copy thread's, before a slot's first copy) or to its first touch. What the tests look at, on a real /dev/shm
 file: a hole (a slot the daemon has not allocated yet, as a rebuild leaves the other
 slot) stays a hole until the slot is populated or written (tmpfs allocates a page when
 a mapping first faults it), and writing a populated slot takes no page faults while
@@ -25,14 +25,23 @@ PAGES = 64
 SLOT = PAGES * fmt.PAGE
 
 
+def header_bytes(*states: fmt.SlotState) -> np.ndarray:
+    """An arena header whose slots are in ``states`` (slot ``i`` holding step ``i``)."""
+    slots = tuple(fmt.SlotDesc(state=s, step=i if s != fmt.SlotState.FREE else -1)
+                  for i, s in enumerate(states))
+    return np.frombuffer(fmt.pack_header(fmt.Header(SLOT, 0, 1, "j", slots)), dtype=np.uint8)
+
+
 def make_arena(slots_allocated: int) -> str:
     """A /dev/shm file of a two-slot arena whose header and first ``slots_allocated``
-    slots are allocated and the rest a hole."""
+    slots are allocated and the rest a hole; its header says slot 0 holds the
+    restorable step."""
     path = f"/dev/shm/sg-test-map-{uuid.uuid4().hex}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.posix_fallocate(fd, 0, fmt.arena_bytes(SLOT, slots_allocated))
         os.ftruncate(fd, fmt.arena_bytes(SLOT))
+        os.pwrite(fd, header_bytes(fmt.SlotState.RESTORABLE, fmt.SlotState.FREE).tobytes(), 0)
     finally:
         os.close(fd)
     return path
@@ -59,10 +68,10 @@ def faults_writing(m, slot: int) -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
 
 
-def test_a_slot_not_named_is_not_faulted_in_by_the_mapping(arena_file: str) -> None:
+def test_only_the_restorable_slot_is_faulted_in_by_the_mapping(arena_file: str) -> None:
     before = allocated(arena_file)
     assert fmt.arena_bytes(SLOT, 1) <= before < fmt.arena_bytes(SLOT)
-    m = map_arena(arena_file, fmt.arena_bytes(SLOT), SLOT, now=[0])
+    m = map_arena(arena_file, fmt.arena_bytes(SLOT), SLOT)
     assert allocated(arena_file) == before  # the hole is still a hole
     assert m.populated == {0}
     # ...and the mapping works there: written, it is allocated and reads back.
@@ -74,7 +83,7 @@ def test_a_slot_not_named_is_not_faulted_in_by_the_mapping(arena_file: str) -> N
 
 
 def test_populate_slot_maps_every_page_writable_once(arena_file: str) -> None:
-    m = map_arena(arena_file, fmt.arena_bytes(SLOT), SLOT)
+    m = map_arena(arena_file, fmt.arena_bytes(SLOT), SLOT, lazy_slots=[0])  # none at once
     assert m.populated == set()
     m.populate_slot(1)  # the hole: populating it allocates it
     assert allocated(arena_file) >= fmt.arena_bytes(SLOT)
@@ -85,8 +94,9 @@ def test_populate_slot_maps_every_page_writable_once(arena_file: str) -> None:
     m.close()
 
 
-def test_a_slot_named_now_is_written_without_faults(arena_file: str) -> None:
-    m = map_arena(arena_file, fmt.arena_bytes(SLOT), SLOT, now=[0, 1])
+def test_populated_slots_are_written_without_faults(arena_file: str) -> None:
+    m = map_arena(arena_file, fmt.arena_bytes(SLOT), SLOT)
+    m.populate_slot(1)
     assert m.populated == {0, 1}
     assert faults_writing(m, 0) < PAGES // 4
     assert faults_writing(m, 1) < PAGES // 4
@@ -102,9 +112,6 @@ def test_the_restorable_slot_is_the_one_mapped_at_connect(arena_file: str) -> No
             ((fmt.SlotState.RESTORABLE, fmt.SlotState.FREE), (), [0]),
             ((fmt.SlotState.RESTORABLE, fmt.SlotState.FREE), (0,), []),
             ((fmt.SlotState.FREE, fmt.SlotState.FREE), (), [])):
-        slots = tuple(fmt.SlotDesc(state=s, step=i if s != fmt.SlotState.FREE else -1)
-                      for i, s in enumerate(states))
-        m.arr[:fmt.HEADER_BYTES] = np.frombuffer(
-            fmt.pack_header(fmt.Header(SLOT, 0, 1, "j", slots)), dtype=np.uint8)
+        m.arr[:fmt.HEADER_BYTES] = header_bytes(*states)
         assert restorable_slots(m, lazy) == want, states
     m.close()
