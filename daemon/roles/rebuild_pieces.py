@@ -3,7 +3,7 @@
 its stripe as their frames arrive (coding/stream.py), straight into the destination.
 
 roles/rebuild.py decides which pieces a rebuild needs and where they go; this module only
-moves and decodes bytes, with every checksum checked.
+moves and decodes bytes, and checks every piece it produces against its checksum.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ class PieceSource:
 
         The ``k`` pieces are chosen by placement (data pieces first, those of nodes
         that answered); a piece that cannot be fetched or fails its checksum is
-        replaced by the next one and the piece decoded again.
+        replaced by the next one and the piece decoded again. The first try checks only
+        the decoded piece's checksum (coding/stream.py); when that fails, the piece is
+        decoded again with every source checked, which names the bad one.
         """
         info = meta.stripes[(grp.group, stripe)]
         lost = [p for p, node in enumerate(grp.nodes) if node not in alive]
@@ -146,6 +148,7 @@ class PieceSource:
         candidates = first + [i for i in range(grp.k + grp.m) if i != q and i not in first]
         missing = [info.pieces[i].node for i in candidates if info.pieces[i].node not in alive]
         usable = [i for i in candidates if info.pieces[i].node in alive]
+        check_sources = False
         while True:
             if len(usable) < grp.k:
                 gone = sorted(set(missing) | {info.pieces[q].node})
@@ -153,12 +156,18 @@ class PieceSource:
                     f"job {job} step {meta.step}: group {grp.group} cannot be rebuilt: nodes "
                     f"{gone} are lost or hold corrupt pieces, and its parity covers {grp.m}")
             stream = self._stream(job, meta, grp.group, stripe, q, usable[:grp.k], alive,
-                                  grp.k, grp.m, dest, dest_off, length)
+                                  grp.k, grp.m, dest, dest_off, length, check_sources)
             bad = stream.run(abort)
-            if not bad:
+            if not bad and (check_sources or stream.crc == info.pieces[q].crc):
                 break
             if abort.is_set():
                 raise StreamClosed("rebuild aborted")
+            if not bad:
+                logger.warning("stripe %d piece %d decoded from pieces %s fails its checksum: "
+                               "decoding it again with every source checked", stripe, q,
+                               sorted(usable[:grp.k]), extra={"job": job, "step": meta.step})
+                check_sources = True
+                continue
             for idx, exc in sorted(bad.items()):
                 if not isinstance(exc, (PeerUnavailableError, CorruptionError)):
                     raise exc
@@ -173,12 +182,12 @@ class PieceSource:
 
     def _stream(self, job: str, meta: StepMeta, group: int, stripe: int, q: int,
                 use: list[int], alive: dict[int, str], k: int, m: int, dest: Dest,
-                dest_off: int, length: int) -> StripeStream:
+                dest_off: int, length: int, check_sources: bool) -> StripeStream:
         """A stream decoding piece ``q`` from the pieces ``use``, their fetches started."""
         info = meta.stripes[(group, stripe)]
         stream = StripeStream(self.codecs.get(k, m),
                               {i: (info.pieces[i].len, info.pieces[i].crc) for i in use}, q,
-                              length, info.plen, dest, dest_off)
+                              length, info.plen, dest, dest_off, check_sources)
         local = []
         for idx in use:
             address = alive[info.pieces[idx].node]

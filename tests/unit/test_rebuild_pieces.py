@@ -1,6 +1,7 @@
 """roles/rebuild_pieces.py ``PieceSource.decode_into``: a lost piece decoded from ``k``
-others of its stripe, every source checksummed as it lands: a corrupt source is named and
-replaced by the next piece, and a decoded piece whose own checksum fails is refused. The
+others of its stripe and checked against its checksum; where it fails, decoded again with
+every source checksummed as it lands: a corrupt source is named and replaced by the next
+piece, and a decoded piece whose own checksum fails with every source passing is refused. The
 transport is faked here (pieces served from memory frame by frame); the real one, with a
 real corrupt parity file, is tests/integration/test_cluster.py's
 ``test_a_lost_node_is_rebuilt_past_corrupt_source_pieces``."""
@@ -70,9 +71,10 @@ def stripe() -> tuple[placement.GroupLayout, StepMeta, list[np.ndarray]]:
     return grp, meta, pieces
 
 
-def decode(stripe, served: list[np.ndarray], q: int) -> tuple[np.ndarray, FakePlane]:
+def decode(stripe, served: list[np.ndarray], q: int,
+           plane: FakePlane | None = None) -> tuple[np.ndarray, FakePlane]:
     grp, meta, _ = stripe
-    plane = FakePlane({(STRIPE, i): p for i, p in enumerate(served)})
+    plane = plane or FakePlane({(STRIPE, i): p for i, p in enumerate(served)})
     source = PieceSource(reader=None, plane=plane, codecs=Codecs(), metrics=NoMetrics())
     lost = meta.stripes[(0, STRIPE)].pieces[q].node
     alive = {n: f"tcp://node-{n}" for n in grp.nodes if n != lost}
@@ -95,9 +97,12 @@ def test_a_corrupt_source_is_named_and_replaced_by_the_next_piece(stripe, caplog
     with caplog.at_level(logging.WARNING, logger="shardguard.daemon.roles.rebuild"):
         dest, plane = decode(stripe, served, q=0)
     assert np.array_equal(dest, pieces[0])  # overwritten by the good decode
-    # (1, 2, 3) names 2; then the next piece in its place: (1, 3, 4).
+    # (1, 2, 3) unchecked: the decoded piece fails; (1, 2, 3) with the sources checked
+    # names 2; then the next piece in its place: (1, 3, 4).
     assert sorted(plane.fetches[:3]) == [1, 2, 3]
-    assert sorted(plane.fetches[3:]) == [1, 3, 4]
+    assert sorted(plane.fetches[3:6]) == [1, 2, 3]
+    assert sorted(plane.fetches[6:]) == [1, 3, 4]
+    assert "decoding it again with every source checked" in caplog.text
     assert "piece 2 from node" in caplog.text and "checksum fails" in caplog.text
 
 
@@ -111,5 +116,8 @@ def test_a_decoded_piece_that_fails_with_every_source_passing_is_refused(stripe)
     stripe = (grp, StepMeta(job=meta.job, step=meta.step, code=meta.code, group=0,
                             members=meta.members, layouts={},
                             stripes={(0, STRIPE): StripeMeta(plen=PLEN, pieces=bad)}), pieces)
+    plane = FakePlane({(STRIPE, i): p for i, p in enumerate(pieces)})
     with pytest.raises(CorruptionError, match="decoded piece 0 of stripe 1: checksum fails"):
-        decode(stripe, pieces, q=0)
+        decode(stripe, pieces, q=0, plane=plane)
+    # Decoded once unchecked, once with every source checked (all pass): then refused.
+    assert sorted(plane.fetches) == [1, 1, 2, 2, 3, 3]

@@ -37,10 +37,10 @@ def frames(piece: np.ndarray, n: int, size: int) -> list[tuple[int, np.ndarray]]
     return [(o, piece[o:min(o + size, n)]) for o in range(0, n, size)]
 
 
-def make(stripe, sources, q, dest, dest_off=0) -> StripeStream:
+def make(stripe, sources, q, dest, dest_off=0, check_sources=True) -> StripeStream:
     codec, pieces, lens = stripe
     return StripeStream(codec, {i: (lens[i], crc32c(pieces[i][:lens[i]])) for i in sources}, q,
-                        lens[q], PLEN, dest, dest_off)
+                        lens[q], PLEN, dest, dest_off, check_sources)
 
 
 def feed_all(st: StripeStream, stripe, sources, shuffle: bool, size: int = 1 << 20,
@@ -132,6 +132,28 @@ def test_a_source_that_fails_its_checksum_is_named_not_accepted(stripe) -> None:
     for t in threads:
         t.join()
     assert list(bad) == [3] and isinstance(bad[3], CorruptionError)
+
+
+@pytest.mark.parametrize("q,sources,spoil", [(0, [1, 2, 3], 3), (0, [1, 2, 3], 1),
+                                             (4, [0, 1, 2], 2), (2, [0, 3, 4], 4)])
+def test_unchecked_sources_a_corrupt_one_shows_in_the_decoded_checksum(stripe, q, sources,
+                                                                       spoil) -> None:
+    """Without the sources' checksums nothing names the bad source, but the decoded piece's
+    checksum is not the stripe's: the caller (roles/rebuild_pieces.py) decodes again with
+    the sources checked. With every source good, the same stream's checksum is right."""
+    _, pieces, lens = stripe
+    for bad in (spoil, None):
+        dest = np.zeros(lens[q], np.uint8)
+        st = make(stripe, sources, q, dest, check_sources=False)
+        threads = feed_all(st, stripe, sources, shuffle=False, spoil=bad)
+        assert st.run() == {}
+        for t in threads:
+            t.join()
+        good = crc32c(pieces[q][:lens[q]])
+        if bad is None:
+            assert st.crc == good and np.array_equal(dest, pieces[q][:lens[q]])
+        else:
+            assert st.crc != good
 
 
 def test_a_failed_or_short_source_ends_the_stream(stripe) -> None:
