@@ -211,9 +211,10 @@ def flip_byte(path: str, offset: int) -> None:
 def test_a_lost_node_is_rebuilt_past_corrupt_source_pieces(local_cluster, tmp_path: Path) -> None:
     """g=5, m=2 (k=3): node 1 is lost, and the first parity piece (index 3) of every stripe
     on nodes 2, 3 and 4 is corrupt. Each of node 1's data pieces is decoded from two data
-    pieces and one of those parity pieces, streamed frame by frame: the corrupt piece must
-    be found (its checksum, as its frames land), never used, and replaced by the stripe's
-    other parity piece; the job resumes bit-exact."""
+    pieces and one of those parity pieces, streamed frame by frame: the decoded piece fails
+    its checksum, is decoded again with its sources checked as their frames land, and the
+    corrupt piece is found, never used, and replaced by the stripe's other parity piece;
+    the job resumes bit-exact."""
     root = local_cluster(5, 5, 2)
     out = tmp_path / "run"
     assert train(root, out, 5, 5) == 0, trainer_log(out)
@@ -239,6 +240,7 @@ def test_a_lost_node_is_rebuilt_past_corrupt_source_pieces(local_cluster, tmp_pa
         assert_same_state(a, b)
     log = (root / "node-1" / "daemon.log").read_text()
     assert "rebuilt ranks [1]" in log
+    assert log.count("decoding it again with every source checked") >= 3, log[-3000:]
     assert log.count("unusable") >= 3 and "checksum fails" in log, log[-3000:]
 
 
