@@ -12,16 +12,17 @@ Integrity: the decoded piece's CRC32C is made as it is written (:attr:`crc`), an
 equal the stripe metadata's before the caller uses it: that check alone decides whether
 the bytes are right. A corrupt source changes the output wherever its coefficient in
 the decode is non-zero (where it is zero the output does not depend on it), so a wrong
-output is caught as surely as a wrong source would be. With ``check_sources`` each source's CRC32C is
-also made frame by frame as it lands (by the thread that feeds it), which names *which*
-source is bad: :meth:`StripeStream.run` returns the sources that failed (fetch error,
-wrong length, checksum), and bytes decoded with a failed source are never accepted --
-the caller decodes the piece again without it, which overwrites the destination, or
-gives up. Without it (a rebuild's first try, roles/rebuild_pieces.py) only lengths and
-fetch errors are sources' failures; a decoded piece whose CRC fails is decoded again
-with the sources checked. That saves reading ``k`` times the piece once more: on a
-rebuild of a lost 1 GiB node (4 local nodes, 2 cores) the sources' checksums were ~7 %
-of the replacement daemon's CPU (``perf record``, 2026-12-06).
+output is caught as surely as a wrong source would be. With ``check_sources`` each
+source's CRC32C is also made frame by frame as it lands (by the thread that feeds it),
+which names *which* source is bad: :meth:`StripeStream.run` returns the sources that
+failed (fetch error, wrong length, checksum), and bytes decoded with a failed source
+are never accepted -- the caller decodes the piece again without it, which overwrites
+the destination, or gives up. Without it (a rebuild's first try,
+roles/rebuild_pieces.py) only lengths and fetch errors are sources' failures; a decoded
+piece whose CRC fails is decoded again with the sources checked. That saves reading
+``k`` times the piece once more: on a rebuild of a lost 1 GiB node (4 local nodes, 2
+cores) the sources' checksums were ~7 % of the replacement daemon's CPU (``perf
+record``, 2026-12-06).
 """
 
 from __future__ import annotations
