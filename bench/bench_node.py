@@ -79,7 +79,12 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX = "shardguard-bench"
 DAEMON_START_S = 60.0
 #: Steps each method takes before timing: the first writes of its buffers (shardguard's
-#: arena has two slots, each mapped at its first copy: client/arena_map.py).
+#: arena has two slots, each mapped at its first copy: client/arena_map.py). What they
+#: started is waited for before the timed steps, so that none of it is timed: the last
+#: one's background work (for shardguard, its copy into the second slot, which first maps
+#: that slot's fresh pages: ~0.2-0.3 s of CPU for 512 MiB on this guest) otherwise ran into
+#: the first timed step and was counted in its wall and CPU time (``perf record`` of
+#: ``bench_peers.py --only shardguard``, 2026-12-06).
 WARMUP_STEPS = 2
 FLOOR = "memcpy floor"
 
@@ -525,6 +530,7 @@ def run_loop(
     cpu0 = daemon0 = 0.0
     while True:
         if i == WARMUP_STEPS:
+            method.drain()  # the untimed steps' work in flight is not the timed steps'
             cpu0, daemon0 = time.process_time(), _cpu(daemon)
         t0 = time.perf_counter()
         compute()
