@@ -5,10 +5,11 @@ stripe's piece size is known: the largest of theirs); the parity buffers are mad
 (parity 0 in its shm file, parities ``1..m-1`` in scratch buffers; reused from an older
 step and not cleared). Each arriving 8 MiB frame is folded into the parity in place
 (ISA-L): written where it is the first share to reach those bytes, added to where it is
-not (coding/coverage.py), so encoding overlaps the transfer. When every byte is in, the
-encoder clears what no source reached (past every source's end), checksums its parity,
-keeps parity 0, forwards parities ``1..m-1`` to their holders (waiting until each
-arrived) and reports the stripe, with its pieces' places and CRCs and its sources' layouts, to the
+not (coding/coverage.py), so encoding overlaps the transfer; each chunk of the parity is
+checksummed as soon as its last share is in (coding/parity_sums.py). When every byte is in,
+the encoder clears what no source reached (past every source's end), checksums those bytes
+and combines the chunks' CRCs into the parity's, keeps parity 0, forwards parities
+``1..m-1`` to their holders (waiting until each arrived) and reports the stripe, with its pieces' places and CRCs and its sources' layouts, to the
 coordinator.
 """
 
@@ -20,8 +21,8 @@ from typing import Any
 
 from shardguard.daemon.base import faults
 from shardguard.daemon.base.stalls import Stalls
-from shardguard.daemon.coding.checksum import crc32c
 from shardguard.daemon.coding.codec import Codecs
+from shardguard.daemon.coding.parity_sums import ParitySums
 from shardguard.daemon.coding.placement import stripe_piece_bytes
 from shardguard.daemon.errors import (
     ConfigMismatchError,
@@ -104,6 +105,8 @@ class Encoder:
             enc.got.setdefault(req.index, 0)
             if len(enc.offers) == grp.k and not enc.ready.is_set():
                 enc.piece_bytes = stripe_piece_bytes(o.piece_bytes for o in enc.offers.values())
+                enc.sums = ParitySums(enc.piece_bytes,
+                                      [o.real_bytes for o in enc.offers.values()], grp.m)
                 enc.parity = [self.pieces.create(req.job, req.step, req.group, req.stripe,
                                                  grp.k + j, enc.piece_bytes, clear=False)
                               if j == 0 else self.pieces.scratch(req.job, req.group, req.stripe,
@@ -162,7 +165,8 @@ class Encoder:
         if n != len(payload) or off < 0 or off + n > offer.real_bytes:
             raise InvalidRequestError(f"frame [{off}, +{n}) outside piece {q} of {where}")
         if n:
-            codec = self.codecs.get(enc.group.k, enc.group.m)
+            codec, sums = self.codecs.get(enc.group.k, enc.group.m), enc.sums
+            assert sums is not None  # made with the parity, before ready
             with enc.lock, self.store.metrics.encoding(job, n):
                 if enc.superseded:
                     raise SupersededError(f"frame of piece {q} of {where}: the stripe started "
@@ -170,6 +174,7 @@ class Encoder:
                 for lo, hi, first in enc.coverage.take(off, n):
                     codec.encode_update(q, payload[lo - off:hi - off],
                                         [p[lo:hi] for p in enc.parity], first=first)
+                    sums.folded(lo, hi, enc.parity)
         with self.state.arrived:
             enc.got[q] += n
             if enc.got[q] >= offer.real_bytes:  # its sender waits for the whole piece
@@ -190,11 +195,12 @@ class Encoder:
                 for par in enc.parity:
                     par[lo:hi] = 0
             faults.point("partial-parity", step, topo.node_index)
+            assert enc.sums is not None
             for j, par in enumerate(enc.parity):
                 if enc.superseded:
                     break  # no older parity goes out once the stripe started over
                 holder = grp.nodes[grp.parity_holders(stripe)[j]]
-                crc = crc32c(par)
+                crc = enc.sums.crc(j, par)
                 pieces[grp.k + j] = PieceMeta(holder, enc.piece_bytes, crc)
                 if j:
                     self._forward(job, step, topo.nodes[holder], holder, group, stripe,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shardguard.daemon.coding.coverage import Coverage
+from shardguard.daemon.coding.parity_sums import ParitySums
 from shardguard.daemon.coding.placement import GroupLayout
 from shardguard.daemon.errors import ShardguardError, SupersededError
 from shardguard.proto import peer_pb2 as ppb
@@ -36,6 +37,8 @@ class Encoding:
     #: Not cleared: each range is written by the first share to reach it (``coverage``).
     parity: list[np.ndarray] = field(default_factory=list)
     coverage: Coverage = field(default_factory=Coverage)
+    #: The parity's CRC32C, made chunk by chunk as each becomes final (set when ready).
+    sums: ParitySums | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
     #: A source sealed the step again (a relaunch) after this stripe was under way: it

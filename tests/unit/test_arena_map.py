@@ -20,6 +20,7 @@ import pytest
 
 from shardguard.client.arena_map import map_arena, restorable_slots
 from shardguard.proto import arena as fmt
+from shardguard.proto.errors import ArenaFormatError
 
 PAGES = 64
 SLOT = PAGES * fmt.PAGE
@@ -115,3 +116,26 @@ def test_the_restorable_slot_is_the_one_mapped_at_connect(arena_file: str) -> No
         m.arr[:fmt.HEADER_BYTES] = header_bytes(*states)
         assert restorable_slots(m, lazy) == want, states
     m.close()
+
+
+def test_the_header_is_read_again_whenever_its_bytes_change(arena_file: str) -> None:
+    """A waiting rank reads the header every few ms and parses it only when its bytes
+    changed: each write of the daemon's is seen at the next read, and a torn read (bytes
+    that fail the header's checksum) is never kept as the header."""
+    m = map_arena(arena_file, fmt.arena_bytes(SLOT), SLOT)
+    try:
+        first = m.header()
+        assert m.header() is first  # unchanged bytes: the same parse
+        assert m.is_restorable(0) and not m.is_restorable(1)
+        m.arr[:fmt.HEADER_BYTES] = header_bytes(fmt.SlotState.SEALED, fmt.SlotState.RESTORABLE)
+        assert m.is_restorable(1) and not m.is_restorable(0)
+        good = m.header()
+        torn = header_bytes(fmt.SlotState.RESTORABLE, fmt.SlotState.RESTORABLE).copy()
+        torn[fmt.HEADER_CRC_OFFSET] ^= 1
+        m.arr[:fmt.HEADER_BYTES] = torn
+        with pytest.raises(ArenaFormatError, match="checksum"):
+            m._read_header()
+        m.arr[:fmt.HEADER_BYTES] = header_bytes(fmt.SlotState.SEALED, fmt.SlotState.RESTORABLE)
+        assert m.header() == good and m.is_restorable(1)
+    finally:
+        m.close()
