@@ -21,9 +21,8 @@ from typing import Any
 
 from shardguard.daemon.base import faults
 from shardguard.daemon.base.stalls import Stalls
-from shardguard.daemon.coding.codec import Codec, Codecs
+from shardguard.daemon.coding.codec import Codecs
 from shardguard.daemon.coding.parity_sums import ParitySums
-from shardguard.daemon.coding.share_windows import Frame, ShareWindows, Window
 from shardguard.daemon.coding.placement import stripe_piece_bytes
 from shardguard.daemon.errors import (
     ConfigMismatchError,
@@ -36,16 +35,12 @@ from shardguard.daemon.roles.leader import Reporter
 from shardguard.daemon.roles.state import Encoding, JobState, ProtectionState
 from shardguard.daemon.storage.pieces import PieceFiles
 from shardguard.daemon.storage.store import Store
-from shardguard.daemon.transport.dataplane import FRAME_BYTES, DataPlane
+from shardguard.daemon.transport.dataplane import DataPlane
 from shardguard.daemon.transport.delivery import Delivery
 from shardguard.proto import peer_pb2 as ppb
 from shardguard.proto.meta import NodeLayout, PieceMeta, StripeReport, seal_token
 
 logger = logging.getLogger(__name__)
-
-#: Frames per source a stripe holds at most while waiting for the other sources' shares
-#: of their windows (coding/share_windows.py); past it they are folded one by one.
-HELD_FRAMES = 2
 
 
 class Encoder:
@@ -97,7 +92,8 @@ class Encoder:
                 # The source sealed this step again (a relaunch resumed before it) while
                 # the stripe was under way: it starts over from this offer; the old one's
                 # frames are refused and its parity never reported.
-                enc.supersede()
+                with enc.lock:
+                    enc.superseded = True
                 voided = True
                 logger.info("group %d stripe %d: node %d sealed the step again; the stripe "
                             "starts over", req.group, req.stripe, req.node,
@@ -109,9 +105,8 @@ class Encoder:
             enc.got.setdefault(req.index, 0)
             if len(enc.offers) == grp.k and not enc.ready.is_set():
                 enc.piece_bytes = stripe_piece_bytes(o.piece_bytes for o in enc.offers.values())
-                reals = [enc.offers[q].real_bytes for q in range(grp.k)]
-                enc.sums = ParitySums(enc.piece_bytes, reals, grp.m)
-                enc.windows = ShareWindows(reals, FRAME_BYTES, HELD_FRAMES * grp.k * FRAME_BYTES)
+                enc.sums = ParitySums(enc.piece_bytes,
+                                      [o.real_bytes for o in enc.offers.values()], grp.m)
                 enc.parity = [self.pieces.create(req.job, req.step, req.group, req.stripe,
                                                  grp.k + j, enc.piece_bytes, clear=False)
                               if j == 0 else self.pieces.scratch(req.job, req.group, req.stripe,
@@ -143,7 +138,8 @@ class Encoder:
         void = [key for key, enc in st.encodings.items() if enc.epoch < epoch]
         for key in void:
             enc = st.encodings.pop(key)
-            enc.supersede()
+            with enc.lock:
+                enc.superseded = True
             enc.ready.set()  # wakes its waiting offers: they see it is void
         if void:
             logger.info("launch %d of the job offers here: %d stripe(s) of older launches "
@@ -168,18 +164,17 @@ class Encoder:
             raise SupersededError(f"frame of piece {q} of {where}: not the seal offered")
         if n != len(payload) or off < 0 or off + n > offer.real_bytes:
             raise InvalidRequestError(f"frame [{off}, +{n}) outside piece {q} of {where}")
-        codec = self.codecs.get(enc.group.k, enc.group.m)
         if n:
-            assert enc.windows is not None  # made with the parity, before ready
+            codec, sums = self.codecs.get(enc.group.k, enc.group.m), enc.sums
+            assert sums is not None  # made with the parity, before ready
             with enc.lock, self.store.metrics.encoding(job, n):
                 if enc.superseded:
                     raise SupersededError(f"frame of piece {q} of {where}: the stripe started "
                                           f"over")
-                window, alone = enc.windows.add(Frame(q, off, payload))
-                for frame in alone:
-                    _fold_one(codec, enc, frame)
-                if window is not None:
-                    _fold_window(codec, enc, window)
+                for lo, hi, first in enc.coverage.take(off, n):
+                    codec.encode_update(q, payload[lo - off:hi - off],
+                                        [p[lo:hi] for p in enc.parity], first=first)
+                    sums.folded(lo, hi, enc.parity)
         with self.state.arrived:
             enc.got[q] += n
             if enc.got[q] >= offer.real_bytes:  # its sender waits for the whole piece
@@ -188,10 +183,6 @@ class Encoder:
         if all(enc.got.get(i) == o.real_bytes for i, o in enc.offers.items()) \
                 and len(enc.offers) == enc.group.k and not enc.finished:
             enc.finished = True
-            assert enc.windows is not None
-            with enc.lock:  # the frames of windows not every source reaches
-                for frame in enc.windows.drain():
-                    _fold_one(codec, enc, frame)
             self.pool.submit(self._finish, job, step, enc)
 
     def _finish(self, job: str, step: int, enc: Encoding) -> None:
@@ -241,35 +232,3 @@ class Encoder:
                         delivered=lambda acked: self.delivery.confirm(
                             where, len(par), holder, control, data, acked))
         self.store.metrics.bytes_sent(job, "parity", len(par))
-
-
-def _fold_one(codec: Codec, enc: Encoding, frame: Frame) -> None:
-    """Fold one frame into the parity: written where it is the first share to reach its
-    bytes, added where it is not."""
-    assert enc.sums is not None
-    view = frame.view
-    for lo, hi, first in enc.coverage.take(frame.off, len(view)):
-        codec.encode_update(frame.q, view[lo - frame.off:hi - frame.off],
-                            [p[lo:hi] for p in enc.parity], first=first)
-        enc.sums.folded(lo, hi, enc.parity)
-
-
-def _fold_window(codec: Codec, enc: Encoding, window: Window) -> None:
-    """Write a window's parity from every source's share of it, in one pass."""
-    assert enc.sums is not None
-    reached = enc.coverage.take(window.lo, window.hi - window.lo)
-    if reached == [(window.lo, window.hi, True)]:
-        for a, b, views in window.parts(enc.group.k):
-            codec.encode(views, [p[a:b] for p in enc.parity])
-    else:
-        # A share reached part of the window before (the windows hold none of a window
-        # they handed back, so this is defence only): what no share reached is cleared,
-        # then every share added.
-        for lo, hi, first in reached:
-            if first:
-                for p in enc.parity:
-                    p[lo:hi] = 0
-        for frame in window.frames:
-            codec.encode_update(frame.q, frame.view, [p[frame.off:frame.end] for p in enc.parity])
-    for frame in window.frames:
-        enc.sums.folded(frame.off, frame.end, enc.parity)

@@ -17,7 +17,6 @@ import numpy as np
 
 from shardguard.daemon.coding.coverage import Coverage
 from shardguard.daemon.coding.parity_sums import ParitySums
-from shardguard.daemon.coding.share_windows import ShareWindows
 from shardguard.daemon.coding.placement import GroupLayout
 from shardguard.daemon.errors import ShardguardError, SupersededError
 from shardguard.proto import peer_pb2 as ppb
@@ -40,8 +39,6 @@ class Encoding:
     coverage: Coverage = field(default_factory=Coverage)
     #: The parity's CRC32C, made chunk by chunk as each becomes final (set when ready).
     sums: ParitySums | None = None
-    #: Frames held until every source's share of their window is in (set when ready).
-    windows: ShareWindows | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
     #: A source sealed the step again (a relaunch) after this stripe was under way: it
@@ -51,13 +48,6 @@ class Encoding:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: This encoding among the stripe's (parity forwards carry it to their holders).
     ident: int = field(default_factory=lambda: secrets.randbits(63))
-
-    def supersede(self) -> None:
-        """Void this encoding: its later frames are refused, the frames it holds dropped."""
-        with self.lock:
-            self.superseded = True
-            if self.windows is not None:
-                self.windows.drain()
 
 
 @dataclass

@@ -71,18 +71,13 @@ def _ready(sock: zmq.Socket, event: int, counted: Counted, timeout_s: float) -> 
 
 def chunks(buffers: Iterable[memoryview], frame_bytes: int = FRAME_BYTES
            ) -> Iterator[tuple[int, memoryview]]:
-    """(offset, view) frames of at most ``frame_bytes`` across consecutive buffers, cut at
-    every multiple of ``frame_bytes`` in offsets: a buffer's end inside one cuts a frame
-    short and the next starts there, so that every source of a stripe meets its encoder at
-    the same window edges (coding/share_windows.py)."""
+    """(offset, view) frames of at most ``frame_bytes`` across consecutive buffers."""
     off = 0
     for buf in buffers:
-        start = 0
-        while start < len(buf):
-            part = buf[start:start + frame_bytes - off % frame_bytes]
+        for start in range(0, len(buf), frame_bytes):
+            part = buf[start:start + frame_bytes]
             yield off, part
             off += len(part)
-            start += len(part)
 
 
 class DataPlane:
