@@ -2,10 +2,11 @@
 
 The encoder folds every source's frames into the parity as they arrive
 (``roles/encoder.py``); a chunk of the parity is final once every source that reaches
-into it has had its share of the chunk folded in. Checksumming it then reads bytes the
-fold has just written, while they are still in cache, and spreads the work over the
-transfer instead of leaving one read of the whole parity (a third of a node's payload,
-on every node at once) between the last frame and the stripe's report.
+into it has had its share of the chunk folded in. Checksumming it then (on a pool
+thread, so that the thread receiving frames does no more than before) reads bytes the
+fold has just written, likely still in cache, and spreads the work over the transfer
+instead of leaving one read of the whole parity (a third of a node's payload, on every
+node at once) between the last frame and the stripe's report.
 
 The CRC of the whole parity is the combination of its chunks' (:func:`crc32c_combine`).
 A chunk is checksummed only when nothing can write it again: every source's bytes in it
@@ -18,6 +19,7 @@ the CRC reported is always of the bytes kept.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,10 +38,12 @@ class ParitySums:
         piece_bytes: the stripe's parity length.
         reals: each source's real length (its bytes from 0; past it its share is zero).
         parities: how many parity buffers the stripe has (``m``).
+        pool: where a final chunk is checksummed; None: in the folding thread.
     """
 
     def __init__(self, piece_bytes: int, reals: Sequence[int], parities: int,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES,
+                 pool: concurrent.futures.Executor | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         self.piece_bytes, self.chunk = piece_bytes, chunk_bytes
@@ -49,7 +53,8 @@ class ParitySums:
         self._final_below = min(max(reals, default=0), piece_bytes)
         self._left = [sum(_overlap(i * chunk_bytes, min((i + 1) * chunk_bytes, piece_bytes), 0, r)
                           for r in reals) for i in range(count)]
-        self._crcs: list[list[int | None]] = [[None] * count for _ in range(parities)]
+        self._crcs: list[list[_Crc | None]] = [[None] * count for _ in range(parities)]
+        self._pool = pool
 
     def folded(self, lo: int, hi: int, parity: Sequence[np.ndarray]) -> None:
         """A share of bytes ``[lo, hi)`` was folded into ``parity``: checksum the chunks it
@@ -63,7 +68,9 @@ class ParitySums:
                     crcs[i] = None
             elif self._left[i] == 0 and end <= self._final_below:
                 for crcs, par in zip(self._crcs, parity):
-                    crcs[i] = crc32c(par[start:end])
+                    view = par[start:end]
+                    crcs[i] = crc32c(view) if self._pool is None else \
+                        self._pool.submit(crc32c, view)
 
     def early(self) -> int:
         """Chunks checksummed so far (before the stripe finished)."""
@@ -77,9 +84,24 @@ class ParitySums:
         whole, c = 0, self.chunk
         for i, known in enumerate(self._crcs[j]):
             start, end = i * c, min((i + 1) * c, self.piece_bytes)
-            part = known if known is not None and self._left[i] == 0 else crc32c(par[start:end])
-            whole = crc32c_combine(whole, part, end - start)
+            part = _result(known) if self._left[i] == 0 else None
+            whole = crc32c_combine(whole, crc32c(par[start:end]) if part is None else part,
+                                   end - start)
         return whole
+
+
+#: A chunk's CRC: made, or being made on the pool.
+_Crc = int | concurrent.futures.Future
+
+
+def _result(crc: _Crc | None) -> int | None:
+    """The chunk's CRC; None where it must be made now: never made, or still queued (taken
+    back, so that a caller on the pool never waits for work queued behind itself)."""
+    if crc is None or isinstance(crc, int):
+        return crc
+    if crc.cancel():
+        return None
+    return crc.result()
 
 
 def _overlap(a: int, b: int, lo: int, hi: int) -> int:

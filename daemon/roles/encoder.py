@@ -106,7 +106,8 @@ class Encoder:
             if len(enc.offers) == grp.k and not enc.ready.is_set():
                 enc.piece_bytes = stripe_piece_bytes(o.piece_bytes for o in enc.offers.values())
                 enc.sums = ParitySums(enc.piece_bytes,
-                                      [o.real_bytes for o in enc.offers.values()], grp.m)
+                                      [o.real_bytes for o in enc.offers.values()], grp.m,
+                                      pool=self.pool)
                 enc.parity = [self.pieces.create(req.job, req.step, req.group, req.stripe,
                                                  grp.k + j, enc.piece_bytes, clear=False)
                               if j == 0 else self.pieces.scratch(req.job, req.group, req.stripe,

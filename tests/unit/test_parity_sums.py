@@ -3,7 +3,9 @@ last share is folded in, equals the CRC of the parity it keeps."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -15,13 +17,14 @@ from shardguard.daemon.coding.parity_sums import ParitySums
 
 
 def _encode(rng: random.Random, k: int, m: int, reals: list[int], piece: int, chunk: int,
-            frame: int, stale: int) -> tuple[list[np.ndarray], ParitySums]:
+            frame: int, stale: int, pool: concurrent.futures.Executor | None = None
+            ) -> tuple[list[np.ndarray], ParitySums]:
     """Fold ``k`` sources' frames in a random interleaving, as roles/encoder.py does, into
     parity buffers holding an older step's bytes (``stale``), and clear the gaps."""
     codec = Codec(k, m, threads=1)
     data = [np.frombuffer(rng.randbytes(r), dtype=np.uint8) for r in reals]
     parity = [np.full(piece, stale, dtype=np.uint8) for _ in range(m)]
-    sums, cov = ParitySums(piece, reals, m, chunk_bytes=chunk), Coverage()
+    sums, cov = ParitySums(piece, reals, m, chunk_bytes=chunk, pool=pool), Coverage()
     frames = [[(q, off, min(frame, r - off)) for off in range(0, r, frame)]
               for q, r in enumerate(reals)]
     while any(frames):
@@ -42,7 +45,8 @@ def _encode(rng: random.Random, k: int, m: int, reals: list[int], piece: int, ch
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_the_crc_made_chunk_by_chunk_is_the_kept_parity_s(seed: int) -> None:
+@pytest.mark.parametrize("on_pool", [False, True])
+def test_the_crc_made_chunk_by_chunk_is_the_kept_parity_s(seed: int, on_pool: bool) -> None:
     rng = random.Random(seed)
     k, m = rng.choice([(2, 1), (3, 1), (3, 2), (4, 2)])
     chunk = rng.choice([64, 128, 192])
@@ -50,10 +54,11 @@ def test_the_crc_made_chunk_by_chunk_is_the_kept_parity_s(seed: int) -> None:
     longest = rng.choice([piece, rng.randrange(64, piece + 1, 64)])  # past it: cleared
     reals = [longest] + [rng.randrange(0, longest + 1, 64) for _ in range(k - 1)]
     rng.shuffle(reals)
-    parity, sums = _encode(rng, k, m, reals, piece, chunk, rng.choice([64, 100, 256]),
-                           stale=0xA5)
-    for j, p in enumerate(parity):
-        assert sums.crc(j, p) == crc32c(p)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        parity, sums = _encode(rng, k, m, reals, piece, chunk, rng.choice([64, 100, 256]),
+                               stale=0xA5, pool=pool if on_pool else None)
+        for j, p in enumerate(parity):
+            assert sums.crc(j, p) == crc32c(p)
 
 
 def test_chunks_are_checksummed_as_they_complete_those_past_every_source_at_the_end() -> None:
@@ -88,3 +93,18 @@ def test_an_empty_stripe_and_a_wrong_length() -> None:
     assert sums.crc(0, np.zeros(0, dtype=np.uint8)) == crc32c(b"") == 0
     with pytest.raises(ValueError, match="expected 0"):
         sums.crc(0, np.zeros(4, dtype=np.uint8))
+
+
+def test_a_chunk_still_queued_on_the_pool_is_checksummed_by_the_caller() -> None:
+    """The encoder finishes a stripe on the same pool its chunks are checksummed on: a
+    chunk's CRC still queued behind busy workers is taken back and made by the caller,
+    never waited for."""
+    gate = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(gate.wait)  # the only worker is busy until the end
+        par = np.frombuffer(random.Random(2).randbytes(256), dtype=np.uint8).copy()
+        sums = ParitySums(256, [256], 1, chunk_bytes=128, pool=pool)
+        sums.folded(0, 256, [par])
+        assert sums.early() == 2
+        assert sums.crc(0, par) == crc32c(par)
+        gate.set()
