@@ -6,10 +6,11 @@ stripe's piece size is known: the largest of theirs); the parity buffers are mad
 step and not cleared). Each arriving 8 MiB frame is folded into the parity in place
 (ISA-L): written where it is the first share to reach those bytes, added to where it is
 not (coding/coverage.py), so encoding overlaps the transfer; each chunk of the parity is
-checksummed as soon as its last share is in (coding/parity_sums.py). When every byte is in,
-the encoder clears what no source reached (past every source's end), checksums those bytes
-and combines the chunks' CRCs into the parity's, keeps parity 0, forwards parities
-``1..m-1`` to their holders (waiting until each arrived) and reports the stripe, with its pieces' places and CRCs and its sources' layouts, to the
+checksummed on the pool as soon as its last share is in (coding/parity_sums.py). When
+every byte is in, the encoder clears what no source reached (past every source's end),
+checksums those bytes and combines the chunks' CRCs into the parity's, keeps parity 0,
+forwards parities ``1..m-1`` to their holders (waiting until each arrived) and reports
+the stripe, with its pieces' places and CRCs and its sources' layouts, to the
 coordinator.
 """
 
