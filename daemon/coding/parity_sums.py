@@ -8,7 +8,7 @@ fold has just written, likely still in cache, and spreads the work over the tran
 instead of leaving one read of the whole parity (a third of a node's payload, on every
 node at once) between the last frame and the stripe's report.
 
-The CRC of the whole parity is the combination of its chunks' (:func:`crc32c_combine`).
+The CRC of the whole parity is the combination of its chunks' (``checksum.combine_blocks``).
 A chunk is checksummed only when nothing can write it again: every source's bytes in it
 counted (a source's bytes are folded exactly once; the encoder refuses a piece that
 overruns its length) and the chunk lies below every source's end, since bytes past it are
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shardguard.daemon.coding.checksum import crc32c, crc32c_combine
+from shardguard.daemon.coding.checksum import combine_blocks, crc32c
 
 #: Bytes of parity per CRC: the codec's chunk (a frame is two), small enough to be in
 #: cache right after its fold.
@@ -81,13 +81,11 @@ class ParitySums:
         are read now, and every chunk's CRC combined in order."""
         if len(par) != self.piece_bytes:
             raise ValueError(f"parity of {len(par)} bytes, expected {self.piece_bytes}")
-        whole, c = 0, self.chunk
+        c, parts = self.chunk, []
         for i, known in enumerate(self._crcs[j]):
-            start, end = i * c, min((i + 1) * c, self.piece_bytes)
             part = _result(known) if self._left[i] == 0 else None
-            whole = crc32c_combine(whole, crc32c(par[start:end]) if part is None else part,
-                                   end - start)
-        return whole
+            parts.append(crc32c(par[i * c:(i + 1) * c]) if part is None else part)
+        return combine_blocks(parts, self.piece_bytes, c)
 
 
 #: A chunk's CRC: made, or being made on the pool.
